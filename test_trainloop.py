@@ -5,7 +5,6 @@ Distributed tests run real processes with torchrun and the gloo backend.
 
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
@@ -406,3 +405,386 @@ def test_checkpoint_holds_the_unwrapped_model_and_loads_weights_only(tmp_path):
                 "format", "world_size", "checksum", "best"):
         assert key in ckpt
     assert isinstance(ckpt["rng"][0]["numpy"][1], torch.Tensor)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def cli(args, tmp_path, monkeypatch):
+    """Invoke the CLI in-process through Typer's test runner, inside tmp_path."""
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    return CliRunner().invoke(tl._build_cli(), [str(a) for a in args])
+
+
+def test_cli_default_job_reaches_95_percent_and_writes_the_run(tmp_path):
+    result = run_cli("--epochs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs" / "synthetic-smallcnn"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["val_acc"] >= 0.95
+    assert rows[0]["val_acc"] < rows[-1]["val_acc"]  # it learns; it is not solved at once
+    for name in ("last.pt", "best.pt", "config.json"):
+        assert (out / name).is_file()
+    assert "done: best val_acc=" in result.stdout
+    assert "\x1b[" not in result.stdout  # not a terminal: plain lines, no escape codes
+
+
+def test_cli_help_lists_every_config_field(tmp_path, monkeypatch):
+    result = cli(["--help"], tmp_path, monkeypatch)
+    assert result.exit_code == 0
+    for f in dataclasses.fields(tl.Config):
+        assert "--" + f.name.replace("_", "-") in result.output
+
+
+def test_cli_version(tmp_path, monkeypatch):
+    result = cli(["--version"], tmp_path, monkeypatch)
+    assert result.exit_code == 0 and tl.__version__ in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet19"], "did you mean resnet18"),
+    (["--data", "no/such/dir"], "--data no/such/dir: no such directory"),
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--gpus", "x"], "--gpus 'x' is not a list of GPU ids"),
+    (["--gpus", "3"], "--gpus names GPU 3"),
+    (["--lr", "-1"], "--lr -1.0 must be a positive number"),
+    (["--lr", "nan"], "--lr nan must be a positive number"),
+    (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
+    (["--time-limit", "later"], "--time-limit 'later' is not a duration"),
+    (["--data", "mnist"], "--data mnist: not found under data/"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatch):
+    result = cli(args, tmp_path, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_out_that_is_a_file_exits_2(tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("x")
+    result = cli(["--out", "taken"], tmp_path, monkeypatch)
+    assert result.exit_code == 2 and "--out taken is a file" in result.output
+
+
+def test_cli_unwritable_out_exits_2(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    result = cli(["--out", "file/run", "--epochs", "1"], tmp_path, monkeypatch)
+    assert result.exit_code == 2 and "--out file/run is not writable" in result.output
+
+
+def test_cli_empty_data_directory_exits_2(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    result = cli(["--data", "empty"], tmp_path, monkeypatch)
+    assert result.exit_code == 2 and "--data empty" in result.output
+
+
+def test_cli_image_folder_with_one_class_exits_2(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "one", classes=("only",))
+    result = cli(["--data", "one"], tmp_path, monkeypatch)
+    assert result.exit_code == 2 and "needs at least 2" in result.output
+
+
+def test_cli_unreadable_image_names_the_file(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "pets", per_class=6)
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    result = cli(["--data", "pets", "--epochs", "1", "--workers", "0", "--batch-size", "4"],
+                 tmp_path, monkeypatch)
+    assert result.exit_code == 2
+    assert "cannot read image" in result.output and "broken.png" in result.output
+
+
+def test_main_malformed_option_is_one_line_exit_2(capsys):
+    assert tl.main(["--epochs", "many"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainloop: error:") and "--epochs" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_trains_on_an_image_folder_with_its_own_split(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=20, mode="L")
+    result = cli(["--data", "pets", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+                  "--out", "run"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == "pets"
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["model"]["0.weight"].shape[1] == 1  # one channel, from the grayscale images
+    assert ckpt["model"]["13.weight"].shape[0] == 2  # two classes
+    assert ckpt["train_size"] == 36  # 40 images less a 10% validation split
+
+
+def test_build_model_torchvision_by_name():
+    model = tl.build_model("resnet18", channels=3, classes=7)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+
+
+def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=10)
+    args = ["--data", "pets", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+            "--out", "run"]
+    assert cli(args, tmp_path, monkeypatch).exit_code == 0
+    result = cli(args + ["--eval-only"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "eval run/best.pt: val_acc=" in result.output
+
+
+# ---- resume, preemption, integrity -----------------------------------------------------------
+
+# A training job in its own process. It sends itself `signal` on its `signal_at`-th call of the
+# loss (any point of training or evaluation), as a crash or a preemption would.
+JOB = textwrap.dedent("""
+    import json, os, signal, sys
+    import torch, torch.nn as nn
+    import trainloop as tl
+
+    opts = json.loads(sys.argv[1])
+    signal_at, signum, repeat = opts.pop("signal_at", 0), opts.pop("signal", 9), opts.pop("repeat", 1)
+    data = opts.pop("data", "tensors")
+    if data == "tensors":
+        (x, y), (xv, yv) = tl.synthetic_images(0, train_size=opts.pop("n", 384), val_size=64, size=8)
+        train, val = tl._ImageTensors(x, y, augment_pad=1), tl._ImageTensors(xv, yv)
+    else:
+        train, val, _ = tl.load_data(tl.Config(data=data, seed=0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.2), nn.Linear(32, 10))
+    calls = 0
+
+    def loss_fn(output, target):
+        global calls
+        calls += 1
+        if calls == signal_at:
+            for _ in range(repeat):
+                os.kill(os.getpid(), signum)
+        return nn.functional.cross_entropy(output, target)
+
+    tl.fit(model, train, val, loss_fn=loss_fn, quiet=True, **opts)
+""")
+
+
+def run_job(tmp_path, **opts):
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), json.dumps(opts)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def history_without_time(path):
+    return [{k: v for k, v in row.items() if k != "seconds"}
+            for row in torch.load(path, weights_only=True)["history"]]
+
+
+@pytest.mark.parametrize("data,workers,accumulate,calls", [
+    ("tensors", 0, 1, 60),  # 48 steps an epoch; kill within the first 60 loss calls
+    ("folder", 2, 1, 14),  # 9 steps an epoch, images read by two worker processes
+    ("tensors", 0, 3, 60),  # gradient accumulation over 3 micro-batches
+])
+def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data, workers, accumulate, calls):
+    label = f"{data}-{workers}-{accumulate}"
+    if data == "folder":
+        data = str(make_image_folder(tmp_path / "pets", per_class=40))
+    opts = dict(data=data, epochs=3, batch_size=8, save_every=3, workers=workers,
+                accumulate=accumulate)
+    reference = run_job(tmp_path, out=str(tmp_path / "ref"), **opts)
+    assert reference.returncode == 0, reference.stderr
+    rng = random.Random(label)
+    out = str(tmp_path / "killed")
+    for _ in range(2):
+        killed = run_job(tmp_path, out=out, signal_at=rng.randint(2, calls), **opts)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_job(tmp_path, out=out, **opts)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_state(tmp_path / "ref" / "last.pt", Path(out) / "last.pt")
+    assert history_without_time(tmp_path / "ref" / "last.pt") == history_without_time(
+        Path(out) / "last.pt")
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path):
+    opts = dict(epochs=2, batch_size=16)
+    assert run_job(tmp_path, out=str(tmp_path / "ref"), **opts).returncode == 0
+    out = tmp_path / "run"
+    stopped = run_job(tmp_path, out=str(out), signal_at=7, signal=signal.SIGTERM, **opts)
+    assert stopped.returncode == 143, stopped.stderr
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 7 and ckpt["epoch"] == 0  # the step in progress was finished
+    assert run_job(tmp_path, out=str(out), **opts).returncode == 0
+    assert_same_state(tmp_path / "ref" / "last.pt", out / "last.pt")
+
+
+def test_sigusr1_and_sigint_also_checkpoint_and_stop(tmp_path):
+    for signum in (signal.SIGUSR1, signal.SIGINT):
+        out = tmp_path / signum.name
+        stopped = run_job(tmp_path, out=str(out), signal_at=3, signal=signum, epochs=1)
+        assert stopped.returncode == 128 + signum, stopped.stderr
+        assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_second_ctrl_c_stops_at_once_without_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    stopped = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=2)
+    assert stopped.returncode in (-signal.SIGINT, 130)  # KeyboardInterrupt, not a checkpoint
+    assert not (out / "last.pt").exists()
+
+
+SAVER = textwrap.dedent("""
+    import sys, torch, torch.nn as nn
+    import trainloop as tl
+    model = nn.Linear(1024, 2048)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = tl.TrainState(model, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    for step in range(10**6):
+        state.step = step
+        with torch.no_grad():
+            model.weight.add_(1)
+        tl.save_checkpoint(sys.argv[1], state, tl.Config())
+        print(step, flush=True)
+""")
+
+
+def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    (tmp_path / "saver.py").write_text(SAVER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = tmp_path / "last.pt"
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "saver.py"), str(path)],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(rng.randint(1, 3)):  # wait for whole saves to finish...
+            proc.stdout.readline()
+        time.sleep(rng.uniform(0, 0.05))  # ...then pick a random instant, mostly mid-save
+        proc.kill()
+        proc.wait()
+        loadable = [p for p in (path, tl._previous(path)) if p.exists()]
+        assert loadable
+        ckpt = tl.load_checkpoint(loadable[0])  # the newest file present is always whole
+        assert ckpt["step"] >= 0
+    tl._prepare_out(tl.Config(out=str(tmp_path)), CPU)
+    assert not list(tmp_path.glob(".*.tmp"))  # what killed saves left behind is cleaned up
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Evil(marker), "checksum": "x"}, tmp_path / "evil.pt")
+    with pytest.raises(tl.CheckpointError, match="refused"):
+        tl.load_checkpoint(tmp_path / "evil.pt")
+    result = cli(["--resume", "evil.pt", "--epochs", "1"], tmp_path, monkeypatch)
+    assert result.exit_code == 3 and "evil.pt refused" in result.output
+    assert not marker.exists()
+
+
+def saved_checkpoint(tmp_path) -> Path:
+    path = tmp_path / "c.pt"
+    tl.save_checkpoint(path, one_step_state(mlp()), tl.Config())
+    return path
+
+
+def test_compressed_archive_entry_is_refused_before_loading(tmp_path):
+    path = saved_checkpoint(tmp_path)
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(tl.CheckpointError, match="compressed"):
+        tl.load_checkpoint(packed)
+
+
+def test_flipped_byte_and_truncation_are_reported_as_corrupt(tmp_path):
+    path = saved_checkpoint(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda i: i.file_size)
+    blob = bytearray(path.read_bytes())
+    offset = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra)
+    blob[offset + entry.file_size // 2] ^= 0x01
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(blob))
+    with pytest.raises(tl.CheckpointError, match="flipped.pt is corrupt"):
+        tl.load_checkpoint(flipped)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: len(blob) // 2])
+    with pytest.raises(tl.CheckpointError, match="truncated.pt is corrupt or truncated"):
+        tl.load_checkpoint(truncated)
+
+
+def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, out=str(out), **quiet())
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:100])
+    lines = []
+    history = tl.fit(mlp(), blobs(64), epochs=3, batch_size=16, out=str(out), quiet=True,
+                     log=lines.append)
+    assert any("falling back to" in line and "last.prev.pt" in line for line in lines)
+    assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt, then 2, 3
+
+
+def test_resume_with_changed_settings_warns_naming_them(tmp_path):
+    out = str(tmp_path / "run")
+    tl.fit(mlp(), blobs(64), epochs=1, batch_size=16, out=out, **quiet())
+    lines = []
+    tl.fit(mlp(), blobs(64), epochs=2, batch_size=8, out=out, log=lines.append)
+    warning = next(line for line in lines if line.startswith("warning: resuming"))
+    assert "batch_size 16 -> 8" in warning
+
+
+def test_finished_run_resumed_again_does_not_train_more(tmp_path):
+    out = str(tmp_path / "run")
+    first = tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, out=out, **quiet())
+    again = tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, out=out, **quiet())
+    assert again == first
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def poisoned(output, target):
+        calls.append(1)
+        loss = F.cross_entropy(output, target)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    out = tmp_path / "run"
+    with pytest.raises(tl.NonFiniteLossError, match="at step 5"):
+        tl.fit(mlp(), blobs(160), epochs=1, batch_size=16, save_every=2, log_every=3,
+               loss_fn=poisoned, out=str(out), **quiet())
+    ckpt = tl.load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_exit_statuses_for_each_kind_of_failure(capsys):
+    def raising(error):
+        def job():
+            raise error
+        return job
+
+    assert tl._exit_code_of(raising(tl.UsageError("bad"))) == 2
+    assert tl._exit_code_of(raising(tl.CheckpointError("x.pt is corrupt"))) == 3
+    assert tl._exit_code_of(raising(tl.NonFiniteLossError("nan"))) == 4
+    assert "trainloop: error: x.pt is corrupt" in capsys.readouterr().err
+
+
+def test_fit_from_code_raises_stopped_with_the_signal_status(tmp_path):
+    def interrupting(output, target):
+        if not interrupting.sent:
+            interrupting.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return F.cross_entropy(output, target)
+
+    interrupting.sent = False
+    with pytest.raises(tl.Stopped) as stopped:
+        tl.fit(mlp(), blobs(64), epochs=1, batch_size=16, loss_fn=interrupting,
+               out=str(tmp_path), **quiet())
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers were restored

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -372,7 +373,8 @@ class _EpochBatches(Sampler):
         return rest[self.rank :: self.world]
 
     def index_batches(self):
-        return self._mine().split(self.batch_size)
+        mine = self._mine()
+        return mine.split(self.batch_size) if len(mine) else ()  # split() of nothing gives [[]]
 
     def __iter__(self):
         # Keys (index, sample seed): workers seed each sample from its key (see _SeededSample).
@@ -531,9 +533,15 @@ class TrainState:
     seen: int = 0  # samples of the current epoch consumed, all processes together
     batches: int = 0  # micro-batches of the current epoch consumed by this process
     best: Optional[float] = None  # best value of the monitored metric
+    lr: float = 0.0  # learning rate applied by the last optimizer step (of the first group)
     history: list = field(default_factory=list)  # one dict per completed epoch
     epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # [sum loss x weight, weight]
     epoch_seconds: float = 0.0  # time spent in the current epoch before a resume
+
+
+# The plain-value part of TrainState that a checkpoint carries.
+_COUNTERS = ("epoch", "step", "seen", "batches", "best", "lr", "history", "epoch_loss",
+             "epoch_seconds")
 
 
 def _split_batch(batch):
@@ -638,6 +646,7 @@ def train_step(state: TrainState, batches: list, config: Config, *, rt: Runtime,
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
+    state.lr = state.scheduler.get_last_lr()[0]
     state.scheduler.step()
     if state.ema is not None:
         _update_ema(state.ema, state.model, config.ema, state.step)
@@ -842,8 +851,7 @@ def save_checkpoint(path, state: TrainState, config: Config, *, rt: Optional[Run
             "scheduler": state.scheduler.state_dict(),
             "scaler": state.scaler.state_dict(),
             "ema": state.ema.state_dict() if state.ema is not None else None,
-            **{k: getattr(state, k) for k in ("epoch", "step", "seen", "batches", "best",
-                                               "history", "epoch_loss", "epoch_seconds")},
+            **{k: getattr(state, k) for k in _COUNTERS},
             "rng": rng,
             "world_size": rt.world_size,
             "train_size": train_size,
@@ -880,12 +888,13 @@ def load_checkpoint(path, state: Optional[TrainState] = None, *,
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip reader errors, truncation: all untrusted input
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+        blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        if isinstance(e, pickle.UnpicklingError) and blocked:
             raise CheckpointError(f"{path} refused: it holds Python objects, not only tensors "
-                                  f"and numbers, and loading it could run code ({reason}); "
+                                  f"and numbers, and loading it could run code ({blocked[0]}); "
                                   "nothing from it was run") from None
-        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
+        raise CheckpointError(f"{path} is corrupt or truncated ({lines[0]})") from None
     if not isinstance(ckpt, dict) or "checksum" not in ckpt:
         raise CheckpointError(f"{path} is not a trainloop checkpoint (no checksum); load its "
                               "weights with torch.load(path, weights_only=True) instead")
@@ -909,8 +918,7 @@ def _restore(state: TrainState, ckpt: dict, rt: Runtime, path: Path) -> None:
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
         state.scaler.load_state_dict(ckpt["scaler"])
-    for key in ("epoch", "step", "seen", "batches", "best", "history", "epoch_loss",
-                "epoch_seconds"):
+    for key in _COUNTERS:
         setattr(state, key, ckpt[key])
     if ckpt["world_size"] == rt.world_size:
         _set_rng_state(ckpt["rng"][rt.rank], rt)
@@ -1143,21 +1151,17 @@ def _save(state: TrainState, run: _Run) -> None:
     run.flags.save_seconds = time.monotonic() - started
 
 
-def _train_epoch(state: TrainState, loader, run: _Run) -> float:
-    """Train from the current position to the end of the epoch, checkpointing on schedule.
-
-    Returns the LR of the epoch's last step.
-    """
+def _train_epoch(state: TrainState, loader, run: _Run) -> None:
+    """Train from the current position to the end of the epoch, checkpointing on schedule."""
     config, rt = run.config, run.rt
     loader = _set_position(loader, state.epoch, state.seen, state.batches)
     first, left = state.step, math.ceil(len(loader) / config.accumulate)
     per_epoch = math.ceil(state.batches / config.accumulate) + left
-    window, started, samples, lr = [], time.monotonic(), 0, state.scheduler.get_last_lr()[0]
+    window, started, samples = [], time.monotonic(), 0
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     with _progress_bar(run.console, title, per_epoch, per_epoch - left) as advance:
         for batches in _chunks(loader, config.accumulate):
-            lr = state.scheduler.get_last_lr()[0]  # the LR this step applies
             loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn)
             count = sum(_count(_split_batch(b)[1]) or _count(_split_batch(b)[0]) for b in batches)
             window.append((loss, sum(_weight(b) for b in batches), state.step))
@@ -1175,23 +1179,24 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> float:
             elapsed = time.monotonic() - started
             remaining = first + left - state.step
             eta = elapsed / (state.step - first) * remaining
-            _log_progress(state, run, advance, per_epoch - remaining, per_epoch, lr,
+            _log_progress(state, run, advance, per_epoch - remaining, per_epoch,
                           samples / max(elapsed, 1e-9), eta)
             if save_now or stop:
                 _save(state, run)
             if stop:
                 _say_stopped(stop, state, run)
                 raise Stopped(stop)
+    _sync_point(state, window, run, check_stop=False)  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
-    return lr
 
 
-def _log_progress(state, run: _Run, advance, done, per_epoch, lr, speed, eta) -> None:
+def _log_progress(state, run: _Run, advance, done, per_epoch, speed, eta) -> None:
     loss = state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
     advance(advance=0, loss=f"{loss:.4f}", speed=f"{speed:,.0f}")
     if not run.console.live:
         run.console.line(f"epoch={state.epoch + 1}/{run.config.epochs} step={done}/{per_epoch} "
-                         f"loss={loss:.4f} lr={lr:.4g} samples_per_s={speed:.0f} eta={eta:.0f}s")
+                         f"loss={loss:.4f} lr={state.lr:.4g} samples_per_s={speed:.0f} "
+                         f"eta={eta:.0f}s")
 
 
 def _say_stopped(code: int, state: TrainState, run: _Run) -> None:
@@ -1216,7 +1221,7 @@ def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool
     return value > best if mode == "max" else value < best
 
 
-def _end_epoch(state: TrainState, val, run: _Run, lr: float) -> bool:
+def _end_epoch(state: TrainState, val, run: _Run) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
     config = run.config
     started = time.monotonic()
@@ -1227,7 +1232,7 @@ def _end_epoch(state: TrainState, val, run: _Run, lr: float) -> bool:
         scores = evaluate(model, val, rt=run.rt, loss_fn=run.loss_fn, metrics=run.metrics)
         row.update({f"val_{name}": value for name, value in scores.items()})
     run.flags.eval_seconds = time.monotonic() - started
-    row["lr"] = lr
+    row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + run.flags.eval_seconds, 3)
     name = _monitor_name(config, row)
     if name not in row:
@@ -1425,8 +1430,8 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
     stop_early = False
     with _catch_signals(flags):
         while state.epoch < config.epochs and not stop_early:
-            lr = _train_epoch(state, train, run)
-            stop_early = _end_epoch(state, val, run, lr)
+            _train_epoch(state, train, run)
+            stop_early = _end_epoch(state, val, run)
     _summary(state, run, stop_early)
     return state.history
 

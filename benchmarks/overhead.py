@@ -84,6 +84,13 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def load_line() -> str:
+    """The 1-minute load average: well above 0 before a run means other work shares the CPU."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unknown"
+    return f"load average {os.getloadavg()[0]:.2f} on {usable_cores()} cores"
+
+
 def machine_line() -> str:
     return (f"{cpu_model()}, {usable_cores()} usable cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
@@ -198,7 +205,7 @@ def tiny_case(quick: bool) -> Case:
 
 
 def cnn_case(quick: bool) -> Case:
-    steps = 8 if quick else 40
+    steps = 8 if quick else 64
     (x, y), _ = trainloop.synthetic_images(SEED, train_size=64 * steps, val_size=64)
     return Case("small CNN", lambda: trainloop.small_cnn(3, 10), TensorDataset(x, y), 64, 1,
                 {"b": 1.02})
@@ -263,12 +270,13 @@ def verdict(value: float, limit: float) -> str:
 
 def report_case(case: Case, times: dict) -> dict:
     rel = ratios(times)
-    print(f"  {'variant':<30} {'median s':>9} {'ms/step':>8} {'x a':>6}")
+    print(f"  {'variant':<30} {'median s':>9} {'spread':>7} {'ms/step':>8} {'x a':>6}")
     for key, label in VARIANTS.items():
         median = statistics.median(times[key])
+        spread = (max(times[key]) - min(times[key])) / median
         ratio = 1.0 if key == "a" else rel[key]
         mark = verdict(ratio, case.targets[key]) if key in case.targets else ""
-        print(f"  {key} {label:<28} {median:9.3f} {1000 * median / case.steps:8.3f} "
+        print(f"  {key} {label:<28} {median:9.3f} {spread:7.0%} {1000 * median / case.steps:8.3f} "
               f"{ratio:6.3f}  {mark}")
     return rel
 
@@ -305,7 +313,7 @@ def heavy_imports() -> str:
 
 
 def startup(repeats: int) -> dict:
-    print("\n== startup (subprocess wall time, median of {} runs)".format(repeats))
+    print(f"\n== startup (subprocess wall time, median of {repeats} runs)")
     median_wall([sys.executable, "-c", "import torch"], 1)  # warm the file cache
     torch_s = median_wall([sys.executable, "-c", "import torch"], repeats)
     help_s = median_wall([sys.executable, "trainloop.py", "--help"], repeats)
@@ -357,12 +365,13 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     print(f"trainloop overhead benchmark: {machine_line()}")
     print(f"trainloop {trainloop.__version__} from {ROOT / 'trainloop.py'}; "
-          f"repeats {args.repeats}{', quick' if args.quick else ''}")
+          f"repeats {args.repeats}{', quick' if args.quick else ''}; {load_line()}")
     results = [run_case(tiny_case(args.quick), args.repeats),
                run_case(cnn_case(args.quick), args.repeats)]
     start = startup(3 if args.quick else 5)
     summary(results, start, args.repeats)
-    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s; {load_line()} at the end, "
+          "this run included)")
 
 
 if __name__ == "__main__":
