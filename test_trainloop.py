@@ -542,10 +542,11 @@ JOB = textwrap.dedent("""
     import trainloop as tl
 
     opts = json.loads(sys.argv[1])
-    signal_at, signum, repeat = opts.pop("signal_at", 0), opts.pop("signal", 9), opts.pop("repeat", 1)
-    data = opts.pop("data", "tensors")
+    signal_at, signum = opts.pop("signal_at", 0), opts.pop("signal", 9)
+    repeat, data = opts.pop("repeat", 1), opts.pop("data", "tensors")
     if data == "tensors":
-        (x, y), (xv, yv) = tl.synthetic_images(0, train_size=opts.pop("n", 384), val_size=64, size=8)
+        n = opts.pop("n", 384)
+        (x, y), (xv, yv) = tl.synthetic_images(0, train_size=n, val_size=64, size=8)
         train, val = tl._ImageTensors(x, y, augment_pad=1), tl._ImageTensors(xv, yv)
     else:
         train, val, _ = tl.load_data(tl.Config(data=data, seed=0))
@@ -788,3 +789,338 @@ def test_fit_from_code_raises_stopped_with_the_signal_status(tmp_path):
                out=str(tmp_path), **quiet())
     assert stopped.value.code == 143
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers were restored
+
+
+# ---- speed: host syncs, precision ------------------------------------------------------------
+
+
+def count_host_syncs(monkeypatch, samples: int) -> int:
+    """Calls that copy a tensor's value to the host, during one epoch of fit."""
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        tl.fit(mlp(), blobs(samples), epochs=1, batch_size=8, log_every=10**6, **quiet())
+    finally:
+        monkeypatch.undo()
+    return len(calls)
+
+
+def test_fit_host_syncs_do_not_grow_with_steps(monkeypatch):
+    few = count_host_syncs(monkeypatch, 8 * 4)
+    many = count_host_syncs(monkeypatch, 8 * 64)
+    assert few == many > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fit_each_precision_trains_on_cpu(precision, tmp_path):
+    history = tl.fit(mlp(), blobs(192), blobs(64), epochs=3, batch_size=16, lr=0.05,
+                     precision=precision, out=str(tmp_path), **quiet())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > 0.8
+    scaler = torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # the fp16 loss scale is checkpointed
+
+
+# ---- progress, logs, schedules, early stopping -----------------------------------------------
+
+
+def test_fit_log_lines_are_plain_key_values(tmp_path):
+    lines = []
+    tl.fit(mlp(), blobs(96), blobs(32), epochs=2, batch_size=16, log_every=2,
+           out=str(tmp_path), log=lines.append)
+    progress = [line for line in lines if " step=" in line and "train_loss" not in line]
+    summaries = [line for line in lines if "train_loss=" in line]
+    assert progress[0].startswith("epoch=1/2 step=2/6 loss=")
+    assert "samples_per_s=" in progress[0] and "eta=" in progress[0]
+    assert len(progress) == 6  # every 2 of 6 steps, twice
+    assert [s.split()[0] for s in summaries] == ["epoch=1/2", "epoch=2/2"]
+    for key in ("train_loss=", "val_loss=", "val_acc=", "lr=", "seconds="):
+        assert key in summaries[0]
+    assert lines[-1].startswith("done: best val_acc=") and "best.pt" in lines[-1]
+    assert not any("\x1b" in line for line in lines)
+
+
+def test_fit_train_loss_is_the_sample_weighted_mean_over_the_epoch():
+    model, data = mlp(), blobs(100)  # batches of 16: the last one has 4 samples
+    history = tl.fit(model, data, epochs=1, batch_size=16, lr=1e-12, log_every=3, **quiet())
+    x, y = data.tensors
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y).item()
+    assert history[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_quiet_prints_only_the_final_summary():
+    lines = []
+    tl.fit(mlp(), blobs(64), blobs(32), epochs=2, batch_size=16, quiet=True, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("done:")
+
+
+def test_cli_on_a_terminal_draws_a_progress_bar(tmp_path):
+    make_image_folder(tmp_path / "pets", per_class=20)
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "trainloop.py"), "--data", "pets",
+                             "--epochs", "1", "--batch-size", "4", "--workers", "0"],
+                            cwd=tmp_path, stdout=secondary, stderr=secondary,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm"})
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    output = b"".join(chunks).decode(errors="replace")
+    assert "\x1b[" in output  # the live bar
+    assert "epoch=1/1 step=" in output and "done: best val_acc=" in output
+
+
+@pytest.mark.parametrize("schedule,step,expected", [
+    ("constant", 50, 1.0),
+    ("cosine", 0, 1.0),
+    ("cosine", 50, 0.5),
+    ("cosine", 100, 0.0),
+    ("step", 49, 1.0),
+    ("step", 50, 0.1),
+    ("step", 75, 0.01),
+    ("onecycle", 0, 1 / 25),
+    ("onecycle", 30, 1.0),
+])
+def test_lr_factor_at_known_steps(schedule, step, expected):
+    assert tl._lr_factor(step, schedule=schedule, total=100, warmup=0) == pytest.approx(
+        expected, abs=1e-12)
+
+
+def test_lr_factor_warmup_is_linear_then_the_schedule():
+    factors = [tl._lr_factor(s, schedule="cosine", total=110, warmup=10) for s in range(12)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == pytest.approx(1.0)
+
+
+def test_fit_logs_the_lr_that_was_applied():
+    model = mlp()
+    history = tl.fit(model, blobs(64), epochs=4, batch_size=16, lr=0.1, schedule="step",
+                     warmup=0, **quiet())
+    # 4 steps an epoch, 16 in all: the last step of each epoch is step 3, 7, 11, 15.
+    expected = [0.1 * tl._lr_factor(s, schedule="step", total=16, warmup=0) for s in
+                (3, 7, 11, 15)]
+    assert [r["lr"] for r in history] == pytest.approx(expected)
+
+
+def test_fit_early_stopping_stops_at_the_right_epoch(tmp_path):
+    constant = {"const": lambda output, target: torch.tensor(1.0)}
+    history = tl.fit(mlp(), blobs(64), blobs(32), epochs=10, batch_size=16, patience=2,
+                     monitor="val_const", metrics=constant, out=str(tmp_path), **quiet())
+    assert [r["epoch"] for r in history] == [1, 2, 3]  # best at 1; no better for 2 epochs
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+
+
+def test_fit_patience_without_validation_is_a_usage_error():
+    with pytest.raises(tl.UsageError, match="--patience needs validation data"):
+        tl.fit(mlp(), blobs(32), patience=2, **quiet())
+
+
+def test_fit_label_smoothing_applies_to_the_default_loss():
+    model, val = mlp(), blobs(32)
+    history = tl.fit(model, blobs(32), val, epochs=1, batch_size=16, lr=1e-12,
+                     label_smoothing=0.2, **quiet())
+    x, y = val.tensors
+    with torch.no_grad():
+        expected = F.cross_entropy(model.eval()(x), y, label_smoothing=0.2).item()
+    assert history[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_without_tensorboard_installed_still_writes_the_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
+    tl.fit(mlp(), blobs(32), epochs=1, batch_size=16, out=str(tmp_path), **quiet())
+    assert (tmp_path / "metrics.jsonl").is_file()
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_fit_writes_tensorboard_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tl.fit(mlp(), blobs(32), blobs(16), epochs=2, batch_size=16, out=str(tmp_path), **quiet())
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"train_loss", "val_loss", "val_acc", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val_acc")] == [2, 4]
+
+
+# ---- fit for any task ------------------------------------------------------------------------
+
+
+def test_fit_regression_reports_loss_and_user_metrics_without_accuracy(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.01 * torch.randn(256, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    mae = {"mae": lambda output, target: (output - target).abs().mean()}
+    history = tl.fit(model, TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:]),
+                     epochs=20, batch_size=16, lr=0.05, loss_fn=F.mse_loss, metrics=mae,
+                     out=str(tmp_path), **quiet())
+    last = history[-1]
+    assert "val_acc" not in last and {"val_loss", "val_mae"} <= last.keys()
+    assert last["val_mae"] < 0.05 and last["val_loss"] < 0.005
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["metrics"]
+    assert best["val_loss"] == min(r["val_loss"] for r in history)  # monitor auto: val_loss
+
+
+class DictInputs(Dataset):
+    def __init__(self, n=128):
+        self.data = blobs(n)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"left": x[:4], "right": x[4:]}, y
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp()
+
+    def forward(self, left, right):
+        return self.net(torch.cat([left, right], dim=-1))
+
+
+def test_fit_dict_inputs_are_passed_as_keywords():
+    history = tl.fit(TwoInputs(), DictInputs(), DictInputs(64), epochs=4, batch_size=16,
+                     workers=0, **quiet())
+    assert history[-1]["val_acc"] > 0.9
+
+
+def test_fit_tuple_inputs_are_passed_as_positional_arguments():
+    x, y = blobs(128).tensors
+    data = Rows(x[:, :4], x[:, 4:], y)
+
+    class AsTuple(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            left, right, target = data[i]
+            return (left, right), target
+
+    history = tl.fit(TwoInputs(), AsTuple(), AsTuple(), epochs=4, batch_size=16, workers=0,
+                     **quiet())
+    assert history[-1]["val_acc"] > 0.9
+
+
+class OwnLoss(nn.Module):
+    """A Hugging Face style model: takes the whole batch, returns {"loss", "logits"}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp()
+
+    def forward(self, features, labels):
+        logits = self.net(features)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class DictBatches(Dataset):
+    def __init__(self, n):
+        self.data = blobs(n)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"features": x, "labels": y}
+
+
+def test_fit_model_that_returns_its_own_loss():
+    history = tl.fit(OwnLoss(), DictBatches(128), DictBatches(64), epochs=4, batch_size=16,
+                     loss_fn=None, workers=0, **quiet())
+    assert history[-1]["train_loss"] < history[0]["train_loss"] * 0.5
+    assert history[-1]["val_loss"] < 0.5 and "val_acc" not in history[-1]
+
+
+def test_fit_monitor_any_metric_with_its_direction(tmp_path):
+    def run(mode):
+        out = tmp_path / mode
+        tl.fit(mlp(), blobs(64), blobs(32), epochs=3, batch_size=16, monitor="val_loss",
+               monitor_mode=mode, out=str(out), **quiet())
+        history = torch.load(out / "last.pt", weights_only=True)["history"]
+        return torch.load(out / "best.pt", weights_only=True)["epoch"], history
+
+    best_min, history = run("min")
+    assert history[best_min - 1]["val_loss"] == min(r["val_loss"] for r in history)
+    best_max, history = run("max")
+    assert history[best_max - 1]["val_loss"] == max(r["val_loss"] for r in history)
+
+
+# ---- in-memory fast path, time budget, EMA ---------------------------------------------------
+
+
+def test_fit_fast_path_gives_the_same_result_as_the_dataloader_path():
+    x, y = blobs(96).tensors
+    fast, slow = mlp(), mlp()
+    fast.insert(1, nn.Dropout(0.3))  # the model's own randomness must line up too
+    slow.insert(1, nn.Dropout(0.3))
+    h_fast = tl.fit(fast, TensorDataset(x, y), epochs=2, batch_size=16, **quiet())
+    h_slow = tl.fit(slow, Rows(x, y), epochs=2, batch_size=16, workers=0, **quiet())
+    assert h_fast[-1]["train_loss"] == h_slow[-1]["train_loss"]
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fit_time_limit_checkpoints_exits_75_and_the_rerun_finishes_exactly(tmp_path):
+    opts = dict(epochs=2, batch_size=16, ema=0.9)
+    assert run_job(tmp_path, out=str(tmp_path / "ref"), **opts).returncode == 0
+    out = tmp_path / "run"
+    stopped = run_job(tmp_path, out=str(out), time_limit="1s", **opts)
+    assert stopped.returncode == tl.EXIT_TIME_LIMIT, stopped.stderr
+    assert "time limit reached" in stopped.stdout + stopped.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] >= 1
+    assert run_job(tmp_path, out=str(out), **opts).returncode == 0
+    assert_same_state(tmp_path / "ref" / "last.pt", out / "last.pt")  # EMA included
+
+
+def test_update_ema_is_the_warmed_up_moving_average():
+    model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    tl._update_ema(ema, model, decay=0.99, step=0)  # decay ramps: min(0.99, 1/10)
+    for key, value in ema.state_dict().items():
+        expected = before[key] * 0.1 + model.state_dict()[key] * 0.9
+        torch.testing.assert_close(value, expected)
+    tl._update_ema(ema, model, decay=0.5, step=1000)
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key] * 0.95 + before[key] * 0.05)
+
+
+def test_fit_ema_is_evaluated_and_saved_as_best(tmp_path):
+    model = mlp()
+    history = tl.fit(model, blobs(128), blobs(32), epochs=2, batch_size=16, ema=0.9,
+                     monitor="train_loss", out=str(tmp_path), **quiet())
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and history[-1]["train_loss"] <= history[0]["train_loss"]
+    for key, value in last["ema"].items():
+        assert torch.equal(best["model"][key], value)  # best.pt holds the EMA weights
+        assert not torch.equal(last["model"][key], value)
+    ema_model = mlp()
+    ema_model.load_state_dict(last["ema"])
+    x, y = blobs(32).tensors
+    with torch.no_grad():
+        assert history[-1]["val_loss"] == pytest.approx(
+            F.cross_entropy(ema_model.eval()(x), y).item(), rel=1e-5)

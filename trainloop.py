@@ -1024,7 +1024,7 @@ def _has_rich() -> bool:
 def _progress_bar(console: _Console, title: str, total: int, done: int):
     """Yields update(**fields): a live bar on a terminal, a no-op elsewhere."""
     if not console.live:
-        yield lambda **fields: None
+        yield lambda advance=1, **fields: None
         return
     from rich.progress import (
         BarColumn,
@@ -1039,7 +1039,7 @@ def _progress_bar(console: _Console, title: str, total: int, done: int):
                TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(title, total=total, completed=done, loss="-", speed="-")
-        yield lambda **fields: bar.update(task, advance=1, **fields)
+        yield lambda advance=1, **fields: bar.update(task, advance=advance, **fields)
 
 
 @dataclass
@@ -1250,7 +1250,7 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
     _write_metrics(state.history, run)
     run.console.line(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()).replace(
         f"epoch={row['epoch']}", f"epoch={row['epoch']}/{config.epochs}", 1))
-    best_epoch = max(r["epoch"] for r in state.history if r[name] == state.best)
+    best_epoch = min(r["epoch"] for r in state.history if r[name] == state.best)  # ties: no gain
     return bool(config.patience) and state.epoch - best_epoch >= config.patience
 
 
