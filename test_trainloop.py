@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -1124,3 +1125,27 @@ def test_fit_ema_is_evaluated_and_saved_as_best(tmp_path):
     with torch.no_grad():
         assert history[-1]["val_loss"] == pytest.approx(
             F.cross_entropy(ema_model.eval()(x), y).item(), rel=1e-5)
+
+
+# ---- the README ------------------------------------------------------------------------------
+
+
+def readme_blocks(language: str) -> list:
+    text = (REPO / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(readme_blocks("python"))))
+def test_readme_python_examples_run_as_written(index, tmp_path):
+    code = readme_blocks("python")[index]
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=240,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "<!-- test command -->" in ci
+    command = readme_blocks("bash")[1].strip()
+    assert command.startswith("python -m venv") and "pytest" in command

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -583,15 +584,26 @@ def _weight(batch) -> float:
     return float(_count(target) or _count(inputs))
 
 
-def _to_device(obj, device: torch.device, channels_last: bool = False):
+def _map_tensors(obj, fn: Callable):
+    """Apply `fn` to every tensor inside nested dicts, lists and tuples (named ones too)."""
     if isinstance(obj, torch.Tensor):
-        fmt = torch.channels_last if channels_last and obj.dim() == 4 else torch.preserve_format
-        return obj.to(device, non_blocking=True, memory_format=fmt)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device, channels_last) for v in obj)
+        items = [_map_tensors(v, fn) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
+
+
+def _to_device(batch, device: torch.device, channels_last: bool = False):
+    """Copy a batch to the device; non_blocking overlaps the copy when memory is pinned."""
+
+    def move(t):
+        fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
+        return t.to(device, non_blocking=True, memory_format=fmt)
+
+    return _map_tensors(batch, move)
 
 
 def _own_loss(output):
@@ -780,20 +792,10 @@ def _digest(obj, h=None) -> str:
     return h.hexdigest()
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
 def _atomic_save(payload: dict, path: Path, keep_previous: bool = False) -> None:
     """Write `payload` so that a kill at any instant leaves a loadable file at `path` (or its
     previous version at `<name>.prev.pt` while `path` itself is being swapped)."""
-    payload = _to_cpu(payload)
+    payload = _map_tensors(payload, lambda t: t.detach().cpu())
     payload["checksum"] = _digest(payload)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -962,19 +964,13 @@ def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: i
     optimizer = optimizer or _make_optimizer(model, config)
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
-    factor = _partial(_lr_factor, schedule=config.schedule, total=total, warmup=warmup)
+    factor = functools.partial(_lr_factor, schedule=config.schedule, total=total, warmup=warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     ema = None
     if config.ema:
         ema = copy.deepcopy(model).requires_grad_(False)
     return TrainState(model, model, optimizer, scheduler, scaler, ema)
-
-
-def _partial(fn, **kwargs):
-    import functools
-
-    return functools.partial(fn, **kwargs)
 
 
 def _wrap(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
@@ -1361,12 +1357,10 @@ def _resume(state: TrainState, run: _Run) -> None:
 
 def _as_loader(data, config: Config, rt: Runtime, train: bool):
     if data is None or isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
-        if train and rt.world_size > 1 and isinstance(data, DataLoader) and not hasattr(
-                data.sampler, "set_epoch"):
-            warnings_line = "your DataLoader has no DistributedSampler: every process sees " \
-                            "the same batches"
-            if rt.is_main:
-                print(f"warning: {warnings_line}", file=sys.stderr)
+        if train and rt.world_size > 1 and not hasattr(getattr(data, "sampler", None),
+                                                         "set_epoch") and rt.is_main:
+            print("warning: your DataLoader has no DistributedSampler, so every process sees "
+                  "the same batches; pass the Dataset itself to shard it", file=sys.stderr)
         return data
     return make_loader(data, batch_size=config.batch_size, train=train, seed=config.seed,
                        workers=config.workers, runtime=rt)
@@ -1409,7 +1403,7 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
     if config.patience and val_data is None:
         raise UsageError("--patience needs validation data to watch; pass val_data or drop it")
     if loss_fn is F.cross_entropy and config.label_smoothing:
-        loss_fn = _partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     model = _unwrap(model).to(rt.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
