@@ -829,6 +829,36 @@ def test_fit_each_precision_trains_on_cpu(precision, tmp_path):
     assert bool(scaler) == (precision == "fp16")  # the fp16 loss scale is checkpointed
 
 
+def test_fit_compile_trains_and_saves_plain_weights(tmp_path):
+    history = tl.fit(mlp(), blobs(96), blobs(32), epochs=2, batch_size=16, compile=True,
+                     out=str(tmp_path), **quiet())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    keys = list(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+    assert keys == list(mlp().state_dict())  # no _orig_mod. prefix
+
+
+def test_fit_channels_last_matches_the_default_layout(tmp_path):
+    train, val = tiny_images(64)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = tl.small_cnn(3, 10)
+        history = tl.fit(model, train, val, epochs=1, batch_size=16, channels_last=channels_last,
+                         **quiet())
+        results.append((history[0]["val_loss"], model))
+    (loss_a, model_a), (loss_b, model_b) = results
+    assert model_b[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert loss_a == pytest.approx(loss_b, rel=1e-4)
+
+
+def test_default_workers_leaves_a_core_for_training(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert tl.default_workers(1) == 8  # capped
+    assert tl.default_workers(4) == 3  # 16 cores / 4 processes, one of each 4 trains
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert tl.default_workers(1) == 0
+
+
 # ---- progress, logs, schedules, early stopping -----------------------------------------------
 
 
