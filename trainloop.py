@@ -248,8 +248,10 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+        """The mixed-precision context for forward passes (a no-op at full precision)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
 def setup_device(gpus: str = "", *, precision: str = "auto",
@@ -1414,8 +1416,9 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
     if limit is not None:
         flags.deadline = flags.started + limit
     out = _prepare_out(config, rt)
+    samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
     run = _Run(config, rt, loss_fn, metrics, _console(log, config, rt), flags, out,
-               len(train_data) if hasattr(train_data, "__len__") else 0)
+               len(samples) if hasattr(samples, "__len__") else 0)
     state = _new_state(model, config, rt, optimizer, math.ceil(len(train) / config.accumulate))
     state.optimizer.zero_grad(set_to_none=True)
     _seed_everything(config.seed, rt.rank)
