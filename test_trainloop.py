@@ -584,6 +584,7 @@ def history_without_time(path):
 @pytest.mark.parametrize("data,workers,accumulate,calls", [
     ("tensors", 0, 1, 60),  # 48 steps an epoch; kill within the first 60 loss calls
     ("folder", 2, 1, 14),  # 9 steps an epoch, images read by two worker processes
+    ("folder", 0, 1, 14),  # the same, read in the main process
     ("tensors", 0, 3, 60),  # gradient accumulation over 3 micro-batches
 ])
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data, workers, accumulate, calls):

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 __version__ = "0.1.0"
 __all__ = [
@@ -354,11 +354,14 @@ class _EpochBatches(Sampler):
     from `seen` on, is dealt out round-robin to however many processes exist, so a run resumed on
     a different number of processes still sees every sample of the epoch exactly once.
     Training drops at most world_size - 1 tail samples so that every process takes equal steps.
+    With `sample_seeds`, a DataLoader gets keys (index, per-sample seed) instead of indices.
     """
 
-    def __init__(self, size, batch_size, *, shuffle, seed, rank=0, world=1, train=True):
+    def __init__(self, size, batch_size, *, shuffle, seed, rank=0, world=1, train=True,
+                 sample_seeds=False):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world, self.train = rank, world, train
+        self.sample_seeds = sample_seeds
         self.epoch, self.seen = 0, 0
 
     def set_position(self, epoch: int, seen: int = 0) -> None:
@@ -380,21 +383,20 @@ class _EpochBatches(Sampler):
         return mine.split(self.batch_size) if len(mine) else ()  # split() of nothing gives [[]]
 
     def __iter__(self):
-        # Keys (index, sample seed): workers seed each sample from its key (see _SeededSample).
         base = _mix_seed(self.seed, self.epoch, 1) >> 8
         for idx in self.index_batches():
-            yield [(i, base + i) for i in idx.tolist()] if self.train else idx.tolist()
+            yield [(i, base + i) for i in idx.tolist()] if self.sample_seeds else idx.tolist()
 
     def __len__(self) -> int:
         return math.ceil(len(self._mine()) / self.batch_size)
 
 
 class _SeededSample(Dataset):
-    """Seeds the RNGs of a loader worker from each sample's key before reading the sample.
+    """Seeds a loader worker's RNGs from each sample's key before reading the sample.
 
     Random augmentation then depends on (seed, epoch, index), not on which worker read it, so a
-    resumed run augments exactly as an uninterrupted one. Without workers the main process's
-    RNG stream is checkpointed whole, so no per-sample seeding (and its cost) is needed.
+    resumed run augments exactly as an uninterrupted one. Without workers, samples are read in
+    the main process, whose RNG streams the checkpoint stores whole: no seeding needed there.
     """
 
     def __init__(self, dataset):
@@ -405,10 +407,9 @@ class _SeededSample(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        if get_worker_info() is not None:
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         return self.dataset[index]
 
 
@@ -473,16 +474,17 @@ def make_loader(dataset, *, batch_size: int, train: bool = True, seed: int = 0,
     anything else gets a DataLoader with `workers` processes (-1 = default_workers()).
     """
     rt = runtime or Runtime(torch.device("cpu"))
+    workers = default_workers(rt.world_size) if workers < 0 else workers
+    seeded = train and workers > 0
     sampler = _EpochBatches(len(dataset), batch_size, shuffle=train, seed=seed, rank=rt.rank,
-                            world=rt.world_size, train=train)
+                            world=rt.world_size, train=train, sample_seeds=seeded)
     if _is_plain_tensor_dataset(dataset) and collate_fn is None:
         tensors = dataset.tensors
         if rt.device.type == "cuda" and _fits_on_device(tensors, rt.device):
             tensors = tuple(t.to(rt.device) for t in tensors)
         pad = getattr(dataset, "augment_pad", 0) if train else 0
         return _TensorBatches(tensors, sampler, pad)
-    workers = default_workers(rt.world_size) if workers < 0 else workers
-    return DataLoader(_SeededSample(dataset) if train else dataset, batch_sampler=sampler,
+    return DataLoader(_SeededSample(dataset) if seeded else dataset, batch_sampler=sampler,
                       num_workers=workers, collate_fn=collate_fn,
                       pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
                       # Own generator: creating an iterator must not draw from the global RNG,
@@ -578,12 +580,15 @@ def _count(obj) -> int:
     return 0
 
 
-def _weight(batch) -> float:
-    """How much a micro-batch counts in its step: its explicit weight, else its sample count."""
+def _sizes(batch) -> tuple:
+    """(samples, weight) of a micro-batch, from host metadata only (no device sync).
+
+    The weight is how much the micro-batch counts in its step: an explicit third element of
+    the batch (a number or CPU tensor, e.g. a token count), else its number of samples.
+    """
     inputs, target, weight = _split_batch(batch)
-    if weight is not None:
-        return float(weight)  # a host number or CPU tensor (e.g. a token count), not a GPU sync
-    return float(_count(target) or _count(inputs))
+    count = _count(target) or _count(inputs)
+    return count, float(count if weight is None else weight)
 
 
 def _map_tensors(obj, fn: Callable):
@@ -637,23 +642,15 @@ def train_step(state: TrainState, batches: list, config: Config, *, rt: Runtime,
                loss_fn=F.cross_entropy):
     """One optimizer step over `batches`, the micro-batches of one accumulation group.
 
-    Each micro-batch loss is weighted by its share of the step's samples (or weights), so the
-    gradient equals that of one big batch even when the last micro-batch is short. DDP
-    all-reduces only on the last micro-batch. Returns the step's mean loss as a detached device
-    tensor (no host sync). Mutates model, optimizer, scheduler, scaler and EMA in place.
+    Returns the step's mean loss as a detached device tensor (no host sync). Mutates model,
+    optimizer, scheduler, scaler and EMA in place and advances state.step.
     """
-    weights = [_weight(b) for b in batches]
-    total = sum(weights)
-    step_loss = None
-    for i, (batch, weight) in enumerate(zip(batches, weights)):
-        last = i == len(batches) - 1
-        no_sync = getattr(state.net, "no_sync", None)
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            _, loss, _ = _forward(state.net, batch, loss_fn, rt, config.channels_last)
-            if len(batches) > 1:
-                loss = loss * (weight / total)
-            state.scaler.scale(loss).backward()
-        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    if len(batches) == 1:
+        _, loss, _ = _forward(state.net, batches[0], loss_fn, rt, config.channels_last)
+        state.scaler.scale(loss).backward()
+        loss = loss.detach()
+    else:
+        loss = _accumulate(state, batches, config, rt, loss_fn)
     if config.clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
         nn.utils.clip_grad_norm_(state.model.parameters(), config.clip_grad)
@@ -665,6 +662,23 @@ def train_step(state: TrainState, batches: list, config: Config, *, rt: Runtime,
     if state.ema is not None:
         _update_ema(state.ema, state.model, config.ema, state.step)
     state.step += 1
+    return loss
+
+
+def _accumulate(state: TrainState, batches: list, config: Config, rt: Runtime, loss_fn):
+    """Backward over several micro-batches, each loss weighted by its share of the step's
+    samples (or weights), so the gradient equals that of one big batch even when the last
+    micro-batch is short. DDP all-reduces only on the last one."""
+    weights = [_sizes(batch)[1] for batch in batches]
+    total = sum(weights)
+    no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
+    step_loss = 0.0
+    for i, (batch, weight) in enumerate(zip(batches, weights)):
+        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
+            _, loss, _ = _forward(state.net, batch, loss_fn, rt, config.channels_last)
+            loss = loss * (weight / total)
+            state.scaler.scale(loss).backward()
+        step_loss = step_loss + loss.detach()
     return step_loss
 
 
@@ -1161,8 +1175,9 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
     with _progress_bar(run.console, title, per_epoch, per_epoch - left) as advance:
         for batches in _chunks(loader, config.accumulate):
             loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn)
-            count = sum(_count(_split_batch(b)[1]) or _count(_split_batch(b)[0]) for b in batches)
-            window.append((loss, sum(_weight(b) for b in batches), state.step))
+            sizes = [_sizes(batch) for batch in batches]
+            count = sum(n for n, _ in sizes)
+            window.append((loss, sum(w for _, w in sizes), state.step))
             state.seen += count * rt.world_size
             state.batches += len(batches)
             samples += count * rt.world_size
