@@ -71,6 +71,10 @@ class UsageError(ValueError):
     """A mistake in the user's options or inputs; the CLI prints it as one line and exits 2."""
 
 
+class _DataError(UsageError):
+    """Bad input data met by one process (an unreadable file): printed by every process."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted: corrupt, truncated, or holding executable pickle."""
 
@@ -90,74 +94,54 @@ class Stopped(SystemExit):
 # ---- configuration ---------------------------------------------------------------------------
 
 
-def _opt(default, help, panel="Training"):
+def _opt(default, help: str, panel: str = "Training"):
     return field(default=default, metadata={"help": help, "panel": panel})
+
+
+D, M, R = "Data", "Model", "Run"  # help panels of the CLI
 
 
 @dataclass(frozen=True)
 class Config:
     """Every knob in one place. The CLI has one option per field; change it with `replace`."""
 
-    # data
-    data: str = _opt("synthetic", "synthetic | mnist | fashionmnist | cifar10 | cifar100 | DIR "
-                     "(an ImageFolder: DIR/train/<class>/*, DIR/val/<class>/*).", "Data")
-    data_root: str = _opt("data", "Where torchvision data sets are stored.", "Data")
-    download: bool = _opt(False, "Download a torchvision data set if it is missing.", "Data")
-    image_size: int = _opt(0, "Resize images to this many pixels a side (0 = keep).", "Data")
-    val_fraction: float = _opt(0.1, "Share of DIR held out for validation when there is no "
-                               "DIR/val.", "Data")
-    augment: bool = _opt(True, "Random crop and horizontal flip of training images.", "Data")
-    workers: int = _opt(-1, "Data loader processes per training process (-1 = from the CPU "
-                        "count). Used by data read per sample, such as an ImageFolder.", "Data")
-    # model
-    model: str = _opt("smallcnn", "smallcnn, or any torchvision classification model "
-                      "(resnet18, mobilenet_v3_small, ...), built untrained.", "Model")
-    compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", "Model")
-    channels_last: bool = _opt(False, "Channels-last memory format (faster convs on GPUs).",
-                               "Model")
-    sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", "Model")
-    # optimization
+    data: str = _opt("synthetic", "synthetic|mnist|fashionmnist|cifar10|cifar100|DIR (folders)", D)
+    data_root: str = _opt("data", "Where torchvision data sets are stored.", D)
+    download: bool = _opt(False, "Download a missing torchvision data set.", D)
+    image_size: int = _opt(0, "Resize images to this many pixels a side (0 = keep).", D)
+    val_fraction: float = _opt(0.1, "Share of DIR held out for validation when no DIR/val.", D)
+    augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
+    workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
+    model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
+    compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
+    channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
+    sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
     epochs: int = _opt(3, "Passes over the training data.")
-    batch_size: int = _opt(64, "Samples per step per process; the global batch is batch-size x "
-                           "processes x accumulate.")
-    lr: float = _opt(0.05, "Peak learning rate (use about 1e-3 with adamw).")
-    optimizer: str = _opt("sgd", "sgd (with momentum, nesterov) | adamw.")
+    batch_size: int = _opt(64, "Samples per step per process (global: x processes x accumulate).")
+    lr: float = _opt(0.05, "Peak learning rate (about 1e-3 suits adamw).")
+    optimizer: str = _opt("sgd", "sgd (momentum, nesterov) | adamw.")
     momentum: float = _opt(0.9, "SGD momentum.")
-    weight_decay: float = _opt(5e-4, "Weight decay (not applied to biases and norm weights).")
-    schedule: str = _opt("cosine", "Learning-rate schedule per step: constant | cosine | step | "
-                         "onecycle.")
-    warmup: float = _opt(0.0, "Linear warmup: steps if >= 1, else a fraction of all steps.")
+    weight_decay: float = _opt(5e-4, "Weight decay (none on biases and norm weights).")
+    schedule: str = _opt("cosine", "LR schedule, per step: constant|cosine|step|onecycle.")
+    warmup: float = _opt(0.0, "Linear LR warmup: steps if >= 1, else a fraction of all steps.")
     accumulate: int = _opt(1, "Micro-batches per optimizer step (gradient accumulation).")
-    clip_grad: float = _opt(0.0, "Clip the gradient norm to this value (0 = off).")
-    label_smoothing: float = _opt(0.0, "Label smoothing for the default cross-entropy loss.")
-    ema: float = _opt(0.0, "Keep an EMA of the weights with this decay, e.g. 0.999 (0 = off); "
-                      "validation and best.pt use it.")
-    precision: str = _opt("auto", "auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 "
-                          "| fp16.")
-    seed: int = _opt(0, "Seed for initialization, data order and augmentation.")
-    # run
-    gpus: str = _opt("", "GPU ids as nvidia-smi numbers them, e.g. 0 or 0,1 (one process per "
-                     "GPU); cpu forces the CPU; empty picks CUDA, then MPS, then CPU.", "Run")
-    out: str = _opt("", "Run directory for checkpoints and logs. CLI default: "
-                    "runs/<data>-<model>; from fit(), empty writes no files.", "Run")
-    resume: str = _opt("auto", "auto (continue OUT/last.pt if it exists) | none | PATH.", "Run")
-    save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).",
-                           "Run")
-    log_every: int = _opt(50, "Log (and, with several processes, agree on stopping) every N "
-                          "optimizer steps.", "Run")
-    patience: int = _opt(0, "Stop after N epochs without improvement of --monitor (0 = off).",
-                         "Run")
-    monitor: str = _opt("auto", "Metric for best.pt and early stopping, e.g. val_acc, val_loss "
-                        "(auto = val_acc if reported, else val_loss, else train_loss).", "Run")
-    monitor_mode: str = _opt("auto", "max | min | auto (max for accuracies, min otherwise).",
-                             "Run")
-    time_limit: str = _opt("", "Stop cleanly before this much time, e.g. 2h30m, 45m, 90s; "
-                           "exits 75 so a batch script can requeue.", "Run")
-    deterministic: bool = _opt(False, "Deterministic CUDA kernels (slower); CPU runs are "
-                               "always exact.", "Run")
-    eval_only: bool = _opt(False, "Only evaluate the checkpoint named by --resume (auto: "
-                           "OUT/best.pt).", "Run")
-    quiet: bool = _opt(False, "Print only the final summary.", "Run")
+    clip_grad: float = _opt(0.0, "Clip the gradient norm to this (0 = off).")
+    label_smoothing: float = _opt(0.0, "Label smoothing of the default cross-entropy.")
+    ema: float = _opt(0.0, "EMA of weights with this decay, e.g. 0.999, for val/best.pt (0 = off).")
+    precision: str = _opt("auto", "auto (bf16 on capable GPUs, else fp32)|fp32|bf16|fp16.")
+    seed: int = _opt(0, "Seed of initialization, data order and augmentation.")
+    gpus: str = _opt("", "GPU ids as nvidia-smi shows (0,1: a process each) | cpu | empty=best.", R)
+    out: str = _opt("", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R)
+    resume: str = _opt("auto", "auto (OUT/last.pt if there) | none | PATH.", R)
+    save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).", R)
+    log_every: int = _opt(50, "Log, and agree on stopping across processes, every N steps.", R)
+    patience: int = _opt(0, "Stop after N epochs without a better --monitor (0 = off).", R)
+    monitor: str = _opt("auto", "Metric for best.pt and early stop (auto: val_acc/val_loss).", R)
+    monitor_mode: str = _opt("auto", "max | min | auto (max for accuracies, else min).", R)
+    time_limit: str = _opt("", "Checkpoint and exit 75 before this time, e.g. 2h30m, 45m, 90s.", R)
+    deterministic: bool = _opt(False, "Deterministic CUDA kernels (slower; CPU is always).", R)
+    eval_only: bool = _opt(False, "Only evaluate the --resume checkpoint (auto: OUT/best.pt).", R)
+    quiet: bool = _opt(False, "Print only the final summary.", R)
 
 
 CHOICES = {
@@ -734,8 +718,13 @@ def evaluate(model: nn.Module, data, *, rt: Optional[Runtime] = None, loss_fn=F.
         count += n
     model.train(was_training)
     names = sorted(sums)
-    totals = torch.stack([sums[k].to(rt.device) for k in names]).tolist() if names else []
-    totals = _all_reduce(totals + [count], rt)  # sync point: once per evaluation
+    if rt.world_size > 1:  # a process that had no batch does not know the metric names
+        everyone = [None] * rt.world_size
+        dist.all_gather_object(everyone, names)
+        names = sorted(set().union(*everyone))
+    totals = [sums.get(k, torch.zeros((), device=rt.device)).to(rt.device) for k in names]
+    totals = torch.stack(totals).tolist() if names else []  # sync point: once per evaluation
+    totals = _all_reduce(totals + [count], rt)
     return {name: value / max(totals[-1], 1) for name, value in zip(names, totals)}
 
 
@@ -993,6 +982,9 @@ def _wrap(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
     """What the training step calls: DDP across processes, then torch.compile if asked."""
     net = model
     if rt.world_size > 1:
+        if config.sync_bn and rt.device.type != "cuda":
+            raise UsageError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
+                             "kernels); drop it for CPU processes")
         if config.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # shares model's parameters
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
@@ -1125,34 +1117,34 @@ class _Run:
     flags: _StopFlags
     out: Optional[Path]
     train_size: int
-    monitor: str = ""
+    steps_per_epoch: int = 0
 
 
 def _sync_point(state: TrainState, window: list, run: _Run, check_stop: bool) -> int:
     """Read the losses since the last call (the host sync), stop on NaN, agree on stopping.
 
-    Returns the exit status to stop with (0 = go on); identical on every process.
+    Every process adds up the losses of all processes, step by step, so train_loss covers all
+    the data and a NaN on one process stops them all at the same step. Returns the exit status
+    to stop with (0 = go on), identical on every process.
     """
     losses = torch.stack([loss for loss, _, _ in window]).tolist() if window else []  # sync point
-    bad_step = math.inf
-    for value, (_, weight, step) in zip(losses, window):
-        if not math.isfinite(value):
-            bad_step = min(bad_step, step)
-        state.epoch_loss[0] += value * weight
-        state.epoch_loss[1] += weight
+    weights = [weight for _, weight, _ in window]
+    sums = _all_reduce([v * w for v, w in zip(losses, weights)] + weights, run.rt)
+    for i, (_, _, step) in enumerate(window):
+        if not math.isfinite(sums[i]):
+            raise NonFiniteLossError(f"the loss became NaN or inf at step {step} (epoch "
+                                     f"{state.epoch + 1}); the last good checkpoint was kept. "
+                                     "Lower --lr, use --clip-grad, or check the data")
+        state.epoch_loss[0] += sums[i]
+        state.epoch_loss[1] += sums[len(window) + i]
     window.clear()
-    scale_collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
+    collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
     stop = run.flags.code(run.config.log_every if run.rt.world_size > 1 else 1) if check_stop else 0
-    bad_step, scale_collapsed, neg_stop = _all_reduce(
-        [bad_step, -float(scale_collapsed), -stop], run.rt, dist.ReduceOp.MIN)
-    if math.isfinite(bad_step):
-        raise NonFiniteLossError(f"the loss became NaN or inf at step {int(bad_step)} (epoch "
-                                 f"{state.epoch + 1}); the last good checkpoint was kept. Lower "
-                                 "--lr, use --clip-grad, or check the data")
-    if scale_collapsed:
+    collapsed, stop = _all_reduce([float(collapsed), stop], run.rt, dist.ReduceOp.MAX)
+    if collapsed:
         raise NonFiniteLossError(f"fp16 gradients overflow at every step (loss scale below "
                                  f"2^-16 at step {state.step}); use --precision bf16 or fp32")
-    return int(-neg_stop)
+    return int(stop)
 
 
 def _save(state: TrainState, run: _Run) -> None:
@@ -1368,6 +1360,12 @@ def _resume(state: TrainState, run: _Run) -> None:
         if changes:
             run.console.write("warning: resuming with changed settings, so the run is no "
                               f"longer exactly reproducible: {'; '.join(changes)}")
+        if ckpt["world_size"] != run.rt.world_size:
+            # Steps per epoch changed with the number of processes: continue the LR schedule
+            # from the same share of training done, not from the same step count.
+            done = state.epoch + state.seen / max(run.train_size, 1)
+            state.scheduler.last_epoch = round(done * run.steps_per_epoch) - 1
+            state.scheduler.step()
         run.console.line(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
         return
 
@@ -1434,10 +1432,15 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
     samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
     run = _Run(config, rt, loss_fn, metrics, _console(log, config, rt), flags, out,
                len(samples) if hasattr(samples, "__len__") else 0)
-    state = _new_state(model, config, rt, optimizer, math.ceil(len(train) / config.accumulate))
+    run.steps_per_epoch = math.ceil(len(train) / config.accumulate)
+    state = _new_state(model, config, rt, optimizer, run.steps_per_epoch)
     state.optimizer.zero_grad(set_to_none=True)
     _seed_everything(config.seed, rt.rank)
     _resume(state, run)
+    low, high = _all_reduce([-state.step, state.step], rt, dist.ReduceOp.MAX)
+    if -low != high:
+        raise UsageError(f"processes resumed from different steps ({-low:.0f} and {high:.0f}): "
+                         "--out must be on a filesystem that every machine shares")
     state.net = _wrap(model, config, rt)
     stop_early = False
     with _catch_signals(flags):
@@ -1575,7 +1578,7 @@ class _ImageFiles(Dataset):
                     image = image.resize((self.size, self.size), Image.BILINEAR)
                 pixels = np.asarray(image, dtype=np.float32)
         except (OSError, ValueError) as e:
-            raise UsageError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
+            raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
         x = torch.from_numpy(pixels).div_(127.5).sub_(1)
         x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
         if self.augment_pad:  # draws from the global RNG, which workers seed per sample
@@ -1629,7 +1632,7 @@ def _first_image_shape(path, image_size: int):
         with Image.open(path) as image:
             mode, width = image.mode, image.size[0]
     except OSError as e:
-        raise UsageError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
+        raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
     return image_size or width, 1 if mode in ("1", "L", "I", "I;16", "F") else 3
 
 
@@ -1743,8 +1746,8 @@ def _launch_local(config: Config, nproc: int) -> int:
     try:
         elastic_launch(launch, _worker)(dataclasses.asdict(config))
     except ChildFailedError as e:
-        codes = [failure.exitcode for failure in e.failures.values()]
-        code = next((c for c in codes if c > 0), 1)
+        code = e.get_first_failure()[1].exitcode  # the first to fail is the cause
+        code = code if code > 0 else 1
         print(f"trainloop: error: a training process failed (exit status {code}); the others "
               "were stopped", file=sys.stderr)
         return code
@@ -1778,17 +1781,19 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     try:
         return job()
     except UsageError as e:
-        code, message = EXIT_USAGE, str(e)
+        code, message, everywhere = EXIT_USAGE, str(e), isinstance(e, _DataError)
     except CheckpointError as e:
-        code, message = EXIT_CHECKPOINT, str(e)
+        code, message, everywhere = EXIT_CHECKPOINT, str(e), False
     except NonFiniteLossError as e:
-        code, message = EXIT_NONFINITE, str(e)
+        code, message, everywhere = EXIT_NONFINITE, str(e), False
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
     # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
-    message = message.strip().splitlines()[-1].removeprefix("UsageError: ")
-    if int(os.environ.get("RANK", 0)) == 0 or code != EXIT_USAGE:
-        print(f"trainloop: error: {message}", file=sys.stderr)
+    message = re.sub(r"^[\w.]*Error: ", "", message.strip().splitlines()[-1])
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or everywhere:  # the others would only repeat rank 0's line
+        print(f"trainloop: error: {'' if rank == 0 else f'(rank {rank}) '}{message}",
+              file=sys.stderr)
     return code
 
 
