@@ -781,6 +781,45 @@ def test_exit_statuses_for_each_kind_of_failure(capsys):
     assert "trainloop: error: x.pt is corrupt" in capsys.readouterr().err
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable data set, which cannot seek."""
+
+    def __init__(self, n):
+        self.data = blobs(n)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(blobs(16))
+
+
+def test_fit_resumes_mid_epoch_on_an_iterable_dataset(tmp_path):
+    def stop_at_third_step(output, target):
+        stop_at_third_step.calls += 1
+        if stop_at_third_step.calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return F.cross_entropy(output, target)
+
+    stop_at_third_step.calls = 0
+    loader = DataLoader(Stream(64), batch_size=8)
+    with pytest.raises(tl.Stopped):
+        tl.fit(mlp(), loader, epochs=1, loss_fn=stop_at_third_step, out=str(tmp_path),
+               **quiet())
+    history = tl.fit(mlp(), loader, epochs=1, out=str(tmp_path), **quiet())
+    assert history[0]["step"] == 8  # 3 steps before the stop, the 5 unseen ones after it
+
+
+def test_fit_iterable_dataset_without_length_is_a_usage_error():
+    with pytest.raises(tl.UsageError, match="has no length"):
+        tl.fit(mlp(), DataLoader(Endless(), batch_size=8), **quiet())
+
+
 def test_fit_from_code_raises_stopped_with_the_signal_status(tmp_path):
     def interrupting(output, target):
         if not interrupting.sent:
@@ -1543,6 +1582,22 @@ def test_launch_local_reports_the_error_of_a_worker_other_than_rank_0(
         launch_with_bad_image_on_rank_1):
     result, _, bad, _ = launch_with_bad_image_on_rank_1
     assert f"cannot read image {bad}" in result.stderr
+
+
+def test_fit_time_limit_stops_every_process_at_the_same_step(tmp_path):
+    opts = dict(n=400, epochs=2, batch_size=4, log_every=5, quiet=True, out="run",
+                time_limit="1s", record="limited")
+    stopped = run_worker(tmp_path, opts)
+    assert stopped.returncode != 0
+    assert "stopped: time limit reached" in stopped.stdout
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    steps = {rank: [step for step, _ in rows] for rank, rows in recorded(tmp_path,
+                                                                          "limited").items()}
+    assert steps[0] == steps[1]  # both processes ran exactly the same steps
+    assert steps[0][-1] == ckpt["step"] and ckpt["step"] % 5 == 0  # agreed at a log point
+    resumed = run_worker(tmp_path, dict(opts, time_limit=""))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2 * 50
 
 
 # ---- elastic resume --------------------------------------------------------------------------

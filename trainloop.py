@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -29,14 +30,14 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 __version__ = "0.1.0"
 __all__ = [
@@ -481,6 +482,20 @@ def _fits_on_device(tensors, device) -> bool:
     return size <= torch.cuda.get_device_properties(device).total_memory // 4
 
 
+@dataclass
+class _SkipBatches:
+    """A loader without its first `count` batches, which are read and dropped."""
+
+    loader: Any
+    count: int
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.count, None)
+
+    def __len__(self):
+        return len(self.loader) - self.count
+
+
 def _set_position(loader, epoch: int, seen: int, batches: int):
     """Point `loader` at sample `seen` (ours) or batch `batches` (a user's) of `epoch`."""
     sampler = getattr(loader, "batch_sampler", None)
@@ -490,6 +505,8 @@ def _set_position(loader, epoch: int, seen: int, batches: int):
     inner = getattr(loader, "sampler", None)
     if hasattr(inner, "set_epoch"):
         inner.set_epoch(epoch)
+    if batches and isinstance(getattr(loader, "dataset", None), IterableDataset):
+        return _SkipBatches(loader, batches)  # it cannot seek: read and drop what was seen
     if batches and isinstance(loader, DataLoader) and sampler is not None:
         # Skip what was seen by advancing the index sampler only: no sample is loaded.
         rest = list(sampler)[batches:]
@@ -1432,7 +1449,11 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
     samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
     run = _Run(config, rt, loss_fn, metrics, _console(log, config, rt), flags, out,
                len(samples) if hasattr(samples, "__len__") else 0)
-    run.steps_per_epoch = math.ceil(len(train) / config.accumulate)
+    try:
+        run.steps_per_epoch = math.ceil(len(train) / config.accumulate)
+    except TypeError:
+        raise UsageError("the training data has no length; give your IterableDataset a "
+                         "__len__ (the LR schedule and progress need the epoch length)") from None
     state = _new_state(model, config, rt, optimizer, run.steps_per_epoch)
     state.optimizer.zero_grad(set_to_none=True)
     _seed_everything(config.seed, rt.rank)
