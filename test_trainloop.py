@@ -1173,11 +1173,11 @@ def test_fit_time_limit_checkpoints_exits_75_and_the_rerun_finishes_exactly(tmp_
 def test_update_ema_is_the_warmed_up_moving_average():
     model, ema = nn.Linear(2, 2), nn.Linear(2, 2)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
-    tl._update_ema(ema, model, decay=0.99, step=0)  # decay ramps: min(0.99, 1/10)
+    tl._update_ema(tl._ema_pairs(ema, model), decay=0.99, step=0)  # decay ramps: min(0.99, 1/10)
     for key, value in ema.state_dict().items():
         expected = before[key] * 0.1 + model.state_dict()[key] * 0.9
         torch.testing.assert_close(value, expected)
-    tl._update_ema(ema, model, decay=0.5, step=1000)
+    tl._update_ema(tl._ema_pairs(ema, model), decay=0.5, step=1000)
     for key, value in ema.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[key] * 0.95 + before[key] * 0.05)
 

@@ -155,6 +155,12 @@ CHOICES = {
 
 def check_config(config: Config) -> Config:
     """Return `config` unchanged, or raise UsageError naming the first bad field and the fix."""
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
+        if not fits or (isinstance(value, bool) and f.type is not bool):
+            raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}, e.g. "
+                             f"{f.name}={f.default!r}")
     for name, allowed in CHOICES.items():
         value = getattr(config, name)
         if value not in allowed:
@@ -175,6 +181,8 @@ def check_config(config: Config) -> Config:
         raise UsageError(f"--label-smoothing {config.label_smoothing} must be in [0, 1)")
     if not 0 <= config.ema < 1:
         raise UsageError(f"--ema {config.ema} must be in [0, 1), e.g. 0.999 (0 turns it off)")
+    if 0 < config.image_size < 4:
+        raise UsageError(f"--image-size {config.image_size} is too small; use 0 (keep) or 4+")
     if not 0 < config.val_fraction < 1:
         raise UsageError(f"--val-fraction {config.val_fraction} must be between 0 and 1")
     parse_duration(config.time_limit)
@@ -372,8 +380,18 @@ class _EpochBatches(Sampler):
         for idx in self.index_batches():
             yield [(i, base + i) for i in idx.tolist()] if self.sample_seeds else idx.tolist()
 
+    def _per_rank(self) -> int:
+        rest = self.size - min(self.seen, self.size)
+        if self.train:
+            rest -= rest % self.world
+        return len(range(self.rank, rest, self.world))
+
+    def seen_after(self, batches: int) -> int:
+        """The epoch's global position once every process has taken `batches` more batches."""
+        return self.seen + self.world * min(batches * self.batch_size, self._per_rank())
+
     def __len__(self) -> int:
-        return math.ceil(len(self._mine()) / self.batch_size)
+        return math.ceil(self._per_rank() / self.batch_size)
 
 
 class _SeededSample(Dataset):
@@ -505,15 +523,16 @@ def _set_position(loader, epoch: int, seen: int, batches: int):
     inner = getattr(loader, "sampler", None)
     if hasattr(inner, "set_epoch"):
         inner.set_epoch(epoch)
-    if batches and isinstance(getattr(loader, "dataset", None), IterableDataset):
-        return _SkipBatches(loader, batches)  # it cannot seek: read and drop what was seen
-    if batches and isinstance(loader, DataLoader) and sampler is not None:
+    if not batches:
+        return loader
+    if isinstance(loader, DataLoader) and sampler is not None and not isinstance(
+            loader.dataset, IterableDataset):
         # Skip what was seen by advancing the index sampler only: no sample is loaded.
         rest = list(sampler)[batches:]
         return DataLoader(loader.dataset, batch_sampler=rest, num_workers=loader.num_workers,
                           collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                           worker_init_fn=loader.worker_init_fn, generator=loader.generator)
-    return loader
+    return _SkipBatches(loader, batches)  # it cannot seek: read and drop what was seen
 
 
 # ---- steps -----------------------------------------------------------------------------------
@@ -534,11 +553,13 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: Optional[nn.Module] = None
+    ema_pairs: tuple = ()  # the tensors the EMA update reads and writes (see _ema_pairs)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     seen: int = 0  # samples of the current epoch consumed, all processes together
     batches: int = 0  # micro-batches of the current epoch consumed by this process
     best: Optional[float] = None  # best value of the monitored metric
+    best_epoch: int = 0  # the epoch that reached it
     lr: float = 0.0  # learning rate applied by the last optimizer step (of the first group)
     history: list = field(default_factory=list)  # one dict per completed epoch
     epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # [sum loss x weight, weight]
@@ -546,8 +567,8 @@ class TrainState:
 
 
 # The plain-value part of TrainState that a checkpoint carries.
-_COUNTERS = ("epoch", "step", "seen", "batches", "best", "lr", "history", "epoch_loss",
-             "epoch_seconds")
+_COUNTERS = ("epoch", "step", "seen", "batches", "best", "best_epoch", "lr", "history",
+             "epoch_loss", "epoch_seconds")
 
 
 def _split_batch(batch):
@@ -569,15 +590,15 @@ def _call(net, inputs):
 
 
 def _count(obj) -> int:
-    """Samples in a batch part: the first dimension of its first tensor (host metadata, no sync)."""
+    """Samples in a batch part, from host metadata (no sync): a tensor's first dimension; for a
+    dict, that of its first value; for a list or tuple, that of its first tensor, or its length
+    when it holds one item per sample (such as detection targets, one dict each)."""
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.dim() else 1
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) \
-        else ()
-    for value in values:
-        n = _count(value)
-        if n:
-            return n
+    if isinstance(obj, dict):
+        return _count(next(iter(obj.values()), None))
+    if isinstance(obj, (list, tuple)) and obj:
+        return _count(obj[0]) if isinstance(obj[0], torch.Tensor) else len(obj)
     return 0
 
 
@@ -589,6 +610,8 @@ def _sizes(batch) -> tuple:
     """
     inputs, target, weight = _split_batch(batch)
     count = _count(target) or _count(inputs)
+    if isinstance(weight, torch.Tensor):  # per-sample weights or token counts: their total
+        weight = weight.sum()
     return count, float(count if weight is None else weight)
 
 
@@ -634,43 +657,49 @@ def _forward(net, batch, loss_fn, rt: Runtime, channels_last: bool = False):
         output = _call(net, inputs)
         if loss_fn is None:
             loss = _own_loss(output)
+        elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+            raise UsageError("a dict batch goes whole to model(**batch), so the default "
+                             "cross-entropy has no target; pass loss_fn=None (the model "
+                             "returns its loss) or your own loss_fn(output, batch)")
         else:
             loss = loss_fn(output, batch if target is None else target)
     return output, loss, target
 
 
 def train_step(state: TrainState, batches: list, config: Config, *, rt: Runtime,
-               loss_fn=F.cross_entropy):
+               loss_fn=F.cross_entropy, weights: Optional[list] = None):
     """One optimizer step over `batches`, the micro-batches of one accumulation group.
 
     Returns the step's mean loss as a detached device tensor (no host sync). Mutates model,
-    optimizer, scheduler, scaler and EMA in place and advances state.step.
+    optimizer, scheduler, scaler and EMA in place and advances state.step. `weights` (one per
+    micro-batch; default: from each batch, see _sizes) weigh the micro-batch losses.
     """
     if len(batches) == 1:
         _, loss, _ = _forward(state.net, batches[0], loss_fn, rt, config.channels_last)
         state.scaler.scale(loss).backward()
         loss = loss.detach()
     else:
-        loss = _accumulate(state, batches, config, rt, loss_fn)
+        weights = weights or [_sizes(batch)[1] for batch in batches]
+        loss = _accumulate(state, batches, weights, config, rt, loss_fn)
     if config.clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
         nn.utils.clip_grad_norm_(state.model.parameters(), config.clip_grad)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    state.lr = state.scheduler.get_last_lr()[0]
+    state.lr = state.optimizer.param_groups[0]["lr"]
     state.scheduler.step()
     if state.ema is not None:
-        _update_ema(state.ema, state.model, config.ema, state.step)
+        _update_ema(state.ema_pairs, config.ema, state.step)
     state.step += 1
     return loss
 
 
-def _accumulate(state: TrainState, batches: list, config: Config, rt: Runtime, loss_fn):
+def _accumulate(state: TrainState, batches: list, weights: list, config: Config, rt: Runtime,
+                loss_fn):
     """Backward over several micro-batches, each loss weighted by its share of the step's
     samples (or weights), so the gradient equals that of one big batch even when the last
     micro-batch is short. DDP all-reduces only on the last one."""
-    weights = [_sizes(batch)[1] for batch in batches]
     total = sum(weights)
     no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
     step_loss = 0.0
@@ -683,16 +712,23 @@ def _accumulate(state: TrainState, batches: list, config: Config, rt: Runtime, l
     return step_loss
 
 
-def _update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    # Ramp the decay up early on so the average is not dominated by the random init.
-    decay = min(decay, (1 + step) / (10 + step))
+def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
+    """(EMA floats, live floats, EMA others, live others): the tensors _update_ema touches,
+    listed once. state_dict() tensors share storage with the modules."""
     ema_state, live_state = ema.state_dict(), model.state_dict()
     floats = [k for k, v in ema_state.items() if v.is_floating_point()]
     others = [k for k, v in ema_state.items() if not v.is_floating_point()]
-    torch._foreach_lerp_([ema_state[k] for k in floats], [live_state[k] for k in floats],
-                         1.0 - decay)
-    if others:
-        torch._foreach_copy_([ema_state[k] for k in others], [live_state[k] for k in others])
+    return tuple([state[k] for k in keys] for keys in (floats, others)
+                 for state in (ema_state, live_state))
+
+
+def _update_ema(pairs: tuple, decay: float, step: int) -> None:
+    # Ramp the decay up early on so the average is not dominated by the random init.
+    decay = min(decay, (1 + step) / (10 + step))
+    ema_floats, live_floats, ema_others, live_others = pairs
+    torch._foreach_lerp_(ema_floats, live_floats, 1.0 - decay)
+    if ema_others:
+        torch._foreach_copy_(ema_others, live_others)
 
 
 def _accuracy_applies(output, target) -> bool:
@@ -930,15 +966,18 @@ def load_checkpoint(path, state: Optional[TrainState] = None, *,
 
 
 def _restore(state: TrainState, ckpt: dict, rt: Runtime, path: Path) -> None:
+    if "optimizer" not in ckpt:
+        raise UsageError(f"{path} holds weights only; resume from a last.pt, or evaluate it "
+                         "with --eval-only")
     try:
         state.model.load_state_dict(ckpt["model"])
-        if state.ema is not None and ckpt.get("ema") is not None:
-            state.ema.load_state_dict(ckpt["ema"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(f"{path} does not match this model or optimizer "
                          f"({str(e).splitlines()[0]}); use --resume none or another --out"
                          ) from None
+    if state.ema is not None:  # an EMA turned on only now starts from the trained weights
+        state.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -972,8 +1011,9 @@ def _lr_factor(step: int, *, schedule: str, total: int, warmup: int) -> float:
 def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # no weight decay on biases and norm scales: it only fights the normalization
-        {"params": [p for p in params if p.dim() > 1], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": config.weight_decay,
+         "decay": True},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, "decay": False},
     ]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
@@ -989,10 +1029,9 @@ def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: i
     factor = functools.partial(_lr_factor, schedule=config.schedule, total=total, warmup=warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    ema = None
-    if config.ema:
-        ema = copy.deepcopy(model).requires_grad_(False)
-    return TrainState(model, model, optimizer, scheduler, scaler, ema)
+    ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None
+    pairs = _ema_pairs(ema, model) if ema is not None else ()
+    return TrainState(model, model, optimizer, scheduler, scaler, ema, pairs)
 
 
 def _wrap(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
@@ -1135,6 +1174,7 @@ class _Run:
     out: Optional[Path]
     train_size: int
     steps_per_epoch: int = 0
+    tensorboard: Any = None  # a SummaryWriter when the optional tensorboard is installed
 
 
 def _sync_point(state: TrainState, window: list, run: _Run, check_stop: bool) -> int:
@@ -1176,6 +1216,7 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
     """Train from the current position to the end of the epoch, checkpointing on schedule."""
     config, rt = run.config, run.rt
     loader = _set_position(loader, state.epoch, state.seen, state.batches)
+    sampler, start = getattr(loader, "batch_sampler", None), state.batches
     first, left = state.step, math.ceil(len(loader) / config.accumulate)
     per_epoch = math.ceil(state.batches / config.accumulate) + left
     window, started, samples = [], time.monotonic(), 0
@@ -1183,12 +1224,14 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     with _progress_bar(run.console, title, per_epoch, per_epoch - left) as advance:
         for batches in _chunks(loader, config.accumulate):
-            loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn)
             sizes = [_sizes(batch) for batch in batches]
+            weights = [w for _, w in sizes]
+            loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn, weights=weights)
             count = sum(n for n, _ in sizes)
-            window.append((loss, sum(w for _, w in sizes), state.step))
-            state.seen += count * rt.world_size
+            window.append((loss, sum(weights), state.step))
             state.batches += len(batches)
+            state.seen = (sampler.seen_after(state.batches - start)
+                          if isinstance(sampler, _EpochBatches) else state.seen + count)
             samples += count * rt.world_size
             run.flags.steps += 1
             advance()
@@ -1236,6 +1279,8 @@ def _monitor_name(config: Config, row: dict) -> str:
 
 
 def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool:
+    if math.isnan(value):
+        return False
     if best is None:
         return True
     if mode == "auto":
@@ -1262,18 +1307,18 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
                          f"{', '.join(k for k in row if k not in ('epoch', 'step', 'seconds'))}")
     improved = _improved(row[name], state.best, name, config.monitor_mode)
     if improved:
-        state.best = row[name]
+        state.best, state.best_epoch = row[name], row["epoch"]
     state.history.append(row)
     state.epoch, state.seen, state.batches = state.epoch + 1, 0, 0
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
-    _save(state, run)
+    # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
     if improved:
         _save_best(state, row, run)
     _write_metrics(state.history, run)
+    _save(state, run)
     run.console.line(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()).replace(
         f"epoch={row['epoch']}", f"epoch={row['epoch']}/{config.epochs}", 1))
-    best_epoch = min(r["epoch"] for r in state.history if r[name] == state.best)  # ties: no gain
-    return bool(config.patience) and state.epoch - best_epoch >= config.patience
+    return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
 
 
 def _fmt(value) -> str:
@@ -1298,12 +1343,11 @@ def _write_metrics(history: list, run: _Run) -> None:
     tmp = run.out / ".metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
     os.replace(tmp, run.out / "metrics.jsonl")
-    writer = _tensorboard(run.out)
-    if writer is not None:
+    if run.tensorboard is not None:
         for key, value in history[-1].items():
             if key not in ("epoch", "step"):
-                writer.add_scalar(key, value, history[-1]["step"])
-        writer.close()
+                run.tensorboard.add_scalar(key, value, history[-1]["step"])
+        run.tensorboard.flush()
 
 
 def _tensorboard(out: Path):
@@ -1352,39 +1396,78 @@ def _resume_candidates(config: Config, out: Optional[Path]) -> list:
 
 # Settings that change a run's trajectory; resuming with another value is warned about.
 _NOT_TRAJECTORY = {"out", "resume", "quiet", "log_every", "save_every", "time_limit",
-                   "eval_only", "patience", "workers", "download", "data_root", "epochs",
-                   "monitor", "monitor_mode"}
+                   "eval_only", "patience", "workers", "download", "data_root", "monitor",
+                   "monitor_mode"}
 
 
 def _resume(state: TrainState, run: _Run) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
-    candidates = _resume_candidates(run.config, run.out)
+    candidates, corrupt = _resume_candidates(run.config, run.out), []
     for i, path in enumerate(candidates):
         try:
-            ckpt = load_checkpoint(path, state, rt=run.rt)
+            ckpt = load_checkpoint(path)
         except CheckpointError as e:
             if i + 1 == len(candidates) or run.config.resume != "auto":
                 raise
             run.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
+            corrupt.append(path)
             continue
-        changes = [f"{k} {v} -> {getattr(run.config, k)}" for k, v in ckpt["config"].items()
-                   if k not in _NOT_TRAJECTORY and getattr(run.config, k, v) != v]
-        if ckpt["world_size"] != run.rt.world_size:
-            changes.append(f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic "
-                           "resume: each remaining sample of the epoch is still seen once)")
-        if ckpt["train_size"] != run.train_size:
-            changes.append(f"training samples {ckpt['train_size']} -> {run.train_size}")
-        if changes:
-            run.console.write("warning: resuming with changed settings, so the run is no "
-                              f"longer exactly reproducible: {'; '.join(changes)}")
+        saved = ckpt.get("config", {})
+        if saved.get("optimizer", run.config.optimizer) != run.config.optimizer:
+            raise UsageError(f"--optimizer {run.config.optimizer}: {path} was trained with "
+                             f"{saved['optimizer']}; keep it, or start over with --resume none")
+        _restore(state, ckpt, run.rt, path)
+        _warn_changes(ckpt, run)
         if ckpt["world_size"] != run.rt.world_size:
             # Steps per epoch changed with the number of processes: continue the LR schedule
             # from the same share of training done, not from the same step count.
             done = state.epoch + state.seen / max(run.train_size, 1)
-            state.scheduler.last_epoch = round(done * run.steps_per_epoch) - 1
-            state.scheduler.step()
+            state.scheduler.last_epoch = round(done * run.steps_per_epoch)
+        _apply_config(state, run.config)
+        if saved.get("monitor") != run.config.monitor:  # a new yardstick: find its best so far
+            _rebest(state, run.config)
         run.console.line(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
-        return
+        break
+    _barrier(run.rt)
+    for path in corrupt if run.rt.is_main else ():  # never rotate a bad file over a good one
+        os.replace(path, path.with_name(path.stem + ".corrupt" + path.suffix))
+
+
+def _warn_changes(ckpt: dict, run: _Run) -> None:
+    changes = [f"{k} {v} -> {getattr(run.config, k)}" for k, v in ckpt["config"].items()
+               if k not in _NOT_TRAJECTORY and getattr(run.config, k, v) != v]
+    if ckpt["world_size"] != run.rt.world_size:
+        changes.append(f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic "
+                       "resume: each remaining sample of the epoch is still seen once)")
+    if ckpt["train_size"] != run.train_size:
+        changes.append(f"training samples {ckpt['train_size']} -> {run.train_size}")
+    if changes:
+        run.console.write("warning: resuming with changed settings, so the run is no longer "
+                          f"exactly reproducible: {'; '.join(changes)}")
+
+
+def _apply_config(state: TrainState, config: Config) -> None:
+    """After a restore: the settings of this run win over the checkpoint's (lr, weight decay,
+    momentum) for trainloop's own optimizer, and every group's LR follows the schedule."""
+    groups = state.optimizer.param_groups
+    if all("decay" in g for g in groups):  # built from the config, not the user's own
+        state.scheduler.base_lrs = [config.lr] * len(groups)
+        for g in groups:
+            g["initial_lr"] = config.lr
+            g["weight_decay"] = config.weight_decay if g["decay"] else 0.0
+            if "momentum" in g:
+                g["momentum"], g["nesterov"] = config.momentum, config.momentum > 0
+    factor = state.scheduler.lr_lambdas[0](state.scheduler.last_epoch)
+    for g in groups:
+        g["lr"] = g["initial_lr"] * factor
+
+
+def _rebest(state: TrainState, config: Config) -> None:
+    state.best, state.best_epoch = None, 0
+    for row in state.history:
+        name = _monitor_name(config, row)
+        if name in row and _improved(row[name], state.best, name, config.monitor_mode):
+            state.best, state.best_epoch = row[name], row["epoch"]
 
 
 def _as_loader(data, config: Config, rt: Runtime, train: bool):
@@ -1400,7 +1483,7 @@ def _as_loader(data, config: Config, rt: Runtime, train: bool):
 
 def fit(model: nn.Module, train_data, val_data=None, *, config: Optional[Config] = None,
         loss_fn: Optional[Callable] = F.cross_entropy, metrics: Optional[dict] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None, log: Optional[Callable] = None,
+        optimizer=None, log: Optional[Callable] = None,
         runtime: Optional[Runtime] = None, **overrides) -> list:
     """Train `model` in place and return the per-epoch history (a list of dicts).
 
@@ -1408,19 +1491,20 @@ def fit(model: nn.Module, train_data, val_data=None, *, config: Optional[Config]
     mid-epoch resume) or ready-made DataLoaders. A batch is (inputs, target), (inputs, target,
     weight) or a dict passed to model(**batch). loss_fn(output, target) -> scalar; None means
     the model returns its own loss. metrics: {"name": fn(output, target) -> batch mean}.
+    optimizer: an Optimizer over model's parameters, or a name ("sgd", "adamw") for Config.
     Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
     Seeds Python, NumPy and torch from config.seed unless it resumes. Under torchrun it joins
     the process group. Raises Stopped (a SystemExit) after checkpointing on a signal or the
     time limit, NonFiniteLossError on a NaN loss, UsageError on bad settings.
     """
-    try:
-        config = check_config(dataclasses.replace(config or Config(), **overrides))
-    except TypeError as e:
-        names = [f.name for f in dataclasses.fields(Config)]
-        bad = next((k for k in overrides if k not in names), "?")
+    if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
+        overrides["optimizer"], optimizer = optimizer, None
+    names = [f.name for f in dataclasses.fields(Config)]
+    for bad in (k for k in overrides if k not in names):
         close = difflib.get_close_matches(bad, names, n=3)
         raise UsageError(f"fit() got an unknown setting {bad!r}"
-                         + (f"; did you mean {', '.join(close)}?" if close else "")) from e
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    config = check_config(dataclasses.replace(config or Config(), **overrides))
     rt = runtime or setup_device(config.gpus, precision=config.precision,
                                  deterministic=config.deterministic)
     try:
@@ -1434,6 +1518,11 @@ def fit(model: nn.Module, train_data, val_data=None, *, config: Optional[Config]
 def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, log) -> list:
     if config.patience and val_data is None:
         raise UsageError("--patience needs validation data to watch; pass val_data or drop it")
+    known = {"train_loss"} | ({"val_loss", "val_acc", "val_top5", *(f"val_{m}" for m in metrics)}
+                              if val_data is not None else set())
+    if config.monitor not in known | {"auto"}:
+        raise UsageError(f"--monitor {config.monitor} is not reported; choose from "
+                         f"{', '.join(sorted(known))}")
     if loss_fn is F.cross_entropy and config.label_smoothing:
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     model = _unwrap(model).to(rt.device)
@@ -1464,10 +1553,15 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
                          "--out must be on a filesystem that every machine shares")
     state.net = _wrap(model, config, rt)
     stop_early = False
-    with _catch_signals(flags):
-        while state.epoch < config.epochs and not stop_early:
-            _train_epoch(state, train, run)
-            stop_early = _end_epoch(state, val, run)
+    run.tensorboard = _tensorboard(out) if out is not None and rt.is_main else None
+    try:
+        with _catch_signals(flags):
+            while state.epoch < config.epochs and not stop_early:
+                _train_epoch(state, train, run)
+                stop_early = _end_epoch(state, val, run)
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     _summary(state, run, stop_early)
     return state.history
 
@@ -1757,15 +1851,21 @@ def _worker(options: dict) -> None:
 def _launch_local(config: Config, nproc: int) -> int:
     """Start `nproc` processes on this machine with torch.distributed's elastic launcher (the
     machinery behind torchrun). A failing process stops the others; returns its exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # A signal to this process is passed on to the workers, which checkpoint at their next
+    # --log-every point; they get up to shutdown_timeout seconds before a SIGKILL.
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           run_id=f"trainloop-{os.getpid()}", rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
+                          start_method="spawn", shutdown_timeout=300,
+                          signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     try:
         elastic_launch(launch, _worker)(dataclasses.asdict(config))
+    except SignalException as e:
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode  # the first to fail is the cause
         code = code if code > 0 else 1
@@ -1804,7 +1904,7 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     except UsageError as e:
         code, message, everywhere = EXIT_USAGE, str(e), isinstance(e, _DataError)
     except CheckpointError as e:
-        code, message, everywhere = EXIT_CHECKPOINT, str(e), False
+        code, message, everywhere = EXIT_CHECKPOINT, str(e), True
     except NonFiniteLossError as e:
         code, message, everywhere = EXIT_NONFINITE, str(e), False
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
