@@ -411,6 +411,43 @@ def test_checkpoint_holds_the_unwrapped_model_and_loads_weights_only(tmp_path):
     assert isinstance(ckpt["rng"][0]["numpy"][1], torch.Tensor)
 
 
+def test_fit_takes_the_optimizer_by_name():
+    model = mlp()
+    tl.fit(model, blobs(32), epochs=1, batch_size=16, optimizer="adamw", lr=1e-3, **quiet())
+    assert model[0].weight.grad is None  # trained and cleaned up, no error
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(gpus=0), "gpus=0 must be of type str"),
+    (dict(lr="0.1"), "lr='0.1' must be of type float"),
+    (dict(epochs=1.5), "epochs=1.5 must be of type int"),
+    (dict(image_size=2), "--image-size 2 is too small"),
+    (dict(monitor="val_f1"), "--monitor val_f1 is not reported; choose from train_loss"),
+])
+def test_fit_bad_settings_fail_before_training(setting, message):
+    with pytest.raises(tl.UsageError, match=re.escape(message)):
+        tl.fit(mlp(), blobs(16), blobs(16), **setting, **quiet())
+
+
+def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
+    with pytest.raises(tl.UsageError, match="pass loss_fn=None"):
+        tl.fit(OwnLoss(), DictBatches(16), workers=0, **quiet())
+
+
+def test_fit_per_sample_weights_count_by_their_total():
+    x, y = blobs(8).tensors
+    weights = torch.tensor([1.0, 1, 1, 1, 3, 3, 3, 3])
+    assert tl._sizes((x[:4], y[:4], weights[:4])) == (4, 4.0)
+    assert tl._sizes((x[4:], y[4:], weights[4:])) == (4, 12.0)
+
+
+def test_count_handles_one_item_per_sample_targets():
+    images = torch.zeros(16, 3, 8, 8)
+    targets = [{"boxes": torch.zeros(5, 4), "labels": torch.zeros(5)} for _ in range(16)]
+    assert tl._sizes((images, targets)) == (16, 16.0)
+    assert tl._sizes({"input_ids": torch.zeros(4, 12), "labels": torch.zeros(4, 12)}) == (4, 4.0)
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 
@@ -734,6 +771,8 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
                      log=lines.append)
     assert any("falling back to" in line and "last.prev.pt" in line for line in lines)
     assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt, then 2, 3
+    assert (out / "last.corrupt.pt").is_file()  # set aside, never rotated over a good file
+    tl.load_checkpoint(out / "last.prev.pt")
 
 
 def test_resume_with_changed_settings_warns_naming_them(tmp_path):
@@ -743,6 +782,71 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
     tl.fit(mlp(), blobs(64), epochs=2, batch_size=8, out=out, log=lines.append)
     warning = next(line for line in lines if line.startswith("warning: resuming"))
     assert "batch_size 16 -> 8" in warning
+
+
+def test_resume_applies_a_new_lr_and_warns(tmp_path):
+    out = str(tmp_path / "run")
+    tl.fit(mlp(), blobs(64), epochs=1, batch_size=16, lr=0.05, schedule="constant", out=out,
+           **quiet())
+    lines = []
+    history = tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, lr=0.5, schedule="constant",
+                     out=out, quiet=True, log=lines.append)
+    assert [r["lr"] for r in history] == [0.05, 0.5]
+    assert any("lr 0.05 -> 0.5" in line for line in lines)
+
+
+def test_resume_warns_when_epochs_change_the_schedule(tmp_path):
+    out = str(tmp_path / "run")
+    tl.fit(mlp(), blobs(64), epochs=1, batch_size=16, out=out, **quiet())
+    lines = []
+    tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, out=out, quiet=True, log=lines.append)
+    assert any("epochs 1 -> 2" in line for line in lines)
+
+
+def test_resume_turning_ema_on_starts_it_from_the_trained_weights(tmp_path):
+    out = str(tmp_path / "run")
+    trained = mlp()
+    tl.fit(trained, blobs(64), epochs=1, batch_size=16, out=out, **quiet())
+    # One more epoch with the EMA on and an LR too small to move the weights.
+    tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, lr=1e-12, out=out, ema=0.999, **quiet())
+    ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(ema[key], value)  # not pulled back toward a random init
+
+
+def test_resume_from_a_weights_only_file_says_so(tmp_path, monkeypatch):
+    tl.fit(mlp(), blobs(32), blobs(16), epochs=1, batch_size=16, out=str(tmp_path / "run"),
+           **quiet())
+    with pytest.raises(tl.UsageError, match="holds weights only"):
+        tl.fit(mlp(), blobs(32), epochs=1, resume=str(tmp_path / "run" / "best.pt"), **quiet())
+
+
+def test_kill_between_best_and_last_leaves_a_consistent_run(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    save = tl._atomic_save
+
+    def dies_at_the_last_epochs_checkpoint(payload, path, keep_previous=False):
+        if path.name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt  # as if killed between best.pt and last.pt
+        return save(payload, path, keep_previous)
+
+    monkeypatch.setattr(tl, "_atomic_save", dies_at_the_last_epochs_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        tl.fit(mlp(), blobs(64), blobs(32), epochs=2, batch_size=16, monitor="train_loss",
+               out=str(out), **quiet())
+    monkeypatch.undo()
+    history = tl.fit(mlp(), blobs(64), blobs(32), epochs=2, batch_size=16,
+                     monitor="train_loss", out=str(out), **quiet())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and len(history) == 2
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_nan_validation_metric_never_counts_as_the_best(tmp_path):
+    nan_first = {"odd": lambda output, target: torch.tensor(float("nan"))}
+    history = tl.fit(mlp(), blobs(64), blobs(32), epochs=3, batch_size=16, patience=2,
+                     monitor="val_odd", metrics=nan_first, **quiet())
+    assert len(history) == 2  # nothing improved from the start: stopped after patience
 
 
 def test_finished_run_resumed_again_does_not_train_more(tmp_path):
@@ -1551,6 +1655,21 @@ def test_launch_local_trains_to_completion_on_cpu(tmp_path):
     assert rows[0]["step"] == 40  # ceil(5000 / 128): each process took half the samples
     assert 0 <= rows[0]["val_acc"] <= 1
     assert result.stdout.count("done: best val_acc=") == 1
+
+
+def test_launch_local_passes_sigterm_on_and_exits_143_with_a_checkpoint(tmp_path):
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH)
+    options = {"gpus": "cpu", "epochs": 2, "workers": 0, "out": str(tmp_path / "run"),
+               "image_size": 8, "batch_size": 16, "log_every": 5}
+    proc = start([sys.executable, str(script), json.dumps(options)], tmp_path)
+    assert proc.stdout.readline().startswith("epoch=1/2 step=5/")  # training has begun
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, tmp_path)
+    assert result.returncode == 143, result.stderr[-3000:]
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["step"] % 5 == 0 and ckpt["epoch"] == 0
+    assert processes_of(tmp_path) == []
 
 
 @pytest.fixture(scope="module")

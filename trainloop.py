@@ -1570,8 +1570,8 @@ def _summary(state: TrainState, run: _Run, stopped_early: bool) -> None:
     if not state.history:
         return
     name = _monitor_name(run.config, state.history[-1])
-    best = max(state.history, key=lambda r: (r[name] == state.best, -r["epoch"]))
-    text = f"done: best {name}={state.best:.4g} at epoch {best['epoch']}"
+    text = (f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
+            if state.best is not None else f"done: {name} was never a finite number")
     if stopped_early:
         text += f" (early stop after epoch {state.epoch}: no better {name} for "
         text += f"{run.config.patience} epochs)"
