@@ -100,9 +100,14 @@ def assert_same_state(a: Path, b: Path):
 
 
 def run_cli(*args, cwd, env=None, timeout=240):
-    return subprocess.run([sys.executable, str(REPO / "trainloop.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(REPO / "trainloop.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def make_image_folder(root: Path, classes=("cat", "dog"), per_class=12, size=8, mode="RGB"):
@@ -145,15 +150,18 @@ def test_parse_duration_units():
         tl.parse_duration("soon")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("epochs", 0, "--epochs 0 must be at least 1"),
-    ("batch_size", 0, "--batch-size 0 must be at least 1"),
-    ("lr", -0.1, "--lr -0.1 must be a positive number"),
-    ("lr", float("nan"), "--lr nan must be a positive number"),
-    ("optimizer", "adam", "--optimizer 'adam' is not one of sgd, adamw"),
-    ("precision", "fp8", "--precision 'fp8'"),
-    ("ema", 1.0, "--ema 1.0 must be in"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("epochs", 0, "--epochs 0 must be at least 1"),
+        ("batch_size", 0, "--batch-size 0 must be at least 1"),
+        ("lr", -0.1, "--lr -0.1 must be a positive number"),
+        ("lr", float("nan"), "--lr nan must be a positive number"),
+        ("optimizer", "adam", "--optimizer 'adam' is not one of sgd, adamw"),
+        ("precision", "fp8", "--precision 'fp8'"),
+        ("ema", 1.0, "--ema 1.0 must be in"),
+    ],
+)
 def test_check_config_names_field_value_and_fix(field, value, message):
     with pytest.raises(tl.UsageError, match=message):
         tl.check_config(dataclasses.replace(tl.Config(), **{field: value}))
@@ -179,8 +187,13 @@ def test_import_has_no_side_effects(tmp_path):
         assert not torch.cuda.is_initialized()
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.stdout.strip() == "ok", result.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -307,10 +320,15 @@ def test_train_step_explicit_weights_act_like_token_counts():
     targets_a, targets_b = torch.randint(0, 3, (6,)), torch.randint(0, 3, (2,))
     big, small = mlp(), mlp()
     config = tl.Config(accumulate=2)
-    tl.train_step(one_step_state(big), [(torch.cat([tokens_a, tokens_b]),
-                                         torch.cat([targets_a, targets_b]))], config, rt=CPU)
-    tl.train_step(one_step_state(small), [(tokens_a, targets_a, 6), (tokens_b, targets_b, 2)],
-                  config, rt=CPU)
+    tl.train_step(
+        one_step_state(big),
+        [(torch.cat([tokens_a, tokens_b]), torch.cat([targets_a, targets_b]))],
+        config,
+        rt=CPU,
+    )
+    tl.train_step(
+        one_step_state(small), [(tokens_a, targets_a, 6), (tokens_b, targets_b, 2)], config, rt=CPU
+    )
     for a, b in zip(big.parameters(), small.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -373,8 +391,15 @@ def test_fit_accepts_dataloaders_and_a_user_optimizer():
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     loader = DataLoader(blobs(96), batch_size=16, shuffle=True)
-    history = tl.fit(model, loader, DataLoader(blobs(32), batch_size=16), epochs=3,
-                     optimizer=optimizer, schedule="constant", **quiet())
+    history = tl.fit(
+        model,
+        loader,
+        DataLoader(blobs(32), batch_size=16),
+        epochs=3,
+        optimizer=optimizer,
+        schedule="constant",
+        **quiet(),
+    )
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert optimizer.state  # the user's optimizer did the stepping
 
@@ -388,8 +413,7 @@ def test_fit_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     train, val = blobs(64), blobs(32, seed=0)
     tl.fit(mlp(), train, val, epochs=2, batch_size=16, out=str(out), **quiet())
-    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt"} <= {p.name for p in
-                                                                       out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt"} <= {p.name for p in out.iterdir()}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert 0 <= rows[-1]["val_acc"] <= 1
@@ -405,8 +429,20 @@ def test_checkpoint_holds_the_unwrapped_model_and_loads_weights_only(tmp_path):
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert list(ckpt["model"]) == list(model.state_dict())
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    for key in ("optimizer", "scheduler", "scaler", "epoch", "step", "seen", "rng", "config",
-                "format", "world_size", "checksum", "best"):
+    for key in (
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "seen",
+        "rng",
+        "config",
+        "format",
+        "world_size",
+        "checksum",
+        "best",
+    ):
         assert key in ckpt
     assert isinstance(ckpt["rng"][0]["numpy"][1], torch.Tensor)
 
@@ -417,13 +453,16 @@ def test_fit_takes_the_optimizer_by_name():
     assert model[0].weight.grad is None  # trained and cleaned up, no error
 
 
-@pytest.mark.parametrize("setting,message", [
-    (dict(gpus=0), "gpus=0 must be of type str"),
-    (dict(lr="0.1"), "lr='0.1' must be of type float"),
-    (dict(epochs=1.5), "epochs=1.5 must be of type int"),
-    (dict(image_size=2), "--image-size 2 is too small"),
-    (dict(monitor="val_f1"), "--monitor val_f1 is not reported; choose from train_loss"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (dict(gpus=0), "gpus=0 must be of type str"),
+        (dict(lr="0.1"), "lr='0.1' must be of type float"),
+        (dict(epochs=1.5), "epochs=1.5 must be of type int"),
+        (dict(image_size=2), "--image-size 2 is too small"),
+        (dict(monitor="val_f1"), "--monitor val_f1 is not reported; choose from train_loss"),
+    ],
+)
 def test_fit_bad_settings_fail_before_training(setting, message):
     with pytest.raises(tl.UsageError, match=re.escape(message)):
         tl.fit(mlp(), blobs(16), blobs(16), **setting, **quiet())
@@ -484,19 +523,22 @@ def test_cli_version(tmp_path, monkeypatch):
     assert result.exit_code == 0 and tl.__version__ in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "resnet19"], "did you mean resnet18"),
-    (["--data", "no/such/dir"], "--data no/such/dir: no such directory"),
-    (["--epochs", "0"], "--epochs 0 must be at least 1"),
-    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
-    (["--gpus", "x"], "--gpus 'x' is not a list of GPU ids"),
-    (["--gpus", "3"], "--gpus names GPU 3"),
-    (["--lr", "-1"], "--lr -1.0 must be a positive number"),
-    (["--lr", "nan"], "--lr nan must be a positive number"),
-    (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
-    (["--time-limit", "later"], "--time-limit 'later' is not a duration"),
-    (["--data", "mnist"], "--data mnist: not found under data/"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "resnet19"], "did you mean resnet18"),
+        (["--data", "no/such/dir"], "--data no/such/dir: no such directory"),
+        (["--epochs", "0"], "--epochs 0 must be at least 1"),
+        (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+        (["--gpus", "x"], "--gpus 'x' is not a list of GPU ids"),
+        (["--gpus", "3"], "--gpus names GPU 3"),
+        (["--lr", "-1"], "--lr -1.0 must be a positive number"),
+        (["--lr", "nan"], "--lr nan must be a positive number"),
+        (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
+        (["--time-limit", "later"], "--time-limit 'later' is not a duration"),
+        (["--data", "mnist"], "--data mnist: not found under data/"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatch):
     result = cli(args, tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
@@ -532,8 +574,11 @@ def test_cli_image_folder_with_one_class_exits_2(tmp_path, monkeypatch):
 def test_cli_unreadable_image_names_the_file(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "pets", per_class=6)
     (root / "dog" / "broken.png").write_bytes(b"not an image")
-    result = cli(["--data", "pets", "--epochs", "1", "--workers", "0", "--batch-size", "4"],
-                 tmp_path, monkeypatch)
+    result = cli(
+        ["--data", "pets", "--epochs", "1", "--workers", "0", "--batch-size", "4"],
+        tmp_path,
+        monkeypatch,
+    )
     assert result.exit_code == 2
     assert "cannot read image" in result.output and "broken.png" in result.output
 
@@ -547,8 +592,11 @@ def test_main_malformed_option_is_one_line_exit_2(capsys):
 
 def test_cli_trains_on_an_image_folder_with_its_own_split(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "pets", per_class=20, mode="L")
-    result = cli(["--data", "pets", "--epochs", "2", "--batch-size", "8", "--workers", "0",
-                  "--out", "run"], tmp_path, monkeypatch)
+    result = cli(
+        ["--data", "pets", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--out", "run"],
+        tmp_path,
+        monkeypatch,
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == "pets"
@@ -565,8 +613,18 @@ def test_build_model_torchvision_by_name():
 
 def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "pets", per_class=10)
-    args = ["--data", "pets", "--epochs", "1", "--batch-size", "8", "--workers", "0",
-            "--out", "run"]
+    args = [
+        "--data",
+        "pets",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--out",
+        "run",
+    ]
     assert cli(args, tmp_path, monkeypatch).exit_code == 0
     result = cli(args + ["--eval-only"], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
@@ -612,27 +670,39 @@ def run_job(tmp_path, **opts):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(script), json.dumps(opts)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), json.dumps(opts)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def history_without_time(path):
-    return [{k: v for k, v in row.items() if k != "seconds"}
-            for row in torch.load(path, weights_only=True)["history"]]
+    return [
+        {k: v for k, v in row.items() if k != "seconds"}
+        for row in torch.load(path, weights_only=True)["history"]
+    ]
 
 
-@pytest.mark.parametrize("data,workers,accumulate,calls", [
-    ("tensors", 0, 1, 60),  # 48 steps an epoch; kill within the first 60 loss calls
-    ("folder", 2, 1, 14),  # 9 steps an epoch, images read by two worker processes
-    ("folder", 0, 1, 14),  # the same, read in the main process
-    ("tensors", 0, 3, 60),  # gradient accumulation over 3 micro-batches
-])
+@pytest.mark.parametrize(
+    "data,workers,accumulate,calls",
+    [
+        ("tensors", 0, 1, 60),  # 48 steps an epoch; kill within the first 60 loss calls
+        ("folder", 2, 1, 14),  # 9 steps an epoch, images read by two worker processes
+        ("folder", 0, 1, 14),  # the same, read in the main process
+        ("tensors", 0, 3, 60),  # gradient accumulation over 3 micro-batches
+    ],
+)
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data, workers, accumulate, calls):
     label = f"{data}-{workers}-{accumulate}"
     if data == "folder":
         data = str(make_image_folder(tmp_path / "pets", per_class=40))
-    opts = dict(data=data, epochs=3, batch_size=8, save_every=3, workers=workers,
-                accumulate=accumulate)
+    opts = dict(
+        data=data, epochs=3, batch_size=8, save_every=3, workers=workers, accumulate=accumulate
+    )
     reference = run_job(tmp_path, out=str(tmp_path / "ref"), **opts)
     assert reference.returncode == 0, reference.stderr
     rng = random.Random(label)
@@ -644,7 +714,8 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data, workers, acc
     assert resumed.returncode == 0, resumed.stderr
     assert_same_state(tmp_path / "ref" / "last.pt", Path(out) / "last.pt")
     assert history_without_time(tmp_path / "ref" / "last.pt") == history_without_time(
-        Path(out) / "last.pt")
+        Path(out) / "last.pt"
+    )
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path):
@@ -696,8 +767,12 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     rng = random.Random(0)
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, str(tmp_path / "saver.py"), str(path)],
-                                stdout=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp_path / "saver.py"), str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(rng.randint(1, 3)):  # wait for whole saves to finish...
             proc.stdout.readline()
         time.sleep(rng.uniform(0, 0.05))  # ...then pick a random instant, mostly mid-save
@@ -767,8 +842,9 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
     tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, out=str(out), **quiet())
     (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:100])
     lines = []
-    history = tl.fit(mlp(), blobs(64), epochs=3, batch_size=16, out=str(out), quiet=True,
-                     log=lines.append)
+    history = tl.fit(
+        mlp(), blobs(64), epochs=3, batch_size=16, out=str(out), quiet=True, log=lines.append
+    )
     assert any("falling back to" in line and "last.prev.pt" in line for line in lines)
     assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt, then 2, 3
     assert (out / "last.corrupt.pt").is_file()  # set aside, never rotated over a good file
@@ -786,11 +862,21 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
 
 def test_resume_applies_a_new_lr_and_warns(tmp_path):
     out = str(tmp_path / "run")
-    tl.fit(mlp(), blobs(64), epochs=1, batch_size=16, lr=0.05, schedule="constant", out=out,
-           **quiet())
+    tl.fit(
+        mlp(), blobs(64), epochs=1, batch_size=16, lr=0.05, schedule="constant", out=out, **quiet()
+    )
     lines = []
-    history = tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, lr=0.5, schedule="constant",
-                     out=out, quiet=True, log=lines.append)
+    history = tl.fit(
+        mlp(),
+        blobs(64),
+        epochs=2,
+        batch_size=16,
+        lr=0.5,
+        schedule="constant",
+        out=out,
+        quiet=True,
+        log=lines.append,
+    )
     assert [r["lr"] for r in history] == [0.05, 0.5]
     assert any("lr 0.05 -> 0.5" in line for line in lines)
 
@@ -815,8 +901,9 @@ def test_resume_turning_ema_on_starts_it_from_the_trained_weights(tmp_path):
 
 
 def test_resume_from_a_weights_only_file_says_so(tmp_path, monkeypatch):
-    tl.fit(mlp(), blobs(32), blobs(16), epochs=1, batch_size=16, out=str(tmp_path / "run"),
-           **quiet())
+    tl.fit(
+        mlp(), blobs(32), blobs(16), epochs=1, batch_size=16, out=str(tmp_path / "run"), **quiet()
+    )
     with pytest.raises(tl.UsageError, match="holds weights only"):
         tl.fit(mlp(), blobs(32), epochs=1, resume=str(tmp_path / "run" / "best.pt"), **quiet())
 
@@ -832,11 +919,27 @@ def test_kill_between_best_and_last_leaves_a_consistent_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(tl, "_atomic_save", dies_at_the_last_epochs_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        tl.fit(mlp(), blobs(64), blobs(32), epochs=2, batch_size=16, monitor="train_loss",
-               out=str(out), **quiet())
+        tl.fit(
+            mlp(),
+            blobs(64),
+            blobs(32),
+            epochs=2,
+            batch_size=16,
+            monitor="train_loss",
+            out=str(out),
+            **quiet(),
+        )
     monkeypatch.undo()
-    history = tl.fit(mlp(), blobs(64), blobs(32), epochs=2, batch_size=16,
-                     monitor="train_loss", out=str(out), **quiet())
+    history = tl.fit(
+        mlp(),
+        blobs(64),
+        blobs(32),
+        epochs=2,
+        batch_size=16,
+        monitor="train_loss",
+        out=str(out),
+        **quiet(),
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and len(history) == 2
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
@@ -844,8 +947,17 @@ def test_kill_between_best_and_last_leaves_a_consistent_run(tmp_path, monkeypatc
 
 def test_nan_validation_metric_never_counts_as_the_best(tmp_path):
     nan_first = {"odd": lambda output, target: torch.tensor(float("nan"))}
-    history = tl.fit(mlp(), blobs(64), blobs(32), epochs=3, batch_size=16, patience=2,
-                     monitor="val_odd", metrics=nan_first, **quiet())
+    history = tl.fit(
+        mlp(),
+        blobs(64),
+        blobs(32),
+        epochs=3,
+        batch_size=16,
+        patience=2,
+        monitor="val_odd",
+        metrics=nan_first,
+        **quiet(),
+    )
     assert len(history) == 2  # nothing improved from the start: stopped after patience
 
 
@@ -866,8 +978,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     out = tmp_path / "run"
     with pytest.raises(tl.NonFiniteLossError, match="at step 5"):
-        tl.fit(mlp(), blobs(160), epochs=1, batch_size=16, save_every=2, log_every=3,
-               loss_fn=poisoned, out=str(out), **quiet())
+        tl.fit(
+            mlp(),
+            blobs(160),
+            epochs=1,
+            batch_size=16,
+            save_every=2,
+            log_every=3,
+            loss_fn=poisoned,
+            out=str(out),
+            **quiet(),
+        )
     ckpt = tl.load_checkpoint(out / "last.pt")
     assert ckpt["step"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
@@ -877,6 +998,7 @@ def test_exit_statuses_for_each_kind_of_failure(capsys):
     def raising(error):
         def job():
             raise error
+
         return job
 
     assert tl._exit_code_of(raising(tl.UsageError("bad"))) == 2
@@ -913,8 +1035,7 @@ def test_fit_resumes_mid_epoch_on_an_iterable_dataset(tmp_path):
     stop_at_third_step.calls = 0
     loader = DataLoader(Stream(64), batch_size=8)
     with pytest.raises(tl.Stopped):
-        tl.fit(mlp(), loader, epochs=1, loss_fn=stop_at_third_step, out=str(tmp_path),
-               **quiet())
+        tl.fit(mlp(), loader, epochs=1, loss_fn=stop_at_third_step, out=str(tmp_path), **quiet())
     history = tl.fit(mlp(), loader, epochs=1, out=str(tmp_path), **quiet())
     assert history[0]["step"] == 8  # 3 steps before the stop, the 5 unseen ones after it
 
@@ -933,8 +1054,15 @@ def test_fit_from_code_raises_stopped_with_the_signal_status(tmp_path):
 
     interrupting.sent = False
     with pytest.raises(tl.Stopped) as stopped:
-        tl.fit(mlp(), blobs(64), epochs=1, batch_size=16, loss_fn=interrupting,
-               out=str(tmp_path), **quiet())
+        tl.fit(
+            mlp(),
+            blobs(64),
+            epochs=1,
+            batch_size=16,
+            loss_fn=interrupting,
+            out=str(tmp_path),
+            **quiet(),
+        )
     assert stopped.value.code == 143
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers were restored
 
@@ -968,8 +1096,17 @@ def test_fit_host_syncs_do_not_grow_with_steps(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_fit_each_precision_trains_on_cpu(precision, tmp_path):
-    history = tl.fit(mlp(), blobs(192), blobs(64), epochs=3, batch_size=16, lr=0.05,
-                     precision=precision, out=str(tmp_path), **quiet())
+    history = tl.fit(
+        mlp(),
+        blobs(192),
+        blobs(64),
+        epochs=3,
+        batch_size=16,
+        lr=0.05,
+        precision=precision,
+        out=str(tmp_path),
+        **quiet(),
+    )
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_acc"] > 0.8
     scaler = torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]
@@ -977,8 +1114,16 @@ def test_fit_each_precision_trains_on_cpu(precision, tmp_path):
 
 
 def test_fit_compile_trains_and_saves_plain_weights(tmp_path):
-    history = tl.fit(mlp(), blobs(96), blobs(32), epochs=2, batch_size=16, compile=True,
-                     out=str(tmp_path), **quiet())
+    history = tl.fit(
+        mlp(),
+        blobs(96),
+        blobs(32),
+        epochs=2,
+        batch_size=16,
+        compile=True,
+        out=str(tmp_path),
+        **quiet(),
+    )
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     keys = list(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
     assert keys == list(mlp().state_dict())  # no _orig_mod. prefix
@@ -990,8 +1135,9 @@ def test_fit_channels_last_matches_the_default_layout(tmp_path):
     for channels_last in (False, True):
         torch.manual_seed(0)
         model = tl.small_cnn(3, 10)
-        history = tl.fit(model, train, val, epochs=1, batch_size=16, channels_last=channels_last,
-                         **quiet())
+        history = tl.fit(
+            model, train, val, epochs=1, batch_size=16, channels_last=channels_last, **quiet()
+        )
         results.append((history[0]["val_loss"], model))
     (loss_a, model_a), (loss_b, model_b) = results
     assert model_b[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -1011,8 +1157,16 @@ def test_default_workers_leaves_a_core_for_training(monkeypatch):
 
 def test_fit_log_lines_are_plain_key_values(tmp_path):
     lines = []
-    tl.fit(mlp(), blobs(96), blobs(32), epochs=2, batch_size=16, log_every=2,
-           out=str(tmp_path), log=lines.append)
+    tl.fit(
+        mlp(),
+        blobs(96),
+        blobs(32),
+        epochs=2,
+        batch_size=16,
+        log_every=2,
+        out=str(tmp_path),
+        log=lines.append,
+    )
     progress = [line for line in lines if " step=" in line and "train_loss" not in line]
     summaries = [line for line in lines if "train_loss=" in line]
     assert progress[0].startswith("epoch=1/2 step=2/6 loss=")
@@ -1043,10 +1197,24 @@ def test_fit_quiet_prints_only_the_final_summary():
 def test_cli_on_a_terminal_draws_a_progress_bar(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=20)
     primary, secondary = os.openpty()
-    proc = subprocess.Popen([sys.executable, str(REPO / "trainloop.py"), "--data", "pets",
-                             "--epochs", "1", "--batch-size", "4", "--workers", "0"],
-                            cwd=tmp_path, stdout=secondary, stderr=secondary,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "trainloop.py"),
+            "--data",
+            "pets",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+        ],
+        cwd=tmp_path,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm"},
+    )
     os.close(secondary)
     chunks = []
     while True:
@@ -1063,20 +1231,24 @@ def test_cli_on_a_terminal_draws_a_progress_bar(tmp_path):
     assert "epoch=1/1 step=" in output and "done: best val_acc=" in output
 
 
-@pytest.mark.parametrize("schedule,step,expected", [
-    ("constant", 50, 1.0),
-    ("cosine", 0, 1.0),
-    ("cosine", 50, 0.5),
-    ("cosine", 100, 0.0),
-    ("step", 49, 1.0),
-    ("step", 50, 0.1),
-    ("step", 75, 0.01),
-    ("onecycle", 0, 1 / 25),
-    ("onecycle", 30, 1.0),
-])
+@pytest.mark.parametrize(
+    "schedule,step,expected",
+    [
+        ("constant", 50, 1.0),
+        ("cosine", 0, 1.0),
+        ("cosine", 50, 0.5),
+        ("cosine", 100, 0.0),
+        ("step", 49, 1.0),
+        ("step", 50, 0.1),
+        ("step", 75, 0.01),
+        ("onecycle", 0, 1 / 25),
+        ("onecycle", 30, 1.0),
+    ],
+)
 def test_lr_factor_at_known_steps(schedule, step, expected):
     assert tl._lr_factor(step, schedule=schedule, total=100, warmup=0) == pytest.approx(
-        expected, abs=1e-12)
+        expected, abs=1e-12
+    )
 
 
 def test_lr_factor_warmup_is_linear_then_the_schedule():
@@ -1087,18 +1259,28 @@ def test_lr_factor_warmup_is_linear_then_the_schedule():
 
 def test_fit_logs_the_lr_that_was_applied():
     model = mlp()
-    history = tl.fit(model, blobs(64), epochs=4, batch_size=16, lr=0.1, schedule="step",
-                     warmup=0, **quiet())
+    history = tl.fit(
+        model, blobs(64), epochs=4, batch_size=16, lr=0.1, schedule="step", warmup=0, **quiet()
+    )
     # 4 steps an epoch, 16 in all: the last step of each epoch is step 3, 7, 11, 15.
-    expected = [0.1 * tl._lr_factor(s, schedule="step", total=16, warmup=0) for s in
-                (3, 7, 11, 15)]
+    expected = [0.1 * tl._lr_factor(s, schedule="step", total=16, warmup=0) for s in (3, 7, 11, 15)]
     assert [r["lr"] for r in history] == pytest.approx(expected)
 
 
 def test_fit_early_stopping_stops_at_the_right_epoch(tmp_path):
     constant = {"const": lambda output, target: torch.tensor(1.0)}
-    history = tl.fit(mlp(), blobs(64), blobs(32), epochs=10, batch_size=16, patience=2,
-                     monitor="val_const", metrics=constant, out=str(tmp_path), **quiet())
+    history = tl.fit(
+        mlp(),
+        blobs(64),
+        blobs(32),
+        epochs=10,
+        batch_size=16,
+        patience=2,
+        monitor="val_const",
+        metrics=constant,
+        out=str(tmp_path),
+        **quiet(),
+    )
     assert [r["epoch"] for r in history] == [1, 2, 3]  # best at 1; no better for 2 epochs
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
 
@@ -1110,8 +1292,9 @@ def test_fit_patience_without_validation_is_a_usage_error():
 
 def test_fit_label_smoothing_applies_to_the_default_loss():
     model, val = mlp(), blobs(32)
-    history = tl.fit(model, blobs(32), val, epochs=1, batch_size=16, lr=1e-12,
-                     label_smoothing=0.2, **quiet())
+    history = tl.fit(
+        model, blobs(32), val, epochs=1, batch_size=16, lr=1e-12, label_smoothing=0.2, **quiet()
+    )
     x, y = val.tensors
     with torch.no_grad():
         expected = F.cross_entropy(model.eval()(x), y, label_smoothing=0.2).item()
@@ -1146,9 +1329,18 @@ def test_fit_regression_reports_loss_and_user_metrics_without_accuracy(tmp_path)
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     mae = {"mae": lambda output, target: (output - target).abs().mean()}
-    history = tl.fit(model, TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:]),
-                     epochs=20, batch_size=16, lr=0.05, loss_fn=F.mse_loss, metrics=mae,
-                     out=str(tmp_path), **quiet())
+    history = tl.fit(
+        model,
+        TensorDataset(x[:192], y[:192]),
+        TensorDataset(x[192:], y[192:]),
+        epochs=20,
+        batch_size=16,
+        lr=0.05,
+        loss_fn=F.mse_loss,
+        metrics=mae,
+        out=str(tmp_path),
+        **quiet(),
+    )
     last = history[-1]
     assert "val_acc" not in last and {"val_loss", "val_mae"} <= last.keys()
     assert last["val_mae"] < 0.05 and last["val_loss"] < 0.005
@@ -1179,8 +1371,9 @@ class TwoInputs(nn.Module):
 
 
 def test_fit_dict_inputs_are_passed_as_keywords():
-    history = tl.fit(TwoInputs(), DictInputs(), DictInputs(64), epochs=4, batch_size=16,
-                     workers=0, **quiet())
+    history = tl.fit(
+        TwoInputs(), DictInputs(), DictInputs(64), epochs=4, batch_size=16, workers=0, **quiet()
+    )
     assert history[-1]["val_acc"] > 0.9
 
 
@@ -1196,8 +1389,9 @@ def test_fit_tuple_inputs_are_passed_as_positional_arguments():
             left, right, target = data[i]
             return (left, right), target
 
-    history = tl.fit(TwoInputs(), AsTuple(), AsTuple(), epochs=4, batch_size=16, workers=0,
-                     **quiet())
+    history = tl.fit(
+        TwoInputs(), AsTuple(), AsTuple(), epochs=4, batch_size=16, workers=0, **quiet()
+    )
     assert history[-1]["val_acc"] > 0.9
 
 
@@ -1227,8 +1421,16 @@ class DictBatches(Dataset):
 
 
 def test_fit_model_that_returns_its_own_loss():
-    history = tl.fit(OwnLoss(), DictBatches(128), DictBatches(64), epochs=4, batch_size=16,
-                     loss_fn=None, workers=0, **quiet())
+    history = tl.fit(
+        OwnLoss(),
+        DictBatches(128),
+        DictBatches(64),
+        epochs=4,
+        batch_size=16,
+        loss_fn=None,
+        workers=0,
+        **quiet(),
+    )
     assert history[-1]["train_loss"] < history[0]["train_loss"] * 0.5
     assert history[-1]["val_loss"] < 0.5 and "val_acc" not in history[-1]
 
@@ -1236,8 +1438,17 @@ def test_fit_model_that_returns_its_own_loss():
 def test_fit_monitor_any_metric_with_its_direction(tmp_path):
     def run(mode):
         out = tmp_path / mode
-        tl.fit(mlp(), blobs(64), blobs(32), epochs=3, batch_size=16, monitor="val_loss",
-               monitor_mode=mode, out=str(out), **quiet())
+        tl.fit(
+            mlp(),
+            blobs(64),
+            blobs(32),
+            epochs=3,
+            batch_size=16,
+            monitor="val_loss",
+            monitor_mode=mode,
+            out=str(out),
+            **quiet(),
+        )
         history = torch.load(out / "last.pt", weights_only=True)["history"]
         return torch.load(out / "best.pt", weights_only=True)["epoch"], history
 
@@ -1288,8 +1499,17 @@ def test_update_ema_is_the_warmed_up_moving_average():
 
 def test_fit_ema_is_evaluated_and_saved_as_best(tmp_path):
     model = mlp()
-    history = tl.fit(model, blobs(128), blobs(32), epochs=2, batch_size=16, ema=0.9,
-                     monitor="train_loss", out=str(tmp_path), **quiet())
+    history = tl.fit(
+        model,
+        blobs(128),
+        blobs(32),
+        epochs=2,
+        batch_size=16,
+        ema=0.9,
+        monitor="train_loss",
+        out=str(tmp_path),
+        **quiet(),
+    )
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["epoch"] == 2 and history[-1]["train_loss"] <= history[0]["train_loss"]
@@ -1301,7 +1521,8 @@ def test_fit_ema_is_evaluated_and_saved_as_best(tmp_path):
     x, y = blobs(32).tensors
     with torch.no_grad():
         assert history[-1]["val_loss"] == pytest.approx(
-            F.cross_entropy(ema_model.eval()(x), y).item(), rel=1e-5)
+            F.cross_entropy(ema_model.eval()(x), y).item(), rel=1e-5
+        )
 
 
 # ---- distributed: real processes, gloo on the CPU -------------------------------------------
@@ -1407,8 +1628,16 @@ def val_loss_fn(output, index):
 def child_env(tmp_path):
     """The environment of a job's processes, marked with tmp_path so that every process the job
     starts (torchrun's workers, spawned ones too) can be found, and killed if it hangs."""
-    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+    dist_vars = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "GROUP_RANK",
+        "TORCHELASTIC_RUN_ID",
+    )
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", MARK: str(tmp_path)}
 
@@ -1435,8 +1664,14 @@ def processes_of(tmp_path) -> list:
 
 
 def start(cmd, tmp_path):
-    return subprocess.Popen(cmd, cwd=tmp_path, env=child_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc, tmp_path, timeout=TIMEOUT):
@@ -1467,8 +1702,9 @@ def run_worker(tmp_path, opts, nproc=2, launcher=(), timeout=TIMEOUT):
     """WORKER under `torchrun --standalone --nproc-per-node nproc`, in tmp_path."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    cmd = torchrun_cmd("--standalone", "--nproc-per-node", nproc, *launcher, script,
-                       json.dumps(opts))
+    cmd = torchrun_cmd(
+        "--standalone", "--nproc-per-node", nproc, *launcher, script, json.dumps(opts)
+    )
     return run(cmd, tmp_path, timeout)
 
 
@@ -1507,8 +1743,20 @@ def assert_run_directory(out: Path, world_size: int, epochs: int = 1):
 
 
 def test_torchrun_cli_trains_the_default_job_on_two_cpu_processes(tmp_path):
-    cmd = torchrun_cmd("--standalone", "--nproc-per-node", 2, REPO / "trainloop.py", "--gpus",
-                       "cpu", "--epochs", 1, "--image-size", 16, "--out", "run")
+    cmd = torchrun_cmd(
+        "--standalone",
+        "--nproc-per-node",
+        2,
+        REPO / "trainloop.py",
+        "--gpus",
+        "cpu",
+        "--epochs",
+        1,
+        "--image-size",
+        16,
+        "--out",
+        "run",
+    )
     result = run(cmd, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = assert_run_directory(tmp_path / "run", world_size=2)
@@ -1555,8 +1803,16 @@ def test_fit_train_loss_is_over_every_process_sample(same_global_batch):
 
 def test_fit_only_rank_0_writes_files_and_prints(tmp_path):
     logs = tmp_path / "logs"
-    opts = dict(n=96, n_val=20, epochs=2, batch_size=8, save_every=2, log_every=2, out="run",
-                cwd_per_rank=True)
+    opts = dict(
+        n=96,
+        n_val=20,
+        epochs=2,
+        batch_size=8,
+        save_every=2,
+        log_every=2,
+        out="run",
+        cwd_per_rank=True,
+    )
     result = run_worker(tmp_path, opts, launcher=("--log-dir", logs, "--redirects", 3))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "rank0", "rank1", "worker.py"]
@@ -1574,8 +1830,9 @@ def test_fit_only_rank_0_writes_files_and_prints(tmp_path):
 
 def test_torchrun_crash_on_one_rank_ends_the_job_quickly_and_leaves_no_process(tmp_path):
     started = time.monotonic()
-    result = run_worker(tmp_path, dict(n=400, epochs=5, batch_size=8, quiet=True,
-                                       fault=[1, 3, "raise"]))
+    result = run_worker(
+        tmp_path, dict(n=400, epochs=5, batch_size=8, quiet=True, fault=[1, 3, "raise"])
+    )
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "RuntimeError: injected failure on rank 1 at step 3" in result.stderr
@@ -1584,8 +1841,17 @@ def test_torchrun_crash_on_one_rank_ends_the_job_quickly_and_leaves_no_process(t
 
 
 def test_fit_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
-    opts = dict(n=400, epochs=1, batch_size=8, save_every=2, log_every=3, out="run", quiet=True,
-                own_runtime=True, fault=[1, 5, "nan"])
+    opts = dict(
+        n=400,
+        epochs=1,
+        batch_size=8,
+        save_every=2,
+        log_every=3,
+        out="run",
+        quiet=True,
+        own_runtime=True,
+        fault=[1, 5, "nan"],
+    )
     result = run_worker(tmp_path, opts)
     assert result.returncode != 0
     for rank in (0, 1):  # rank 0's losses were finite, yet it stopped at the same point
@@ -1597,12 +1863,14 @@ def test_fit_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
 
 
 def test_fit_nan_on_one_rank_prints_one_line_naming_the_step(tmp_path):
-    result = run_worker(tmp_path, dict(n=400, epochs=1, batch_size=8, log_every=3, quiet=True,
-                                       fault=[1, 5, "nan"]))
+    result = run_worker(
+        tmp_path, dict(n=400, epochs=1, batch_size=8, log_every=3, quiet=True, fault=[1, 5, "nan"])
+    )
     assert result.returncode != 0
     # The launcher stops the other rank when the first exits, so one message is guaranteed.
-    assert ("trainloop: error: the loss became NaN or inf at step 5 (epoch 1)"
-            in result.stderr), result.stderr[-3000:]
+    assert "trainloop: error: the loss became NaN or inf at step 5 (epoch 1)" in result.stderr, (
+        result.stderr[-3000:]
+    )
     assert "]: Traceback" not in result.stderr  # one line, no worker traceback
     # Not asserted: torchrun's table listing exit status 4. Once in ~20 runs a worker died with
     # SIGABRT after printing the message (gloo teardown after the peer left), so no 4 was shown.
@@ -1613,9 +1881,22 @@ def test_torchrun_two_nodes_on_localhost_complete_a_run(tmp_path):
     script.write_text(WORKER)
     port = free_port()
     opts = json.dumps(dict(n=96, n_val=20, epochs=2, batch_size=8, out="run"))
-    cmd = torchrun_cmd("--nnodes", 2, "--nproc-per-node", 1, "--rdzv-backend", "c10d",
-                       "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"nodes-{port}",
-                       "--local-addr", "127.0.0.1", script, opts)
+    cmd = torchrun_cmd(
+        "--nnodes",
+        2,
+        "--nproc-per-node",
+        1,
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"nodes-{port}",
+        "--local-addr",
+        "127.0.0.1",
+        script,
+        opts,
+    )
     nodes = [start(cmd, tmp_path) for _ in range(2)]  # each a machine's torchrun
     try:
         results = [finish(node, tmp_path) for node in nodes]
@@ -1660,8 +1941,15 @@ def test_launch_local_trains_to_completion_on_cpu(tmp_path):
 def test_launch_local_passes_sigterm_on_and_exits_143_with_a_checkpoint(tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH)
-    options = {"gpus": "cpu", "epochs": 2, "workers": 0, "out": str(tmp_path / "run"),
-               "image_size": 8, "batch_size": 16, "log_every": 5}
+    options = {
+        "gpus": "cpu",
+        "epochs": 2,
+        "workers": 0,
+        "out": str(tmp_path / "run"),
+        "image_size": 8,
+        "batch_size": 16,
+        "log_every": 5,
+    }
     proc = start([sys.executable, str(script), json.dumps(options)], tmp_path)
     assert proc.stdout.readline().startswith("epoch=1/2 step=5/")  # training has begun
     proc.send_signal(signal.SIGTERM)
@@ -1698,20 +1986,30 @@ def test_launch_local_returns_the_failed_worker_status_quickly(launch_with_bad_i
 
 
 def test_launch_local_reports_the_error_of_a_worker_other_than_rank_0(
-        launch_with_bad_image_on_rank_1):
+    launch_with_bad_image_on_rank_1,
+):
     result, _, bad, _ = launch_with_bad_image_on_rank_1
     assert f"cannot read image {bad}" in result.stderr
 
 
 def test_fit_time_limit_stops_every_process_at_the_same_step(tmp_path):
-    opts = dict(n=400, epochs=2, batch_size=4, log_every=5, quiet=True, out="run",
-                time_limit="1s", record="limited")
+    opts = dict(
+        n=400,
+        epochs=2,
+        batch_size=4,
+        log_every=5,
+        quiet=True,
+        out="run",
+        time_limit="1s",
+        record="limited",
+    )
     stopped = run_worker(tmp_path, opts)
     assert stopped.returncode != 0
     assert "stopped: time limit reached" in stopped.stdout
     ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
-    steps = {rank: [step for step, _ in rows] for rank, rows in recorded(tmp_path,
-                                                                          "limited").items()}
+    steps = {
+        rank: [step for step, _ in rows] for rank, rows in recorded(tmp_path, "limited").items()
+    }
     assert steps[0] == steps[1]  # both processes ran exactly the same steps
     assert steps[0][-1] == ckpt["step"] and ckpt["step"] % 5 == 0  # agreed at a log point
     resumed = run_worker(tmp_path, dict(opts, time_limit=""))
@@ -1721,8 +2019,7 @@ def test_fit_time_limit_stops_every_process_at_the_same_step(tmp_path):
 
 # ---- elastic resume --------------------------------------------------------------------------
 
-ELASTIC = dict(n=101, epochs=1, batch_size=4, save_every=4, log_every=100, quiet=True,
-               out="run")
+ELASTIC = dict(n=101, epochs=1, batch_size=4, save_every=4, log_every=100, quiet=True, out="run")
 
 
 @pytest.fixture(scope="module")
@@ -1781,29 +2078,33 @@ def test_evaluate_counts_each_validation_sample_once_across_processes(tmp_path):
     counts = [sum(len(idx) for _, idx in seen[rank]) for rank in (0, 1)]
     assert counts == [19, 18]
     assert Counter(i for rank in (0, 1) for _, idx in seen[rank] for i in idx) == Counter(
-        range(n_val))
+        range(n_val)
+    )
     (row,) = read_rows(tmp_path / "run" / "metrics.jsonl")
     assert row["val_index"] == pytest.approx((n_val - 1) / 2, abs=1e-9)  # mean index: 18
     # The same weights evaluated here, in one process with another batch size.
     model = regression_model()
     model.load_state_dict(tl.load_checkpoint(tmp_path / "run" / "best.pt")["model"])
     _, val = regression_data(96, n_val)
-    scores = tl.evaluate(model, tl.make_loader(val, batch_size=5, train=False), rt=CPU,
-                         loss_fn=val_loss_fn)
+    scores = tl.evaluate(
+        model, tl.make_loader(val, batch_size=5, train=False), rt=CPU, loss_fn=val_loss_fn
+    )
     assert row["val_loss"] == pytest.approx(scores["loss"], rel=1e-5)
 
 
 def test_evaluate_with_fewer_validation_samples_than_processes(tmp_path):
-    result = run_worker(tmp_path, dict(n=96, n_val=1, epochs=1, batch_size=8, out="run",
-                                       quiet=True), timeout=45)  # it may hang
+    result = run_worker(
+        tmp_path, dict(n=96, n_val=1, epochs=1, batch_size=8, out="run", quiet=True), timeout=45
+    )  # it may hang
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = read_rows(tmp_path / "run" / "metrics.jsonl")
     assert row["val_index"] == 0
 
 
 def test_fit_sync_bn_on_cpu_processes_is_a_clear_error(tmp_path):
-    opts = dict(n=96, n_val=20, epochs=1, batch_size=8, out="run", quiet=True, batch_norm=True,
-                sync_bn=True)
+    opts = dict(
+        n=96, n_val=20, epochs=1, batch_size=8, out="run", quiet=True, batch_norm=True, sync_bn=True
+    )
     result = run_worker(tmp_path, opts)
     assert result.returncode != 0
     assert "trainloop: error: --sync-bn needs CUDA GPUs" in result.stderr
@@ -1821,9 +2122,14 @@ def readme_blocks(language: str) -> list:
 @pytest.mark.parametrize("index", range(len(readme_blocks("python"))))
 def test_readme_python_examples_run_as_written(index, tmp_path):
     code = readme_blocks("python")[index]
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=240,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -48,13 +48,22 @@ __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
     "Stopped",
+    "check_config",
+    "parse_gpus",
+    "parse_duration",
     "setup_device",
+    "teardown",
+    "default_workers",
     "make_loader",
     "train_step",
     "evaluate",
     "save_checkpoint",
     "load_checkpoint",
     "fit",
+    "synthetic_images",
+    "load_data",
+    "small_cnn",
+    "build_model",
     "main",
 ]
 
@@ -145,6 +154,49 @@ class Config:
     quiet: bool = _opt(False, "Print only the final summary.", R)
 
 
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores, in one object.
+
+    `model` is the plain module (what checkpoints hold); `net` is what the step calls (the same
+    module, or it wrapped by DDP and/or torch.compile). train_step updates the tensors of
+    model / optimizer / scheduler / scaler / ema in place and advances the counters.
+    """
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: Optional[nn.Module] = None
+    ema_pairs: tuple = ()  # the tensors the EMA update reads and writes (see _ema_pairs)
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    seen: int = 0  # samples of the current epoch consumed, all processes together
+    batches: int = 0  # micro-batches of the current epoch consumed by this process
+    best: Optional[float] = None  # best value of the monitored metric
+    best_epoch: int = 0  # the epoch that reached it
+    lr: float = 0.0  # learning rate applied by the last optimizer step (of the first group)
+    history: list = field(default_factory=list)  # one dict per completed epoch
+    epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # [sum loss x weight, weight]
+    epoch_seconds: float = 0.0  # time spent in the current epoch before a resume
+
+
+# The plain-value part of TrainState that a checkpoint carries.
+_COUNTERS = (
+    "epoch",
+    "step",
+    "seen",
+    "batches",
+    "best",
+    "best_epoch",
+    "lr",
+    "history",
+    "epoch_loss",
+    "epoch_seconds",
+)
+
+
 CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("constant", "cosine", "step", "onecycle"),
@@ -159,8 +211,9 @@ def check_config(config: Config) -> Config:
         value = getattr(config, f.name)
         fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
         if not fits or (isinstance(value, bool) and f.type is not bool):
-            raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}, e.g. "
-                             f"{f.name}={f.default!r}")
+            raise UsageError(
+                f"{f.name}={value!r} must be of type {f.type.__name__}, e.g. {f.name}={f.default!r}"
+            )
     for name, allowed in CHOICES.items():
         value = getattr(config, name)
         if value not in allowed:
@@ -169,8 +222,16 @@ def check_config(config: Config) -> Config:
     for name in positive:
         if getattr(config, name) < 1:
             raise UsageError(f"--{_flag(name)} {getattr(config, name)} must be at least 1")
-    non_negative = ("weight_decay", "clip_grad", "save_every", "patience", "seed", "image_size",
-                    "warmup", "momentum")
+    non_negative = (
+        "weight_decay",
+        "clip_grad",
+        "save_every",
+        "patience",
+        "seed",
+        "image_size",
+        "warmup",
+        "momentum",
+    )
     for name in non_negative:
         value = getattr(config, name)
         if not value >= 0:  # also catches NaN
@@ -192,6 +253,11 @@ def check_config(config: Config) -> Config:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def parse_gpus(text: str) -> Optional[tuple]:
@@ -247,8 +313,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_device(gpus: str = "", *, precision: str = "auto",
-                 deterministic: bool = False) -> Runtime:
+def setup_device(
+    gpus: str = "", *, precision: str = "auto", deterministic: bool = False
+) -> Runtime:
     """Pick the device, join the process group under torchrun, and fix precision once.
 
     Reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun. `gpus` as in `parse_gpus`; under
@@ -270,8 +337,11 @@ def setup_device(gpus: str = "", *, precision: str = "auto",
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A dead peer surfaces through torchrun's agent within seconds; this timeout only bounds
         # a wait at a collective that no agent watches.
-        dist.init_process_group(backend, timeout=timedelta(minutes=10),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(minutes=10),
+            device_id=device if device.type == "cuda" else None,
+        )
         owns = True
     amp = _amp_dtype(precision, device.type, _bf16_supported(device))
     return Runtime(device, rank, local_rank, world, amp, owns)
@@ -298,8 +368,10 @@ def _check_gpus_exist(ids: tuple) -> None:
     missing = [i for i in ids if i >= count]
     if missing:
         have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
-        raise UsageError(f"--gpus names GPU {missing[0]} but this machine has {have}; "
-                         "pick from nvidia-smi's list or use --gpus cpu")
+        raise UsageError(
+            f"--gpus names GPU {missing[0]} but this machine has {have}; "
+            "pick from nvidia-smi's list or use --gpus cpu"
+        )
 
 
 def _bf16_supported(device: torch.device) -> bool:
@@ -312,8 +384,10 @@ def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torc
     if precision == "auto":
         return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
     if precision == "bf16" and not bf16_ok:
-        raise UsageError(f"--precision bf16: this {device_type} device has no bfloat16 support; "
-                         "use --precision fp16 or fp32")
+        raise UsageError(
+            f"--precision bf16: this {device_type} device has no bfloat16 support; "
+            "use --precision fp16 or fp32"
+        )
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -336,8 +410,10 @@ def _barrier(rt: Runtime) -> None:
 
 def _mix_seed(*parts: int) -> int:
     """A well-spread 63-bit seed from small integers (seed, epoch, purpose)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).view(np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).view(np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 class _EpochBatches(Sampler):
@@ -350,8 +426,9 @@ class _EpochBatches(Sampler):
     With `sample_seeds`, a DataLoader gets keys (index, per-sample seed) instead of indices.
     """
 
-    def __init__(self, size, batch_size, *, shuffle, seed, rank=0, world=1, train=True,
-                 sample_seeds=False):
+    def __init__(
+        self, size, batch_size, *, shuffle, seed, rank=0, world=1, train=True, sample_seeds=False
+    ):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world, self.train = rank, world, train
         self.sample_seeds = sample_seeds
@@ -366,7 +443,7 @@ class _EpochBatches(Sampler):
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
-        rest = order[self.seen:]
+        rest = order[self.seen :]
         if self.train:
             rest = rest[: len(rest) - len(rest) % self.world]
         return rest[self.rank :: self.world]
@@ -435,8 +512,9 @@ class _TensorBatches:
         sampler, data = self.batch_sampler, self.tensors[0]
         if self.augment_pad:
             generator = torch.Generator().manual_seed(_mix_seed(sampler.seed, sampler.epoch, 2))
-            shifts = torch.randint(0, 2 * self.augment_pad + 1, (sampler.size, 2),
-                                   generator=generator).to(data.device)
+            shifts = torch.randint(
+                0, 2 * self.augment_pad + 1, (sampler.size, 2), generator=generator
+            ).to(data.device)
             flips = (torch.rand(sampler.size, generator=generator) < 0.5).to(data.device)
         for idx in sampler.index_batches():
             idx = idx.to(data.device)
@@ -459,8 +537,10 @@ def _crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, 
 
 
 def _is_plain_tensor_dataset(dataset) -> bool:
-    return (isinstance(dataset, TensorDataset)
-            and type(dataset).__getitem__ is TensorDataset.__getitem__)
+    return (
+        isinstance(dataset, TensorDataset)
+        and type(dataset).__getitem__ is TensorDataset.__getitem__
+    )
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -469,8 +549,16 @@ def default_workers(world_size: int = 1) -> int:
     return max(0, min(8, (cores or 1) // max(1, world_size) - 1))
 
 
-def make_loader(dataset, *, batch_size: int, train: bool = True, seed: int = 0,
-                workers: int = -1, runtime: Optional[Runtime] = None, collate_fn=None):
+def make_loader(
+    dataset,
+    *,
+    batch_size: int,
+    train: bool = True,
+    seed: int = 0,
+    workers: int = -1,
+    runtime: Optional[Runtime] = None,
+    collate_fn=None,
+):
     """Batches of `dataset` for this process: shuffled per epoch and resumable when `train`.
 
     A plain TensorDataset takes the in-memory fast path (moved onto the GPU when it fits);
@@ -479,20 +567,33 @@ def make_loader(dataset, *, batch_size: int, train: bool = True, seed: int = 0,
     rt = runtime or Runtime(torch.device("cpu"))
     workers = default_workers(rt.world_size) if workers < 0 else workers
     seeded = train and workers > 0
-    sampler = _EpochBatches(len(dataset), batch_size, shuffle=train, seed=seed, rank=rt.rank,
-                            world=rt.world_size, train=train, sample_seeds=seeded)
+    sampler = _EpochBatches(
+        len(dataset),
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        rank=rt.rank,
+        world=rt.world_size,
+        train=train,
+        sample_seeds=seeded,
+    )
     if _is_plain_tensor_dataset(dataset) and collate_fn is None:
         tensors = dataset.tensors
         if rt.device.type == "cuda" and _fits_on_device(tensors, rt.device):
             tensors = tuple(t.to(rt.device) for t in tensors)
         pad = getattr(dataset, "augment_pad", 0) if train else 0
         return _TensorBatches(tensors, sampler, pad)
-    return DataLoader(_SeededSample(dataset) if seeded else dataset, batch_sampler=sampler,
-                      num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
-                      # Own generator: creating an iterator must not draw from the global RNG,
-                      # or a mid-epoch resume would shift every later random number.
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        _SeededSample(dataset) if seeded else dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=rt.device.type == "cuda",
+        persistent_workers=workers > 0,
+        # Own generator: creating an iterator must not draw from the global RNG,
+        # or a mid-epoch resume would shift every later random number.
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _fits_on_device(tensors, device) -> bool:
@@ -525,50 +626,26 @@ def _set_position(loader, epoch: int, seen: int, batches: int):
         inner.set_epoch(epoch)
     if not batches:
         return loader
-    if isinstance(loader, DataLoader) and sampler is not None and not isinstance(
-            loader.dataset, IterableDataset):
+    if (
+        isinstance(loader, DataLoader)
+        and sampler is not None
+        and not isinstance(loader.dataset, IterableDataset)
+    ):
         # Skip what was seen by advancing the index sampler only: no sample is loaded.
         rest = list(sampler)[batches:]
-        return DataLoader(loader.dataset, batch_sampler=rest, num_workers=loader.num_workers,
-                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                          worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+        return DataLoader(
+            loader.dataset,
+            batch_sampler=rest,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            worker_init_fn=loader.worker_init_fn,
+            generator=loader.generator,
+        )
     return _SkipBatches(loader, batches)  # it cannot seek: read and drop what was seen
 
 
 # ---- steps -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Everything a checkpoint restores, in one object.
-
-    `model` is the plain module (what checkpoints hold); `net` is what the step calls (the same
-    module, or it wrapped by DDP and/or torch.compile). train_step updates the tensors of
-    model / optimizer / scheduler / scaler / ema in place and advances the counters.
-    """
-
-    model: nn.Module
-    net: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: Optional[nn.Module] = None
-    ema_pairs: tuple = ()  # the tensors the EMA update reads and writes (see _ema_pairs)
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    seen: int = 0  # samples of the current epoch consumed, all processes together
-    batches: int = 0  # micro-batches of the current epoch consumed by this process
-    best: Optional[float] = None  # best value of the monitored metric
-    best_epoch: int = 0  # the epoch that reached it
-    lr: float = 0.0  # learning rate applied by the last optimizer step (of the first group)
-    history: list = field(default_factory=list)  # one dict per completed epoch
-    epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # [sum loss x weight, weight]
-    epoch_seconds: float = 0.0  # time spent in the current epoch before a resume
-
-
-# The plain-value part of TrainState that a checkpoint carries.
-_COUNTERS = ("epoch", "step", "seen", "batches", "best", "best_epoch", "lr", "history",
-             "epoch_loss", "epoch_seconds")
 
 
 def _split_batch(batch):
@@ -577,8 +654,10 @@ def _split_batch(batch):
         return batch, None, None
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
-    raise UsageError(f"a batch must be (inputs, target), (inputs, target, weight) or a dict, "
-                     f"not {type(batch).__name__}; wrap your data or pass a collate_fn")
+    raise UsageError(
+        f"a batch must be (inputs, target), (inputs, target, weight) or a dict, "
+        f"not {type(batch).__name__}; wrap your data or pass a collate_fn"
+    )
 
 
 def _call(net, inputs):
@@ -643,8 +722,10 @@ def _own_loss(output):
         return output.reshape(())
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     if loss is None:
-        raise UsageError("loss_fn=None needs the model to return its loss: a scalar tensor, or a "
-                         f"dict / object with a 'loss' entry (got {type(output).__name__})")
+        raise UsageError(
+            "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
+            f"dict / object with a 'loss' entry (got {type(output).__name__})"
+        )
     return loss
 
 
@@ -658,16 +739,25 @@ def _forward(net, batch, loss_fn, rt: Runtime, channels_last: bool = False):
         if loss_fn is None:
             loss = _own_loss(output)
         elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
-            raise UsageError("a dict batch goes whole to model(**batch), so the default "
-                             "cross-entropy has no target; pass loss_fn=None (the model "
-                             "returns its loss) or your own loss_fn(output, batch)")
+            raise UsageError(
+                "a dict batch goes whole to model(**batch), so the default "
+                "cross-entropy has no target; pass loss_fn=None (the model "
+                "returns its loss) or your own loss_fn(output, batch)"
+            )
         else:
             loss = loss_fn(output, batch if target is None else target)
     return output, loss, target
 
 
-def train_step(state: TrainState, batches: list, config: Config, *, rt: Runtime,
-               loss_fn=F.cross_entropy, weights: Optional[list] = None):
+def train_step(
+    state: TrainState,
+    batches: list,
+    config: Config,
+    *,
+    rt: Runtime,
+    loss_fn=F.cross_entropy,
+    weights: Optional[list] = None,
+):
     """One optimizer step over `batches`, the micro-batches of one accumulation group.
 
     Returns the step's mean loss as a detached device tensor (no host sync). Mutates model,
@@ -695,8 +785,9 @@ def train_step(state: TrainState, batches: list, config: Config, *, rt: Runtime,
     return loss
 
 
-def _accumulate(state: TrainState, batches: list, weights: list, config: Config, rt: Runtime,
-                loss_fn):
+def _accumulate(
+    state: TrainState, batches: list, weights: list, config: Config, rt: Runtime, loss_fn
+):
     """Backward over several micro-batches, each loss weighted by its share of the step's
     samples (or weights), so the gradient equals that of one big batch even when the last
     micro-batch is short. DDP all-reduces only on the last one."""
@@ -718,8 +809,9 @@ def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
     ema_state, live_state = ema.state_dict(), model.state_dict()
     floats = [k for k, v in ema_state.items() if v.is_floating_point()]
     others = [k for k, v in ema_state.items() if not v.is_floating_point()]
-    return tuple([state[k] for k in keys] for keys in (floats, others)
-                 for state in (ema_state, live_state))
+    return tuple(
+        [state[k] for k in keys] for keys in (floats, others) for state in (ema_state, live_state)
+    )
 
 
 def _update_ema(pairs: tuple, decay: float, step: int) -> None:
@@ -733,10 +825,16 @@ def _update_ema(pairs: tuple, decay: float, step: int) -> None:
 
 def _accuracy_applies(output, target) -> bool:
     """Accuracy makes sense for class logits (N, C, ...) against integer labels (N, ...)."""
-    return (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
-            and output.is_floating_point() and not target.is_floating_point()
-            and target.dtype != torch.bool and output.dim() == target.dim() + 1
-            and output.shape[0] == target.shape[0] and output.shape[1] > 1)
+    return (
+        isinstance(output, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and output.is_floating_point()
+        and not target.is_floating_point()
+        and target.dtype != torch.bool
+        and output.dim() == target.dim() + 1
+        and output.shape[0] == target.shape[0]
+        and output.shape[1] > 1
+    )
 
 
 def _batch_metrics(output, target, loss, metrics: dict) -> dict:
@@ -752,8 +850,14 @@ def _batch_metrics(output, target, loss, metrics: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, *, rt: Optional[Runtime] = None, loss_fn=F.cross_entropy,
-             metrics: Optional[dict] = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    data,
+    *,
+    rt: Optional[Runtime] = None,
+    loss_fn=F.cross_entropy,
+    metrics: Optional[dict] = None,
+) -> dict:
     """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`.
 
     Every metric is weighted by samples, never averaged per batch, and summed over all
@@ -800,8 +904,13 @@ def _rng_state(rt: Runtime) -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                  float(gauss)),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
     }
@@ -884,12 +993,15 @@ def _fsync_dir(directory: Path) -> None:
 def _check_weights_finite(model: nn.Module) -> None:
     finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
     if not finite.item():  # sync point: once per save
-        raise NonFiniteLossError("the weights are no longer finite (NaN or inf); the last "
-                                 "good checkpoint was kept. Lower --lr or use --clip-grad")
+        raise NonFiniteLossError(
+            "the weights are no longer finite (NaN or inf); the last "
+            "good checkpoint was kept. Lower --lr or use --clip-grad"
+        )
 
 
-def save_checkpoint(path, state: TrainState, config: Config, *, rt: Optional[Runtime] = None,
-                    train_size: int = 0) -> None:
+def save_checkpoint(
+    path, state: TrainState, config: Config, *, rt: Optional[Runtime] = None, train_size: int = 0
+) -> None:
     """Write a complete, checksummed checkpoint of `state` atomically to `path`.
 
     With several processes every one must call it (their RNG states are gathered); only rank 0
@@ -927,16 +1039,21 @@ def _check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated (not a complete torch.save "
-                              f"archive: {e}); resume from another checkpoint") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated (not a complete torch.save "
+            f"archive: {e}); resume from another checkpoint"
+        ) from None
     for entry in entries:
         if entry.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{path} refused: entry {entry.filename!r} is compressed, "
-                                  "which torch.save never writes (a possible zip bomb)")
+            raise CheckpointError(
+                f"{path} refused: entry {entry.filename!r} is compressed, "
+                "which torch.save never writes (a possible zip bomb)"
+            )
 
 
-def load_checkpoint(path, state: Optional[TrainState] = None, *,
-                    rt: Optional[Runtime] = None) -> dict:
+def load_checkpoint(
+    path, state: Optional[TrainState] = None, *, rt: Optional[Runtime] = None
+) -> dict:
     """Read and verify a checkpoint; with `state`, restore training state into it.
 
     Never runs code from the file: only tensors and plain Python values load
@@ -951,13 +1068,17 @@ def load_checkpoint(path, state: Optional[TrainState] = None, *,
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
         blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
         if isinstance(e, pickle.UnpicklingError) and blocked:
-            raise CheckpointError(f"{path} refused: it holds Python objects, not only tensors "
-                                  f"and numbers, and loading it could run code ({blocked[0]}); "
-                                  "nothing from it was run") from None
+            raise CheckpointError(
+                f"{path} refused: it holds Python objects, not only tensors "
+                f"and numbers, and loading it could run code ({blocked[0]}); "
+                "nothing from it was run"
+            ) from None
         raise CheckpointError(f"{path} is corrupt or truncated ({lines[0]})") from None
     if not isinstance(ckpt, dict) or "checksum" not in ckpt:
-        raise CheckpointError(f"{path} is not a trainloop checkpoint (no checksum); load its "
-                              "weights with torch.load(path, weights_only=True) instead")
+        raise CheckpointError(
+            f"{path} is not a trainloop checkpoint (no checksum); load its "
+            "weights with torch.load(path, weights_only=True) instead"
+        )
     if _digest({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt["checksum"]:
         raise CheckpointError(f"{path} is corrupt: its checksum does not match its contents")
     if state is not None:
@@ -967,15 +1088,17 @@ def load_checkpoint(path, state: Optional[TrainState] = None, *,
 
 def _restore(state: TrainState, ckpt: dict, rt: Runtime, path: Path) -> None:
     if "optimizer" not in ckpt:
-        raise UsageError(f"{path} holds weights only; resume from a last.pt, or evaluate it "
-                         "with --eval-only")
+        raise UsageError(
+            f"{path} holds weights only; resume from a last.pt, or evaluate it with --eval-only"
+        )
     try:
         state.model.load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UsageError(f"{path} does not match this model or optimizer "
-                         f"({str(e).splitlines()[0]}); use --resume none or another --out"
-                         ) from None
+        raise UsageError(
+            f"{path} does not match this model or optimizer "
+            f"({_first_line(e)}); use --resume none or another --out"
+        ) from None
     if state.ema is not None:  # an EMA turned on only now starts from the trained weights
         state.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
@@ -1011,15 +1134,19 @@ def _lr_factor(step: int, *, schedule: str, total: int, warmup: int) -> float:
 def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # no weight decay on biases and norm scales: it only fights the normalization
-        {"params": [p for p in params if p.dim() > 1], "weight_decay": config.weight_decay,
-         "decay": True},
+        {
+            "params": [p for p in params if p.dim() > 1],
+            "weight_decay": config.weight_decay,
+            "decay": True,
+        },
         {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, "decay": False},
     ]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                           nesterov=config.momentum > 0)
+    return torch.optim.SGD(
+        groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0
+    )
 
 
 def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: int) -> TrainState:
@@ -1039,8 +1166,10 @@ def _wrap(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
     net = model
     if rt.world_size > 1:
         if config.sync_bn and rt.device.type != "cuda":
-            raise UsageError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
-                             "kernels); drop it for CPU processes")
+            raise UsageError(
+                "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
+                "kernels); drop it for CPU processes"
+            )
         if config.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # shares model's parameters
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
@@ -1094,9 +1223,13 @@ def _progress_bar(console: _Console, title: str, total: int, done: int):
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn(title), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn(title),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(title, total=total, completed=done, loss="-", speed="-")
         yield lambda advance=1, **fields: bar.update(task, advance=advance, **fields)
@@ -1189,9 +1322,11 @@ def _sync_point(state: TrainState, window: list, run: _Run, check_stop: bool) ->
     sums = _all_reduce([v * w for v, w in zip(losses, weights)] + weights, run.rt)
     for i, (_, _, step) in enumerate(window):
         if not math.isfinite(sums[i]):
-            raise NonFiniteLossError(f"the loss became NaN or inf at step {step} (epoch "
-                                     f"{state.epoch + 1}); the last good checkpoint was kept. "
-                                     "Lower --lr, use --clip-grad, or check the data")
+            raise NonFiniteLossError(
+                f"the loss became NaN or inf at step {step} (epoch "
+                f"{state.epoch + 1}); the last good checkpoint was kept. "
+                "Lower --lr, use --clip-grad, or check the data"
+            )
         state.epoch_loss[0] += sums[i]
         state.epoch_loss[1] += sums[len(window) + i]
     window.clear()
@@ -1199,8 +1334,10 @@ def _sync_point(state: TrainState, window: list, run: _Run, check_stop: bool) ->
     stop = run.flags.code(run.config.log_every if run.rt.world_size > 1 else 1) if check_stop else 0
     collapsed, stop = _all_reduce([float(collapsed), stop], run.rt, dist.ReduceOp.MAX)
     if collapsed:
-        raise NonFiniteLossError(f"fp16 gradients overflow at every step (loss scale below "
-                                 f"2^-16 at step {state.step}); use --precision bf16 or fp32")
+        raise NonFiniteLossError(
+            f"fp16 gradients overflow at every step (loss scale below "
+            f"2^-16 at step {state.step}); use --precision bf16 or fp32"
+        )
     return int(stop)
 
 
@@ -1230,8 +1367,11 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
             count = sum(n for n, _ in sizes)
             window.append((loss, sum(weights), state.step))
             state.batches += len(batches)
-            state.seen = (sampler.seen_after(state.batches - start)
-                          if isinstance(sampler, _EpochBatches) else state.seen + count)
+            state.seen = (
+                sampler.seen_after(state.batches - start)
+                if isinstance(sampler, _EpochBatches)
+                else state.seen + count
+            )
             samples += count * rt.world_size
             run.flags.steps += 1
             advance()
@@ -1244,8 +1384,15 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
             elapsed = time.monotonic() - started
             remaining = first + left - state.step
             eta = elapsed / (state.step - first) * remaining
-            _log_progress(state, run, advance, per_epoch - remaining, per_epoch,
-                          samples / max(elapsed, 1e-9), eta)
+            _log_progress(
+                state,
+                run,
+                advance,
+                per_epoch - remaining,
+                per_epoch,
+                samples / max(elapsed, 1e-9),
+                eta,
+            )
             if save_now or stop:
                 _save(state, run)
             if stop:
@@ -1255,21 +1402,33 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
     state.epoch_seconds += time.monotonic() - started
 
 
+def _train_loss(state: TrainState) -> float:
+    """The epoch's mean training loss so far, over all samples of all processes."""
+    return state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
+
+
 def _log_progress(state, run: _Run, advance, done, per_epoch, speed, eta) -> None:
-    loss = state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
+    loss = _train_loss(state)
     advance(advance=0, loss=f"{loss:.4f}", speed=f"{speed:,.0f}")
     if not run.console.live:
-        run.console.line(f"epoch={state.epoch + 1}/{run.config.epochs} step={done}/{per_epoch} "
-                         f"loss={loss:.4f} lr={state.lr:.4g} samples_per_s={speed:.0f} "
-                         f"eta={eta:.0f}s")
+        run.console.line(
+            f"epoch={state.epoch + 1}/{run.config.epochs} step={done}/{per_epoch} "
+            f"loss={loss:.4f} lr={state.lr:.4g} samples_per_s={speed:.0f} "
+            f"eta={eta:.0f}s"
+        )
 
 
 def _say_stopped(code: int, state: TrainState, run: _Run) -> None:
-    why = ("time limit reached" if code == EXIT_TIME_LIMIT
-           else f"{signal.Signals(code - 128).name} received")
+    why = (
+        "time limit reached"
+        if code == EXIT_TIME_LIMIT
+        else f"{signal.Signals(code - 128).name} received"
+    )
     where = f"; checkpoint {run.out / 'last.pt'}" if run.out else ""
-    run.console.write(f"stopped: {why} at step {state.step} (epoch {state.epoch + 1}){where}; "
-                      f"run the same command again to continue (exit status {code})")
+    run.console.write(
+        f"stopped: {why} at step {state.step} (epoch {state.epoch + 1}){where}; "
+        f"run the same command again to continue (exit status {code})"
+    )
 
 
 def _monitor_name(config: Config, row: dict) -> str:
@@ -1292,8 +1451,7 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
     config = run.config
     started = time.monotonic()
-    row = {"epoch": state.epoch + 1, "step": state.step,
-           "train_loss": state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)}
+    row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     if val is not None:
         model = state.ema if state.ema is not None else state.model
         scores = evaluate(model, val, rt=run.rt, loss_fn=run.loss_fn, metrics=run.metrics)
@@ -1303,8 +1461,10 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
     row["seconds"] = round(state.epoch_seconds + run.flags.eval_seconds, 3)
     name = _monitor_name(config, row)
     if name not in row:
-        raise UsageError(f"--monitor {name} is not a reported metric; choose from "
-                         f"{', '.join(k for k in row if k not in ('epoch', 'step', 'seconds'))}")
+        raise UsageError(
+            f"--monitor {name} is not a reported metric; choose from "
+            f"{', '.join(k for k in row if k not in ('epoch', 'step', 'seconds'))}"
+        )
     improved = _improved(row[name], state.best, name, config.monitor_mode)
     if improved:
         state.best, state.best_epoch = row[name], row["epoch"]
@@ -1316,8 +1476,11 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
         _save_best(state, row, run)
     _write_metrics(state.history, run)
     _save(state, run)
-    run.console.line(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()).replace(
-        f"epoch={row['epoch']}", f"epoch={row['epoch']}/{config.epochs}", 1))
+    run.console.line(
+        " ".join(f"{k}={_fmt(v)}" for k, v in row.items()).replace(
+            f"epoch={row['epoch']}", f"epoch={row['epoch']}/{config.epochs}", 1
+        )
+    )
     return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
 
 
@@ -1330,9 +1493,15 @@ def _save_best(state: TrainState, row: dict, run: _Run) -> None:
     if run.out is None or not run.rt.is_main:
         return
     model = state.ema if state.ema is not None else state.model
-    payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__,
-               "model": model.state_dict(), "epoch": row["epoch"], "step": row["step"],
-               "metrics": row, "config": dataclasses.asdict(run.config)}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "trainloop": __version__,
+        "model": model.state_dict(),
+        "epoch": row["epoch"],
+        "step": row["step"],
+        "metrics": row,
+        "config": dataclasses.asdict(run.config),
+    }
     _atomic_save(payload, run.out / "best.pt")
 
 
@@ -1370,12 +1539,16 @@ def _prepare_out(config: Config, rt: Runtime) -> Optional[Path]:
             out.mkdir(parents=True, exist_ok=True)
             for tmp in out.glob(".*.tmp"):
                 tmp.unlink()
-            record = {**dataclasses.asdict(config), "world_size": rt.world_size,
-                      "trainloop": __version__}
+            record = {
+                **dataclasses.asdict(config),
+                "world_size": rt.world_size,
+                "trainloop": __version__,
+            }
             (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         except OSError as e:
-            raise UsageError(f"--out {out} is not writable ({e.strerror}); pick another "
-                             "directory") from None
+            raise UsageError(
+                f"--out {out} is not writable ({e.strerror}); pick another directory"
+            ) from None
     _barrier(rt)
     return out
 
@@ -1386,8 +1559,9 @@ def _resume_candidates(config: Config, out: Optional[Path]) -> list:
     if config.resume != "auto":
         path = Path(config.resume)
         if not path.is_file():
-            raise UsageError(f"--resume {path}: no such file; use --resume auto, none or an "
-                             "existing checkpoint")
+            raise UsageError(
+                f"--resume {path}: no such file; use --resume auto, none or an existing checkpoint"
+            )
         return [path]
     if out is None:
         return []
@@ -1395,9 +1569,21 @@ def _resume_candidates(config: Config, out: Optional[Path]) -> list:
 
 
 # Settings that change a run's trajectory; resuming with another value is warned about.
-_NOT_TRAJECTORY = {"out", "resume", "quiet", "log_every", "save_every", "time_limit",
-                   "eval_only", "patience", "workers", "download", "data_root", "monitor",
-                   "monitor_mode"}
+_NOT_TRAJECTORY = {
+    "out",
+    "resume",
+    "quiet",
+    "log_every",
+    "save_every",
+    "time_limit",
+    "eval_only",
+    "patience",
+    "workers",
+    "download",
+    "data_root",
+    "monitor",
+    "monitor_mode",
+}
 
 
 def _resume(state: TrainState, run: _Run) -> None:
@@ -1414,8 +1600,10 @@ def _resume(state: TrainState, run: _Run) -> None:
             continue
         saved = ckpt.get("config", {})
         if saved.get("optimizer", run.config.optimizer) != run.config.optimizer:
-            raise UsageError(f"--optimizer {run.config.optimizer}: {path} was trained with "
-                             f"{saved['optimizer']}; keep it, or start over with --resume none")
+            raise UsageError(
+                f"--optimizer {run.config.optimizer}: {path} was trained with "
+                f"{saved['optimizer']}; keep it, or start over with --resume none"
+            )
         _restore(state, ckpt, run.rt, path)
         _warn_changes(ckpt, run)
         if ckpt["world_size"] != run.rt.world_size:
@@ -1429,21 +1617,29 @@ def _resume(state: TrainState, run: _Run) -> None:
         run.console.line(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
         break
     _barrier(run.rt)
-    for path in corrupt if run.rt.is_main else ():  # never rotate a bad file over a good one
-        os.replace(path, path.with_name(path.stem + ".corrupt" + path.suffix))
+    if run.rt.is_main:
+        for path in corrupt:  # set aside, so that no save rotates it over a good file
+            os.replace(path, path.with_name(path.stem + ".corrupt" + path.suffix))
 
 
 def _warn_changes(ckpt: dict, run: _Run) -> None:
-    changes = [f"{k} {v} -> {getattr(run.config, k)}" for k, v in ckpt["config"].items()
-               if k not in _NOT_TRAJECTORY and getattr(run.config, k, v) != v]
+    changes = [
+        f"{k} {v} -> {getattr(run.config, k)}"
+        for k, v in ckpt["config"].items()
+        if k not in _NOT_TRAJECTORY and getattr(run.config, k, v) != v
+    ]
     if ckpt["world_size"] != run.rt.world_size:
-        changes.append(f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic "
-                       "resume: each remaining sample of the epoch is still seen once)")
+        changes.append(
+            f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic "
+            "resume: each remaining sample of the epoch is still seen once)"
+        )
     if ckpt["train_size"] != run.train_size:
         changes.append(f"training samples {ckpt['train_size']} -> {run.train_size}")
     if changes:
-        run.console.write("warning: resuming with changed settings, so the run is no longer "
-                          f"exactly reproducible: {'; '.join(changes)}")
+        run.console.write(
+            "warning: resuming with changed settings, so the run is no longer "
+            f"exactly reproducible: {'; '.join(changes)}"
+        )
 
 
 def _apply_config(state: TrainState, config: Config) -> None:
@@ -1472,19 +1668,41 @@ def _rebest(state: TrainState, config: Config) -> None:
 
 def _as_loader(data, config: Config, rt: Runtime, train: bool):
     if data is None or isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
-        if train and rt.world_size > 1 and not hasattr(getattr(data, "sampler", None),
-                                                         "set_epoch") and rt.is_main:
-            print("warning: your DataLoader has no DistributedSampler, so every process sees "
-                  "the same batches; pass the Dataset itself to shard it", file=sys.stderr)
+        if (
+            train
+            and rt.world_size > 1
+            and not hasattr(getattr(data, "sampler", None), "set_epoch")
+            and rt.is_main
+        ):
+            print(
+                "warning: your DataLoader has no DistributedSampler, so every process sees "
+                "the same batches; pass the Dataset itself to shard it",
+                file=sys.stderr,
+            )
         return data
-    return make_loader(data, batch_size=config.batch_size, train=train, seed=config.seed,
-                       workers=config.workers, runtime=rt)
+    return make_loader(
+        data,
+        batch_size=config.batch_size,
+        train=train,
+        seed=config.seed,
+        workers=config.workers,
+        runtime=rt,
+    )
 
 
-def fit(model: nn.Module, train_data, val_data=None, *, config: Optional[Config] = None,
-        loss_fn: Optional[Callable] = F.cross_entropy, metrics: Optional[dict] = None,
-        optimizer=None, log: Optional[Callable] = None,
-        runtime: Optional[Runtime] = None, **overrides) -> list:
+def fit(
+    model: nn.Module,
+    train_data,
+    val_data=None,
+    *,
+    config: Optional[Config] = None,
+    loss_fn: Optional[Callable] = F.cross_entropy,
+    metrics: Optional[dict] = None,
+    optimizer=None,
+    log: Optional[Callable] = None,
+    runtime: Optional[Runtime] = None,
+    **overrides,
+) -> list:
     """Train `model` in place and return the per-epoch history (a list of dicts).
 
     train_data / val_data: map-style Datasets (loaders are built with make_loader; exact
@@ -1502,14 +1720,16 @@ def fit(model: nn.Module, train_data, val_data=None, *, config: Optional[Config]
     names = [f.name for f in dataclasses.fields(Config)]
     for bad in (k for k in overrides if k not in names):
         close = difflib.get_close_matches(bad, names, n=3)
-        raise UsageError(f"fit() got an unknown setting {bad!r}"
-                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise UsageError(
+            f"fit() got an unknown setting {bad!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
     config = check_config(dataclasses.replace(config or Config(), **overrides))
-    rt = runtime or setup_device(config.gpus, precision=config.precision,
-                                 deterministic=config.deterministic)
+    rt = runtime or setup_device(
+        config.gpus, precision=config.precision, deterministic=config.deterministic
+    )
     try:
-        return _fit(model, train_data, val_data, config, rt, loss_fn, metrics or {}, optimizer,
-                    log)
+        return _fit(model, train_data, val_data, config, rt, loss_fn, metrics or {}, optimizer, log)
     finally:
         if runtime is None:
             teardown(rt)
@@ -1518,11 +1738,15 @@ def fit(model: nn.Module, train_data, val_data=None, *, config: Optional[Config]
 def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, log) -> list:
     if config.patience and val_data is None:
         raise UsageError("--patience needs validation data to watch; pass val_data or drop it")
-    known = {"train_loss"} | ({"val_loss", "val_acc", "val_top5", *(f"val_{m}" for m in metrics)}
-                              if val_data is not None else set())
+    known = {"train_loss"} | (
+        {"val_loss", "val_acc", "val_top5", *(f"val_{m}" for m in metrics)}
+        if val_data is not None
+        else set()
+    )
     if config.monitor not in known | {"auto"}:
-        raise UsageError(f"--monitor {config.monitor} is not reported; choose from "
-                         f"{', '.join(sorted(known))}")
+        raise UsageError(
+            f"--monitor {config.monitor} is not reported; choose from {', '.join(sorted(known))}"
+        )
     if loss_fn is F.cross_entropy and config.label_smoothing:
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     model = _unwrap(model).to(rt.device)
@@ -1536,21 +1760,33 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
         flags.deadline = flags.started + limit
     out = _prepare_out(config, rt)
     samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
-    run = _Run(config, rt, loss_fn, metrics, _console(log, config, rt), flags, out,
-               len(samples) if hasattr(samples, "__len__") else 0)
+    run = _Run(
+        config,
+        rt,
+        loss_fn,
+        metrics,
+        _console(log, config, rt),
+        flags,
+        out,
+        len(samples) if hasattr(samples, "__len__") else 0,
+    )
     try:
         run.steps_per_epoch = math.ceil(len(train) / config.accumulate)
     except TypeError:
-        raise UsageError("the training data has no length; give your IterableDataset a "
-                         "__len__ (the LR schedule and progress need the epoch length)") from None
+        raise UsageError(
+            "the training data has no length; give your IterableDataset a "
+            "__len__ (the LR schedule and progress need the epoch length)"
+        ) from None
     state = _new_state(model, config, rt, optimizer, run.steps_per_epoch)
     state.optimizer.zero_grad(set_to_none=True)
     _seed_everything(config.seed, rt.rank)
     _resume(state, run)
     low, high = _all_reduce([-state.step, state.step], rt, dist.ReduceOp.MAX)
     if -low != high:
-        raise UsageError(f"processes resumed from different steps ({-low:.0f} and {high:.0f}): "
-                         "--out must be on a filesystem that every machine shares")
+        raise UsageError(
+            f"processes resumed from different steps ({-low:.0f} and {high:.0f}): "
+            "--out must be on a filesystem that every machine shares"
+        )
     state.net = _wrap(model, config, rt)
     stop_early = False
     run.tensorboard = _tensorboard(out) if out is not None and rt.is_main else None
@@ -1570,14 +1806,19 @@ def _summary(state: TrainState, run: _Run, stopped_early: bool) -> None:
     if not state.history:
         return
     name = _monitor_name(run.config, state.history[-1])
-    text = (f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
-            if state.best is not None else f"done: {name} was never a finite number")
+    text = (
+        f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
+        if state.best is not None
+        else f"done: {name} was never a finite number"
+    )
     if stopped_early:
         text += f" (early stop after epoch {state.epoch}: no better {name} for "
         text += f"{run.config.patience} epochs)"
     if run.out is not None:
-        text += (f"; weights {run.out / 'best.pt'}, checkpoint {run.out / 'last.pt'}, "
-                 f"metrics {run.out / 'metrics.jsonl'}")
+        text += (
+            f"; weights {run.out / 'best.pt'}, checkpoint {run.out / 'last.pt'}, "
+            f"metrics {run.out / 'metrics.jsonl'}"
+        )
     run.console.write(text)
 
 
@@ -1605,8 +1846,15 @@ class _DataInfo:
     size: int
 
 
-def synthetic_images(seed: int, *, train_size: int = 10000, val_size: int = 2000,
-                     classes: int = 10, size: int = 32, channels: int = 3):
+def synthetic_images(
+    seed: int,
+    *,
+    train_size: int = 10000,
+    val_size: int = 2000,
+    classes: int = 10,
+    size: int = 32,
+    channels: int = 3,
+):
     """A learnable image-classification set made from the seed, no download.
 
     Each class is a smooth random pattern; a sample is its class pattern shifted by up to an
@@ -1631,8 +1879,12 @@ def synthetic_images(seed: int, *, train_size: int = 10000, val_size: int = 2000
     return draw(train_size), draw(val_size)
 
 
-_TORCHVISION_DATA = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10",
-                     "cifar100": "CIFAR100"}
+_TORCHVISION_DATA = {
+    "mnist": "MNIST",
+    "fashionmnist": "FashionMNIST",
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+}
 
 
 def _load_torchvision(config: Config):
@@ -1642,8 +1894,10 @@ def _load_torchvision(config: Config):
     try:
         parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
     except RuntimeError as e:
-        raise UsageError(f"--data {config.data}: not found under {config.data_root}/ ({e}); add "
-                         "--download to fetch it, or copy the files there") from None
+        raise UsageError(
+            f"--data {config.data}: not found under {config.data_root}/ ({e}); add "
+            "--download to fetch it, or copy the files there"
+        ) from None
     splits = []
     for part in parts:
         images = torch.as_tensor(np.asarray(part.data))
@@ -1663,8 +1917,9 @@ def _tensor_data(config: Config, rgb: bool):
     (x_train, y_train), (x_val, y_val) = splits
     if config.image_size and x_train.shape[-1] != config.image_size:
         size = (config.image_size, config.image_size)
-        x_train, x_val = (F.interpolate(x, size=size, mode="bilinear", antialias=True)
-                          for x in (x_train, x_val))
+        x_train, x_val = (
+            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
+        )
     if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
         x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
@@ -1707,23 +1962,24 @@ def _image_folder(config: Config, rgb: bool):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
     import torchvision
 
-    root = Path(config.data)
-    if not root.is_dir():
-        raise UsageError(f"--data {root}: no such directory; give an ImageFolder (DIR/<class>/"
-                         "*.png) or one of synthetic, mnist, fashionmnist, cifar10, cifar100")
+    root = _data_dir(config)
     train_dir = root / "train" if (root / "train").is_dir() else root
     try:
         train = torchvision.datasets.ImageFolder(str(train_dir))
-        val = (torchvision.datasets.ImageFolder(str(root / "val"))
-               if (root / "val").is_dir() else None)
+        val = (
+            torchvision.datasets.ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
+        )
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f"--data {root}: {e}; expected DIR/<class>/<image files>") from None
     if len(train.classes) < 2:
-        raise UsageError(f"--data {root}: found {len(train.classes)} class folder(s) in "
-                         f"{train_dir}; classification needs at least 2")
+        raise UsageError(
+            f"--data {root}: found {len(train.classes)} class folder(s) in "
+            f"{train_dir}; classification needs at least 2"
+        )
     if val is not None and val.classes != train.classes:
-        raise UsageError(f"--data {root}: val/ classes {val.classes} differ from train/ "
-                         f"classes {train.classes}")
+        raise UsageError(
+            f"--data {root}: val/ classes {val.classes} differ from train/ classes {train.classes}"
+        )
     samples = train.samples
     if val is None:
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
@@ -1736,8 +1992,21 @@ def _image_folder(config: Config, rgb: bool):
     channels = 3 if rgb else channels
     pad = max(1, size // 8) if config.augment else 0
     info = _DataInfo(channels, len(train.classes), size)
-    return (_ImageFiles(samples, size, channels, pad), _ImageFiles(val_samples, size, channels),
-            info)
+    return (
+        _ImageFiles(samples, size, channels, pad),
+        _ImageFiles(val_samples, size, channels),
+        info,
+    )
+
+
+def _data_dir(config: Config) -> Path:
+    root = Path(config.data)
+    if not root.is_dir():
+        raise UsageError(
+            f"--data {root}: no such directory; give an ImageFolder (DIR/<class>/"
+            "*.png) or one of synthetic, mnist, fashionmnist, cifar10, cifar100"
+        )
+    return root
 
 
 def _first_image_shape(path, image_size: int):
@@ -1762,12 +2031,22 @@ def small_cnn(channels: int, classes: int) -> nn.Sequential:
     """The default model: three conv-BN-ReLU blocks, global pooling and a linear head."""
 
     def block(c_in, c_out):
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True)]
+        return [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
 
-    return nn.Sequential(*block(channels, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
-                         *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(128, classes))
+    return nn.Sequential(
+        *block(channels, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, classes),
+    )
 
 
 def _torchvision_models() -> list:
@@ -1792,13 +2071,17 @@ def _check_model_name(name: str) -> None:
     if name not in names:
         close = difflib.get_close_matches(name, names + ["smallcnn"], n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
-        raise UsageError(f"--model {name!r} is not smallcnn or a torchvision classification "
-                         f"model; {hint}")
+        raise UsageError(
+            f"--model {name!r} is not smallcnn or a torchvision classification model; {hint}"
+        )
 
 
 def _default_out(config: Config) -> str:
-    data = Path(config.data).name if config.data not in ("synthetic", *_TORCHVISION_DATA) \
+    data = (
+        Path(config.data).name
+        if config.data not in ("synthetic", *_TORCHVISION_DATA)
         else config.data
+    )
     return str(Path("runs") / f"{data or 'data'}-{config.model}")
 
 
@@ -1814,11 +2097,13 @@ def _eval_only(model: nn.Module, val, config: Config, rt: Runtime) -> int:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise UsageError(f"{path} does not match --model {config.model} "
-                         f"({str(e).splitlines()[0]})") from None
+        raise UsageError(
+            f"{path} does not match --model {config.model} ({_first_line(e)})"
+        ) from None
     rt_model = model.to(rt.device)
-    loader = make_loader(val, batch_size=config.batch_size, train=False, runtime=rt,
-                         workers=config.workers)
+    loader = make_loader(
+        val, batch_size=config.batch_size, train=False, runtime=rt, workers=config.workers
+    )
     scores = evaluate(rt_model, loader, rt=rt)
     if rt.is_main:
         print(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
@@ -1857,11 +2142,19 @@ def _launch_local(config: Config, nproc: int) -> int:
 
     # A signal to this process is passed on to the workers, which checkpoint at their next
     # --log-every point; they get up to shutdown_timeout seconds before a SIGKILL.
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
-                          run_id=f"trainloop-{os.getpid()}", rdzv_backend="c10d",
-                          rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn", shutdown_timeout=300,
-                          signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"trainloop-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+        shutdown_timeout=300,
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    )
     try:
         elastic_launch(launch, _worker)(dataclasses.asdict(config))
     except SignalException as e:
@@ -1869,8 +2162,11 @@ def _launch_local(config: Config, nproc: int) -> int:
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode  # the first to fail is the cause
         code = code if code > 0 else 1
-        print(f"trainloop: error: a training process failed (exit status {code}); the others "
-              "were stopped", file=sys.stderr)
+        print(
+            f"trainloop: error: a training process failed (exit status {code}); the others "
+            "were stopped",
+            file=sys.stderr,
+        )
         return code
     return 0
 
@@ -1884,10 +2180,7 @@ def _run_cli(config: Config) -> int:
         raise UsageError(f"--out {config.out} is a file; pick a directory for the run")
     _check_model_name(config.model)
     if config.data != "synthetic" and config.data not in _TORCHVISION_DATA:
-        if not Path(config.data).is_dir():
-            raise UsageError(f"--data {config.data}: no such directory; give an ImageFolder "
-                             "(DIR/<class>/*.png) or synthetic, mnist, fashionmnist, cifar10, "
-                             "cifar100")
+        _data_dir(config)
     _resume_candidates(config, Path(config.out))  # a missing --resume file fails here
     ids = parse_gpus(config.gpus)
     if ids:
@@ -1913,8 +2206,9 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     message = re.sub(r"^[\w.]*Error: ", "", message.strip().splitlines()[-1])
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0 or everywhere:  # the others would only repeat rank 0's line
-        print(f"trainloop: error: {'' if rank == 0 else f'(rank {rank}) '}{message}",
-              file=sys.stderr)
+        print(
+            f"trainloop: error: {'' if rank == 0 else f'(rank {rank}) '}{message}", file=sys.stderr
+        )
     return code
 
 
@@ -1937,22 +2231,44 @@ def _build_cli():
         raise typer.Exit(_exit_code_of(lambda: _run_cli(Config(**options))))
 
     params = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
-                          default=typer.Option(f.default, help=f.metadata["help"],
-                                               rich_help_panel=f.metadata["panel"],
-                                               show_default=f.default != ""))
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=f.type,
+            default=typer.Option(
+                f.default,
+                help=f.metadata["help"],
+                rich_help_panel=f.metadata["panel"],
+                show_default=f.default != "",
+            ),
+        )
         for f in dataclasses.fields(Config)
     ]
-    params.append(inspect.Parameter(
-        "version", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-        default=typer.Option(False, "--version", callback=show_version, is_eager=True,
-                             help="Print the version and exit.")))
+    params.append(
+        inspect.Parameter(
+            "version",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--version",
+                callback=show_version,
+                is_eager=True,
+                help="Print the version and exit.",
+            ),
+        )
+    )
     command.__signature__ = inspect.Signature(params)
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                      context_settings={"help_option_names": ["-h", "--help"]})
-    app.command(help="Train an image classifier. Defaults train a small CNN on a synthetic "
-                "data set (no download) to >95% accuracy in about a minute on a CPU; rerun "
-                "the same command to resume it.")(command)
+    app = typer.Typer(
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.command(
+        help="Train an image classifier. Defaults train a small CNN on a synthetic "
+        "data set (no download) to >95% accuracy in about a minute on a CPU; rerun "
+        "the same command to resume it."
+    )(command)
     return app
 
 
@@ -1969,6 +2285,7 @@ def main(argv: Optional[list] = None) -> int:
             raise
         print(f"trainloop: error: {e.format_message()}", file=sys.stderr)  # one line, like ours
         return getattr(e, "exit_code", EXIT_USAGE)
+
 
 if __name__ == "__main__":
     sys.exit(main())

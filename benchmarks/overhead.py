@@ -95,8 +95,10 @@ def load_line() -> str:
 
 
 def machine_line() -> str:
-    return (f"{cpu_model()}, {usable_cores()} usable cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return (
+        f"{cpu_model()}, {usable_cores()} usable cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
 
 
 # ---- the four training loops -----------------------------------------------------------------
@@ -105,8 +107,10 @@ def machine_line() -> str:
 def param_groups(model: nn.Module) -> list:
     """The groups fit() builds: matrices and vectors apart (weight decay is 0 in both here)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.0},
-              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -154,9 +158,22 @@ def hand_slices(model: nn.Module, data: TensorDataset, batch_size: int, epochs: 
 
 
 def run_fit(model: nn.Module, train_data, batch_size: int, epochs: int) -> None:
-    trainloop.fit(model, train_data, None, epochs=epochs, batch_size=batch_size, lr=LR,
-                  momentum=0.9, weight_decay=0.0, schedule="constant", gpus="cpu", seed=SEED,
-                  log_every=10**9, quiet=True, log=lambda s: None)
+    trainloop.fit(
+        model,
+        train_data,
+        None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=LR,
+        momentum=0.9,
+        weight_decay=0.0,
+        schedule="constant",
+        gpus="cpu",
+        seed=SEED,
+        log_every=10**9,
+        quiet=True,
+        log=lambda s: None,
+    )
 
 
 def fit_loader(model: nn.Module, data: TensorDataset, batch_size: int, epochs: int) -> None:
@@ -190,8 +207,10 @@ class Case:
 
     def describe(self) -> str:
         shape = "x".join(str(s) for s in self.data.tensors[0].shape[1:])
-        return (f"{self.name}: {len(self.data)} samples of {shape}, batch {self.batch_size}, "
-                f"{self.epochs} epoch(s) = {self.steps} optimizer steps")
+        return (
+            f"{self.name}: {len(self.data)} samples of {shape}, batch {self.batch_size}, "
+            f"{self.epochs} epoch(s) = {self.steps} optimizer steps"
+        )
 
 
 def tiny_mlp() -> nn.Module:
@@ -203,15 +222,17 @@ def tiny_case(quick: bool) -> Case:
     n = 64 * 64  # 64 steps per epoch at batch 64
     x = torch.randn(n, 32, generator=generator)
     y = torch.randint(0, 10, (n,), generator=generator)
-    return Case("tiny MLP", tiny_mlp, TensorDataset(x, y), 64, 4 if quick else 32,
-                {"b": 1.05, "c": 0.7})
+    return Case(
+        "tiny MLP", tiny_mlp, TensorDataset(x, y), 64, 4 if quick else 32, {"b": 1.05, "c": 0.7}
+    )
 
 
 def cnn_case(quick: bool) -> Case:
     steps = 8 if quick else 64
     (x, y), _ = trainloop.synthetic_images(SEED, train_size=64 * steps, val_size=64)
-    return Case("small CNN", lambda: trainloop.small_cnn(3, 10), TensorDataset(x, y), 64, 1,
-                {"b": 1.02})
+    return Case(
+        "small CNN", lambda: trainloop.small_cnn(3, 10), TensorDataset(x, y), 64, 1, {"b": 1.02}
+    )
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -254,17 +275,22 @@ def measure(case: Case, repeats: int) -> dict:
     keys = list(LOOPS)
     times = {key: [] for key in keys}
     for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
             times[key].append(time_variant(case, key, case.data, case.epochs))
-        print(f"  repeat {r + 1}/{repeats}: "
-              + "  ".join(f"{k}={times[k][-1]:.3f}s" for k in keys), flush=True)
+        print(
+            f"  repeat {r + 1}/{repeats}: " + "  ".join(f"{k}={times[k][-1]:.3f}s" for k in keys),
+            flush=True,
+        )
     return times
 
 
 def ratios(times: dict) -> dict:
     """{variant: median over repeats of its time / a's time in the same repeat}."""
-    return {key: statistics.median(t / a for t, a in zip(times[key], times["a"]))
-            for key in times if key != "a"}
+    return {
+        key: statistics.median(t / a for t, a in zip(times[key], times["a"]))
+        for key in times
+        if key != "a"
+    }
 
 
 def verdict(value: float, limit: float) -> str:
@@ -273,27 +299,34 @@ def verdict(value: float, limit: float) -> str:
 
 def report_case(case: Case, times: dict) -> dict:
     rel = ratios(times)
-    print(f"  {'variant':<30} {'median s':>9} {'spread':>7} {'ms/step':>8} {'x a':>6} "
-          f"{'best x a':>8}")
+    print(
+        f"  {'variant':<30} {'median s':>9} {'spread':>7} {'ms/step':>8} {'x a':>6} {'best x a':>8}"
+    )
     for key, label in VARIANTS.items():
         median = statistics.median(times[key])
         spread = (max(times[key]) - min(times[key])) / median
         ratio = 1.0 if key == "a" else rel[key]
         best = min(times[key]) / min(times["a"])
         mark = verdict(ratio, case.targets[key]) if key in case.targets else ""
-        print(f"  {key} {label:<28} {median:9.3f} {spread:7.0%} "
-              f"{1000 * median / case.steps:8.3f} {ratio:6.3f} {best:8.3f}  {mark}")
+        print(
+            f"  {key} {label:<28} {median:9.3f} {spread:7.0%} "
+            f"{1000 * median / case.steps:8.3f} {ratio:6.3f} {best:8.3f}  {mark}"
+        )
     if max((max(t) - min(t)) / statistics.median(t) for t in times.values()) > NOISY:
-        print(f"  warning: a variant's times spread over more than {NOISY:.0%} of its median: "
-              "other work shared the CPU; trust the ratios less, or rerun on a quiet machine")
+        print(
+            f"  warning: a variant's times spread over more than {NOISY:.0%} of its median: "
+            "other work shared the CPU; trust the ratios less, or rerun on a quiet machine"
+        )
     return rel
 
 
 def run_case(case: Case, repeats: int) -> dict:
     print(f"\n== {case.describe()}")
     diff = same_math(case)
-    print(f"  same math check, max |w_a - w_b| after one epoch: {diff:.3g}"
-          + ("" if diff < 1e-5 else "  (the variants differ!)"))
+    print(
+        f"  same math check, max |w_a - w_b| after one epoch: {diff:.3g}"
+        + ("" if diff < 1e-5 else "  (the variants differ!)")
+    )
     warm_up(case)
     times = measure(case, repeats)
     return {"case": case, "times": times, "ratios": report_case(case, times)}
@@ -313,10 +346,13 @@ def median_wall(argv: list, repeats: int) -> float:
 
 def heavy_imports() -> str:
     """Which optional heavy modules a bare `import trainloop` loads."""
-    code = ("import sys, trainloop; print(' '.join(m for m in ('torchvision', 'typer', 'rich') "
-            "if m in sys.modules) or 'none')")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                          capture_output=True, text=True)
+    code = (
+        "import sys, trainloop; print(' '.join(m for m in ('torchvision', 'typer', 'rich') "
+        "if m in sys.modules) or 'none')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True
+    )
     return done.stdout.strip()
 
 
@@ -328,8 +364,10 @@ def startup(repeats: int) -> dict:
     loaded = heavy_imports()
     print(f"  python -c 'import torch'     {torch_s:6.3f} s")
     print(f"  python trainloop.py --help   {help_s:6.3f} s")
-    print(f"  difference                   {help_s - torch_s:6.3f} s  "
-          f"{verdict(help_s - torch_s, 0.3)}")
+    print(
+        f"  difference                   {help_s - torch_s:6.3f} s  "
+        f"{verdict(help_s - torch_s, 0.3)}"
+    )
     print(f"  heavy modules loaded by `import trainloop`: {loaded}")
     return {"torch": torch_s, "help": help_s, "loaded": loaded}
 
@@ -340,25 +378,35 @@ def startup(repeats: int) -> dict:
 def summary(results: list, start: dict, repeats: int) -> None:
     print("\n== summary (paste into the README)\n")
     print(f"Machine: {machine_line()}; median of {repeats} alternated repeats.\n")
-    print("| case | steps | hand loop ms/step | fit(DataLoader) b/a | fit(TensorDataset) c/a "
-          "| hand slices d/a |")
+    print(
+        "| case | steps | hand loop ms/step | fit(DataLoader) b/a | fit(TensorDataset) c/a "
+        "| hand slices d/a |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for res in results:
         case, rel = res["case"], res["ratios"]
         ms = 1000 * statistics.median(res["times"]["a"]) / case.steps
-        cells = [f"{rel[k]:.3f}" + (f" (<= {case.targets[k]:g})" if k in case.targets else "")
-                 for k in "bcd"]
+        cells = [
+            f"{rel[k]:.3f}" + (f" (<= {case.targets[k]:g})" if k in case.targets else "")
+            for k in "bcd"
+        ]
         print(f"| {case.name} | {case.steps} | {ms:.3f} | " + " | ".join(cells) + " |")
     extra = start["help"] - start["torch"]
-    print(f"\n`trainloop --help`: {start['help']:.2f} s vs {start['torch']:.2f} s for "
-          f"`import torch` (+{extra:.2f} s, target <= 0.3 s); `import trainloop` loads: "
-          f"{start['loaded']}.")
+    print(
+        f"\n`trainloop --help`: {start['help']:.2f} s vs {start['torch']:.2f} s for "
+        f"`import torch` (+{extra:.2f} s, target <= 0.3 s); `import trainloop` loads: "
+        f"{start['loaded']}."
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="alternated repeats per case (default 7, or 3 with --quick)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="alternated repeats per case (default 7, or 3 with --quick)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -372,14 +420,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     print(f"trainloop overhead benchmark: {machine_line()}")
-    print(f"trainloop {trainloop.__version__} from {ROOT / 'trainloop.py'}; "
-          f"repeats {args.repeats}{', quick' if args.quick else ''}; {load_line()}")
-    results = [run_case(tiny_case(args.quick), args.repeats),
-               run_case(cnn_case(args.quick), args.repeats)]
+    print(
+        f"trainloop {trainloop.__version__} from {ROOT / 'trainloop.py'}; "
+        f"repeats {args.repeats}{', quick' if args.quick else ''}; {load_line()}"
+    )
+    results = [
+        run_case(tiny_case(args.quick), args.repeats),
+        run_case(cnn_case(args.quick), args.repeats),
+    ]
     start = startup(3 if args.quick else 5)
     summary(results, start, args.repeats)
-    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s; {load_line()} at the end, "
-          "this run included)")
+    print(
+        f"\n(benchmark took {time.perf_counter() - started:.0f} s; {load_line()} at the end, "
+        "this run included)"
+    )
 
 
 if __name__ == "__main__":
