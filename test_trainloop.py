@@ -636,13 +636,14 @@ def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
 # A training job in its own process. It sends itself `signal` on its `signal_at`-th call of the
 # loss (any point of training or evaluation), as a crash or a preemption would.
 JOB = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     import torch, torch.nn as nn
     import trainloop as tl
 
     opts = json.loads(sys.argv[1])
     signal_at, signum = opts.pop("signal_at", 0), opts.pop("signal", 9)
     repeat, data = opts.pop("repeat", 1), opts.pop("data", "tensors")
+    echo = opts.pop("echo", False)  # the same signal again at once, as torchrun forwards it
     if data == "tensors":
         n = opts.pop("n", 384)
         (x, y), (xv, yv) = tl.synthetic_images(0, train_size=n, val_size=64, size=8)
@@ -658,7 +659,11 @@ JOB = textwrap.dedent("""
         global calls
         calls += 1
         if calls == signal_at:
-            for _ in range(repeat):
+            for i in range(repeat):
+                if i:  # a person pressing Ctrl-C again; quicker repeats are echoes
+                    time.sleep(1.2)
+                os.kill(os.getpid(), signum)
+            if echo:
                 os.kill(os.getpid(), signum)
         return nn.functional.cross_entropy(output, target)
 
@@ -743,6 +748,13 @@ def test_second_ctrl_c_stops_at_once_without_checkpoint(tmp_path):
     stopped = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=2)
     assert stopped.returncode in (-signal.SIGINT, 130)  # KeyboardInterrupt, not a checkpoint
     assert not (out / "last.pt").exists()
+
+
+def test_echoed_signal_still_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    echoed = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=1, echo=True)
+    assert echoed.returncode == 130, echoed.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
 
 
 SAVER = textwrap.dedent("""

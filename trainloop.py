@@ -1240,6 +1240,7 @@ class _StopFlags:
     """Reasons to stop early: a signal (set by its handler) or the --time-limit deadline."""
 
     signal: int = 0
+    signal_time: float = 0.0  # time.monotonic() when it arrived
     deadline: Optional[float] = None  # time.monotonic() by which we must have exited
     started: float = field(default_factory=time.monotonic)
     steps: int = 0  # optimizer steps run by this process
@@ -1262,13 +1263,19 @@ class _StopFlags:
 @contextlib.contextmanager
 def _catch_signals(flags: _StopFlags):
     """SIGTERM, SIGINT and SIGUSR1 only set a flag; the loop checkpoints and stops. A second
-    signal gets its previous handler back, so a second Ctrl-C stops at once."""
+    signal, a second or more after the first, gets its previous handler back: a second Ctrl-C
+    stops at once. Closer repeats are echoes (Ctrl-C reaches a worker from the terminal and
+    again from torchrun) and are ignored."""
     wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
     previous = {}
 
     def handler(signum, frame):
-        flags.signal = signum
-        signal.signal(signum, previous[signum])
+        now = time.monotonic()
+        if not flags.signal:
+            flags.signal, flags.signal_time = signum, now
+        elif now - flags.signal_time > 1.0:
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
 
     try:
         for sig in wanted:
