@@ -661,7 +661,11 @@ JOB = textwrap.dedent("""
         if calls == signal_at:
             for i in range(repeat):
                 if i:  # a person pressing Ctrl-C again; quicker repeats are echoes
-                    time.sleep(1.2)
+                    # Wait in Python, not in time.sleep: the signal may land on another
+                    # thread, and only Python code runs the pending handler at once.
+                    until = time.monotonic() + 1.2
+                    while time.monotonic() < until:
+                        pass
                 os.kill(os.getpid(), signum)
             if echo:
                 os.kill(os.getpid(), signum)
