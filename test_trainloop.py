@@ -640,6 +640,7 @@ JOB = textwrap.dedent("""
     import torch, torch.nn as nn
     import trainloop as tl
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as when started from a shell
     opts = json.loads(sys.argv[1])
     signal_at, signum = opts.pop("signal_at", 0), opts.pop("signal", 9)
     repeat, data = opts.pop("repeat", 1), opts.pop("data", "tensors")
@@ -759,6 +760,16 @@ def test_echoed_signal_still_checkpoints(tmp_path):
     echoed = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=1, echo=True)
     assert echoed.returncode == 130, echoed.stderr
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_catch_signals_leaves_an_ignored_signal_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup or in background
+    try:
+        with tl._catch_signals(tl._StopFlags()):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 SAVER = textwrap.dedent("""

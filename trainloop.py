@@ -1289,7 +1289,8 @@ def _catch_signals(flags: _StopFlags):
 
     try:
         for sig in wanted:
-            previous[sig] = signal.signal(sig, handler)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup'd or background: keep it so
+                previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals to the caller
         pass
     try:
