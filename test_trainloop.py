@@ -1067,6 +1067,11 @@ def test_fit_resumes_mid_epoch_on_an_iterable_dataset(tmp_path):
     assert history[0]["step"] == 8  # 3 steps before the stop, the 5 unseen ones after it
 
 
+def test_fit_batches_a_bare_iterable_dataset():
+    history = tl.fit(mlp(), Stream(64), epochs=1, batch_size=16, **quiet())
+    assert history[0]["step"] == 4
+
+
 def test_fit_iterable_dataset_without_length_is_a_usage_error():
     with pytest.raises(tl.UsageError, match="has no length"):
         tl.fit(mlp(), DataLoader(Endless(), batch_size=8), **quiet())

@@ -1685,6 +1685,8 @@ def _rebest(state: TrainState, config: Config) -> None:
 
 
 def _as_loader(data, config: Config, rt: Runtime, train: bool):
+    if isinstance(data, IterableDataset):  # it cannot be indexed: batch it as it streams
+        return DataLoader(data, batch_size=config.batch_size)
     if data is None or isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
         if (
             train
