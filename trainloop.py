@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -40,32 +41,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 __version__ = "0.1.0"
+# fmt: off
 __all__ = [
-    "Config",
-    "Runtime",
-    "TrainState",
-    "UsageError",
-    "CheckpointError",
-    "NonFiniteLossError",
-    "Stopped",
-    "check_config",
-    "parse_gpus",
-    "parse_duration",
-    "setup_device",
-    "teardown",
-    "default_workers",
-    "make_loader",
-    "train_step",
-    "evaluate",
-    "save_checkpoint",
-    "load_checkpoint",
-    "fit",
-    "synthetic_images",
-    "load_data",
-    "small_cnn",
-    "build_model",
-    "main",
+    "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
+    "Stopped", "check_config", "parse_gpus", "parse_duration", "setup_device", "teardown",
+    "default_workers", "make_loader", "train_step", "evaluate", "save_checkpoint",
+    "load_checkpoint", "fit", "synthetic_images", "load_data", "small_cnn", "build_model", "main",
 ]
+# fmt: on
 
 # Exit statuses a batch script can act on (documented in the README).
 EXIT_USAGE = 2  # a bad option or input: fix the command
@@ -105,7 +88,7 @@ class Stopped(SystemExit):
 
 
 def _opt(default, help: str, panel: str = "Training"):
-    return field(default=default, metadata={"help": help, "panel": panel})
+    return field(default=default, metadata={"help": help, "rich_help_panel": panel})
 
 
 D, M, R = "Data", "Model", "Run"  # help panels of the CLI
@@ -183,18 +166,7 @@ class TrainState:
 
 
 # The plain-value part of TrainState that a checkpoint carries.
-_COUNTERS = (
-    "epoch",
-    "step",
-    "seen",
-    "batches",
-    "best",
-    "best_epoch",
-    "lr",
-    "history",
-    "epoch_loss",
-    "epoch_seconds",
-)
+_COUNTERS = "epoch step seen batches best best_epoch lr history epoch_loss epoch_seconds".split()
 
 
 CHOICES = {
@@ -203,6 +175,21 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "monitor_mode": ("auto", "min", "max"),
 }
+
+
+_RANGES = (  # (fields, test, what the error says)
+    ("epochs batch_size accumulate log_every", lambda v: v >= 1, "must be at least 1"),
+    (
+        "weight_decay clip_grad save_every patience seed warmup momentum image_size",
+        lambda v: v >= 0,
+        "must be zero or more",
+    ),
+    ("lr", lambda v: 0 < v < math.inf, "must be a positive number, e.g. 0.05"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("ema", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999 (0 turns it off)"),
+    ("image_size", lambda v: not 0 < v < 4, "is too small; use 0 (keep) or 4+"),
+    ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1"),
+)
 
 
 def check_config(config: Config) -> Config:
@@ -218,34 +205,10 @@ def check_config(config: Config) -> Config:
         value = getattr(config, name)
         if value not in allowed:
             raise UsageError(f"--{_flag(name)} {value!r} is not one of {', '.join(allowed)}")
-    positive = ("epochs", "batch_size", "accumulate", "log_every")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{_flag(name)} {getattr(config, name)} must be at least 1")
-    non_negative = (
-        "weight_decay",
-        "clip_grad",
-        "save_every",
-        "patience",
-        "seed",
-        "image_size",
-        "warmup",
-        "momentum",
-    )
-    for name in non_negative:
-        value = getattr(config, name)
-        if not value >= 0:  # also catches NaN
-            raise UsageError(f"--{_flag(name)} {value} must be zero or more")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise UsageError(f"--lr {config.lr} must be a positive number, e.g. 0.05")
-    if not 0 <= config.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing {config.label_smoothing} must be in [0, 1)")
-    if not 0 <= config.ema < 1:
-        raise UsageError(f"--ema {config.ema} must be in [0, 1), e.g. 0.999 (0 turns it off)")
-    if 0 < config.image_size < 4:
-        raise UsageError(f"--image-size {config.image_size} is too small; use 0 (keep) or 4+")
-    if not 0 < config.val_fraction < 1:
-        raise UsageError(f"--val-fraction {config.val_fraction} must be between 0 and 1")
+    for names, ok, must in _RANGES:  # every test is False for NaN
+        for name in names.split():
+            if not ok(getattr(config, name)):
+                raise UsageError(f"--{_flag(name)} {getattr(config, name)} {must}")
     parse_duration(config.time_limit)
     parse_gpus(config.gpus)
     return config
@@ -332,18 +295,14 @@ def setup_device(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
         # A dead peer surfaces through torchrun's agent within seconds; this timeout only bounds
         # a wait at a collective that no agent watches.
-        dist.init_process_group(
-            backend,
-            timeout=timedelta(minutes=10),
-            device_id=device if device.type == "cuda" else None,
-        )
-        owns = True
-    amp = _amp_dtype(precision, device.type, _bf16_supported(device))
+        dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device_id)
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()  # CPU and MPS have bf16
+    amp = _amp_dtype(precision, device.type, bf16)
     return Runtime(device, rank, local_rank, world, amp, owns)
 
 
@@ -372,12 +331,6 @@ def _check_gpus_exist(ids: tuple) -> None:
             f"--gpus names GPU {missing[0]} but this machine has {have}; "
             "pick from nvidia-smi's list or use --gpus cpu"
         )
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type in ("cpu", "mps")
 
 
 def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torch.dtype]:
@@ -410,10 +363,8 @@ def _barrier(rt: Runtime) -> None:
 
 def _mix_seed(*parts: int) -> int:
     """A well-spread 63-bit seed from small integers (seed, epoch, purpose)."""
-    return int(
-        np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).view(np.uint64)[0]
-        >> np.uint64(1)
-    )
+    state = np.random.SeedSequence(list(parts)).generate_state(2, np.uint32)
+    return int(state.view(np.uint64)[0] >> np.uint64(1))
 
 
 class _EpochBatches(Sampler):
@@ -422,16 +373,13 @@ class _EpochBatches(Sampler):
     The epoch's global order is a function of (seed, epoch) alone. The not-yet-seen part of it,
     from `seen` on, is dealt out round-robin to however many processes exist, so a run resumed on
     a different number of processes still sees every sample of the epoch exactly once.
-    Training drops at most world_size - 1 tail samples so that every process takes equal steps.
-    With `sample_seeds`, a DataLoader gets keys (index, per-sample seed) instead of indices.
+    Training (`shuffle`) drops at most world_size - 1 tail samples so every process takes equal
+    steps. With `sample_seeds`, a DataLoader gets keys (index, per-sample seed), not indices.
     """
 
-    def __init__(
-        self, size, batch_size, *, shuffle, seed, rank=0, world=1, train=True, sample_seeds=False
-    ):
+    def __init__(self, size, batch_size, shuffle, seed, rank=0, world=1, sample_seeds=False):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.rank, self.world, self.train = rank, world, train
-        self.sample_seeds = sample_seeds
+        self.rank, self.world, self.sample_seeds = rank, world, sample_seeds
         self.epoch, self.seen = 0, 0
 
     def set_position(self, epoch: int, seen: int = 0) -> None:
@@ -443,10 +391,7 @@ class _EpochBatches(Sampler):
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
-        rest = order[self.seen :]
-        if self.train:
-            rest = rest[: len(rest) - len(rest) % self.world]
-        return rest[self.rank :: self.world]
+        return order[self.seen :][self.rank :: self.world][: self._per_rank()]
 
     def index_batches(self):
         mine = self._mine()
@@ -459,7 +404,7 @@ class _EpochBatches(Sampler):
 
     def _per_rank(self) -> int:
         rest = self.size - min(self.seen, self.size)
-        if self.train:
+        if self.shuffle:
             rest -= rest % self.world
         return len(range(self.rank, rest, self.world))
 
@@ -509,18 +454,17 @@ class _TensorBatches:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        sampler, data = self.batch_sampler, self.tensors[0]
-        if self.augment_pad:
+        sampler, device, pad = self.batch_sampler, self.tensors[0].device, self.augment_pad
+        if pad:
             generator = torch.Generator().manual_seed(_mix_seed(sampler.seed, sampler.epoch, 2))
-            shifts = torch.randint(
-                0, 2 * self.augment_pad + 1, (sampler.size, 2), generator=generator
-            ).to(data.device)
-            flips = (torch.rand(sampler.size, generator=generator) < 0.5).to(data.device)
+            shifts = torch.randint(0, 2 * pad + 1, (sampler.size, 2), generator=generator)
+            flips = torch.rand(sampler.size, generator=generator) < 0.5
+            shifts, flips = shifts.to(device), flips.to(device)
         for idx in sampler.index_batches():
-            idx = idx.to(data.device)
+            idx = idx.to(device)
             batch = [t[idx] for t in self.tensors]
-            if self.augment_pad:
-                batch[0] = _crop_flip(batch[0], shifts[idx], flips[idx], self.augment_pad)
+            if pad:
+                batch[0] = _crop_flip(batch[0], shifts[idx], flips[idx], pad)
             yield tuple(batch)
 
 
@@ -534,13 +478,6 @@ def _crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, 
     batch = torch.arange(n, device=images.device)[:, None, None, None]
     chans = torch.arange(c, device=images.device)[None, :, None, None]
     return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def _is_plain_tensor_dataset(dataset) -> bool:
-    return (
-        isinstance(dataset, TensorDataset)
-        and type(dataset).__getitem__ is TensorDataset.__getitem__
-    )
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -567,20 +504,15 @@ def make_loader(
     rt = runtime or Runtime(torch.device("cpu"))
     workers = default_workers(rt.world_size) if workers < 0 else workers
     seeded = train and workers > 0
-    sampler = _EpochBatches(
-        len(dataset),
-        batch_size,
-        shuffle=train,
-        seed=seed,
-        rank=rt.rank,
-        world=rt.world_size,
-        train=train,
-        sample_seeds=seeded,
-    )
-    if _is_plain_tensor_dataset(dataset) and collate_fn is None:
+    sampler = _EpochBatches(len(dataset), batch_size, train, seed, rt.rank, rt.world_size, seeded)
+    # A TensorDataset subclass that overrides __getitem__ must be read through it.
+    plain = type(dataset).__getitem__ is TensorDataset.__getitem__
+    if isinstance(dataset, TensorDataset) and plain and collate_fn is None:
         tensors = dataset.tensors
-        if rt.device.type == "cuda" and _fits_on_device(tensors, rt.device):
-            tensors = tuple(t.to(rt.device) for t in tensors)
+        if rt.device.type == "cuda":  # onto the GPU when it takes at most a quarter of it
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            if size <= torch.cuda.get_device_properties(rt.device).total_memory // 4:
+                tensors = tuple(t.to(rt.device) for t in tensors)
         pad = getattr(dataset, "augment_pad", 0) if train else 0
         return _TensorBatches(tensors, sampler, pad)
     return DataLoader(
@@ -594,11 +526,6 @@ def make_loader(
         # or a mid-epoch resume would shift every later random number.
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-def _fits_on_device(tensors, device) -> bool:
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    return size <= torch.cuda.get_device_properties(device).total_memory // 4
 
 
 @dataclass
@@ -626,16 +553,12 @@ def _set_position(loader, epoch: int, seen: int, batches: int):
         inner.set_epoch(epoch)
     if not batches:
         return loader
-    if (
-        isinstance(loader, DataLoader)
-        and sampler is not None
-        and not isinstance(loader.dataset, IterableDataset)
-    ):
+    streams = isinstance(getattr(loader, "dataset", None), IterableDataset)
+    if isinstance(loader, DataLoader) and sampler is not None and not streams:
         # Skip what was seen by advancing the index sampler only: no sample is loaded.
-        rest = list(sampler)[batches:]
         return DataLoader(
             loader.dataset,
-            batch_sampler=rest,
+            batch_sampler=list(sampler)[batches:],
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
@@ -706,16 +629,6 @@ def _map_tensors(obj, fn: Callable):
     return obj
 
 
-def _to_device(batch, device: torch.device, channels_last: bool = False):
-    """Copy a batch to the device; non_blocking overlaps the copy when memory is pinned."""
-
-    def move(t):
-        fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
-        return t.to(device, non_blocking=True, memory_format=fmt)
-
-    return _map_tensors(batch, move)
-
-
 def _own_loss(output):
     """The loss a model computed itself: a scalar output, or output['loss'] / output.loss."""
     if isinstance(output, torch.Tensor) and output.numel() == 1:
@@ -731,8 +644,13 @@ def _own_loss(output):
 
 def _forward(net, batch, loss_fn, rt: Runtime, channels_last: bool = False):
     """Move a batch to the device, run the model under autocast -> (output, loss, target)."""
+
+    def move(t):  # non_blocking overlaps the copy when memory is pinned
+        fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
+        return t.to(rt.device, non_blocking=True, memory_format=fmt)
+
     if rt.device.type != "cpu":
-        batch = _to_device(batch, rt.device, channels_last)
+        batch = _map_tensors(batch, move)
     inputs, target, _ = _split_batch(batch)
     with rt.autocast():
         output = _call(net, inputs)
@@ -762,15 +680,20 @@ def train_step(
 
     Returns the step's mean loss as a detached device tensor (no host sync). Mutates model,
     optimizer, scheduler, scaler and EMA in place and advances state.step. `weights` (one per
-    micro-batch; default: from each batch, see _sizes) weigh the micro-batch losses.
+    micro-batch; default: from each batch, see _sizes) weigh the micro-batch losses, so the
+    gradient equals that of one big batch even when the last micro-batch is short.
     """
-    if len(batches) == 1:
-        _, loss, _ = _forward(state.net, batches[0], loss_fn, rt, config.channels_last)
-        state.scaler.scale(loss).backward()
-        loss = loss.detach()
-    else:
-        weights = weights or [_sizes(batch)[1] for batch in batches]
-        loss = _accumulate(state, batches, weights, config, rt, loss_fn)
+    last = len(batches) - 1
+    if last and not weights:
+        weights = [_sizes(batch)[1] for batch in batches]
+    no_sync, step_loss = getattr(state.net, "no_sync", contextlib.nullcontext), None
+    for i, batch in enumerate(batches):
+        with no_sync() if i < last else contextlib.nullcontext():  # DDP all-reduces on the last
+            _, loss, _ = _forward(state.net, batch, loss_fn, rt, config.channels_last)
+            if last:  # (one micro-batch: no extra multiply)
+                loss = loss * (weights[i] / sum(weights))
+            state.scaler.scale(loss).backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     if config.clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
         nn.utils.clip_grad_norm_(state.model.parameters(), config.clip_grad)
@@ -782,7 +705,7 @@ def train_step(
     if state.ema is not None:
         _update_ema(state.ema_pairs, config.ema, state.step)
     state.step += 1
-    return loss
+    return step_loss
 
 
 def _advance_schedule(scheduler, optimizer) -> None:
@@ -793,24 +716,6 @@ def _advance_schedule(scheduler, optimizer) -> None:
         optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
     ):
         group["lr"] = base * factor(scheduler.last_epoch)
-
-
-def _accumulate(
-    state: TrainState, batches: list, weights: list, config: Config, rt: Runtime, loss_fn
-):
-    """Backward over several micro-batches, each loss weighted by its share of the step's
-    samples (or weights), so the gradient equals that of one big batch even when the last
-    micro-batch is short. DDP all-reduces only on the last one."""
-    total = sum(weights)
-    no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
-    step_loss = 0.0
-    for i, (batch, weight) in enumerate(zip(batches, weights)):
-        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
-            _, loss, _ = _forward(state.net, batch, loss_fn, rt, config.channels_last)
-            loss = loss * (weight / total)
-            state.scaler.scale(loss).backward()
-        step_loss = step_loss + loss.detach()
-    return step_loss
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
@@ -835,16 +740,11 @@ def _update_ema(pairs: tuple, decay: float, step: int) -> None:
 
 def _accuracy_applies(output, target) -> bool:
     """Accuracy makes sense for class logits (N, C, ...) against integer labels (N, ...)."""
-    return (
-        isinstance(output, torch.Tensor)
-        and isinstance(target, torch.Tensor)
-        and output.is_floating_point()
-        and not target.is_floating_point()
-        and target.dtype != torch.bool
-        and output.dim() == target.dim() + 1
-        and output.shape[0] == target.shape[0]
-        and output.shape[1] > 1
-    )
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return False
+    labels = not target.is_floating_point() and target.dtype != torch.bool
+    shapes = output.dim() == target.dim() + 1 and output.shape[:1] == target.shape[:1]
+    return output.is_floating_point() and labels and shapes and output.shape[1] > 1
 
 
 def _batch_metrics(output, target, loss, metrics: dict) -> dict:
@@ -912,31 +812,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _rng_state(rt: Runtime) -> dict:
     # NumPy's state holds an ndarray, which weights_only loading refuses: store it as a tensor.
     name, keys, pos, has_gauss, gauss = np.random.get_state()
+    keys = torch.from_numpy(keys.astype(np.int64))
     return {
         "python": random.getstate(),
-        "numpy": (
-            name,
-            torch.from_numpy(keys.astype(np.int64)),
-            int(pos),
-            int(has_gauss),
-            float(gauss),
-        ),
+        "numpy": (name, keys, int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
     }
 
 
 def _set_rng_state(state: dict, rt: Runtime) -> None:
-    random.setstate(_as_tuples(state["python"]))
+    random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and rt.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], rt.device)
-
-
-def _as_tuples(obj):
-    return tuple(_as_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def _seed_everything(seed: int, rank: int = 0) -> None:
@@ -983,30 +874,17 @@ def _atomic_save(payload: dict, path: Path, keep_previous: bool = False) -> None
         if keep_previous and path.exists():
             os.replace(path, _previous(path))
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # makes the rename itself survive a power cut
+        finally:
+            os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _previous(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself survive a power cut
-    finally:
-        os.close(fd)
-
-
-def _check_weights_finite(model: nn.Module) -> None:
-    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-    if not finite.item():  # sync point: once per save
-        raise NonFiniteLossError(
-            "the weights are no longer finite (NaN or inf); the last "
-            "good checkpoint was kept. Lower --lr or use --clip-grad"
-        )
 
 
 def save_checkpoint(
@@ -1019,7 +897,12 @@ def save_checkpoint(
     kept as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights.
     """
     rt = rt or Runtime(torch.device("cpu"))
-    _check_weights_finite(state.model)
+    finite = torch.stack([p.detach().isfinite().all() for p in state.model.parameters()]).all()
+    if not finite.item():  # sync point: once per save
+        raise NonFiniteLossError(
+            "the weights are no longer finite (NaN or inf); the last "
+            "good checkpoint was kept. Lower --lr or use --clip-grad"
+        )
     rng = [_rng_state(rt)]
     if rt.world_size > 1:
         rng = [None] * rt.world_size
@@ -1077,13 +960,12 @@ def load_checkpoint(
     except Exception as e:  # pickle errors, zip reader errors, truncation: all untrusted input
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
         blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-        if isinstance(e, pickle.UnpicklingError) and blocked:
-            raise CheckpointError(
-                f"{path} refused: it holds Python objects, not only tensors "
-                f"and numbers, and loading it could run code ({blocked[0]}); "
-                "nothing from it was run"
-            ) from None
-        raise CheckpointError(f"{path} is corrupt or truncated ({lines[0]})") from None
+        if not (isinstance(e, pickle.UnpicklingError) and blocked):
+            raise CheckpointError(f"{path} is corrupt or truncated ({lines[0]})") from None
+        raise CheckpointError(
+            f"{path} refused: it holds Python objects, not only tensors and numbers, and "
+            f"loading it could run code ({blocked[0]}); nothing from it was run"
+        ) from None
     if not isinstance(ckpt, dict) or "checksum" not in ckpt:
         raise CheckpointError(
             f"{path} is not a trainloop checkpoint (no checksum); load its "
@@ -1142,21 +1024,18 @@ def _lr_factor(step: int, *, schedule: str, total: int, warmup: int) -> float:
 
 
 def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm scales (it only fights the normalization); "decay"
+    # marks trainloop's own groups for _apply_config.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # no weight decay on biases and norm scales: it only fights the normalization
-        {
-            "params": [p for p in params if p.dim() > 1],
-            "weight_decay": config.weight_decay,
-            "decay": True,
-        },
-        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, "decay": False},
+    groups = [
+        {"params": ps, "weight_decay": config.weight_decay if decay else 0.0, "decay": decay}
+        for decay in (True, False)
+        if (ps := [p for p in params if (p.dim() > 1) == decay])
     ]
-    groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0
-    )
+    momentum = config.momentum
+    return torch.optim.SGD(groups, lr=config.lr, momentum=momentum, nesterov=momentum > 0)
 
 
 def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: int) -> TrainState:
@@ -1207,16 +1086,9 @@ def _console(log, config: Config, rt: Runtime) -> _Console:
         return _Console(lambda text: None, quiet=True)
     if log is not None:
         return _Console(log, quiet=config.quiet)
-    live = sys.stdout.isatty() and not config.quiet and _has_rich()
+    # rich comes with typer; it is optional when this file is vendored
+    live = sys.stdout.isatty() and not config.quiet and importlib.util.find_spec("rich") is not None
     return _Console(lambda text: print(text, flush=True), live=live, quiet=config.quiet)
-
-
-def _has_rich() -> bool:
-    try:
-        import rich.progress  # noqa: F401  (comes with typer; optional when vendored)
-    except ImportError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -1225,22 +1097,16 @@ def _progress_bar(console: _Console, title: str, total: int, done: int):
     if not console.live:
         yield lambda advance=1, **fields: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich import progress as rp
 
     columns = (
-        TextColumn(title),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
-        TimeRemainingColumn(),
+        rp.TextColumn(title),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
+        rp.TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=True) as bar:
+    with rp.Progress(*columns, transient=True) as bar:
         task = bar.add_task(title, total=total, completed=done, loss="-", speed="-")
         yield lambda advance=1, **fields: bar.update(task, advance=advance, **fields)
 
@@ -1251,7 +1117,7 @@ class _StopFlags:
 
     signal: int = 0
     signal_time: float = 0.0  # time.monotonic() when it arrived
-    deadline: Optional[float] = None  # time.monotonic() by which we must have exited
+    limit: Optional[float] = None  # seconds after `started` by which we must have exited
     started: float = field(default_factory=time.monotonic)
     steps: int = 0  # optimizer steps run by this process
     save_seconds: float = 1.0  # how long the last checkpoint took
@@ -1261,11 +1127,11 @@ class _StopFlags:
         """0 to go on, else the exit status to stop with after checkpointing."""
         if self.signal:
             return 128 + self.signal
-        if self.deadline is not None:
+        if self.limit is not None:
             now = time.monotonic()
             per_step = (now - self.started) / max(1, self.steps)
             needed = 2 * per_step * steps_ahead + self.eval_seconds + self.save_seconds + 1.0
-            if now + needed > self.deadline:
+            if now + needed > self.started + self.limit:
                 return EXIT_TIME_LIMIT
         return 0
 
@@ -1298,18 +1164,6 @@ def _catch_signals(flags: _StopFlags):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _chunks(iterable, size: int):
-    """Lists of `size` consecutive items (the last may be shorter)."""
-    chunk = []
-    for item in iterable:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @dataclass
@@ -1372,24 +1226,22 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
     config, rt = run.config, run.rt
     loader = _set_position(loader, state.epoch, state.seen, state.batches)
     sampler, start = getattr(loader, "batch_sampler", None), state.batches
+    ours = isinstance(sampler, _EpochBatches)
     first, left = state.step, math.ceil(len(loader) / config.accumulate)
     per_epoch = math.ceil(state.batches / config.accumulate) + left
     window, started, samples = [], time.monotonic(), 0
     state.net.train()
-    title = f"epoch {state.epoch + 1}/{config.epochs}"
+    title, it = f"epoch {state.epoch + 1}/{config.epochs}", iter(loader)
     with _progress_bar(run.console, title, per_epoch, per_epoch - left) as advance:
-        for batches in _chunks(loader, config.accumulate):
+        # lists of `accumulate` batches (the last may be shorter): one optimizer step each
+        for batches in iter(lambda: list(itertools.islice(it, config.accumulate)), []):
             sizes = [_sizes(batch) for batch in batches]
             weights = [w for _, w in sizes]
             loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn, weights=weights)
             count = sum(n for n, _ in sizes)
             window.append((loss, sum(weights), state.step))
             state.batches += len(batches)
-            state.seen = (
-                sampler.seen_after(state.batches - start)
-                if isinstance(sampler, _EpochBatches)
-                else state.seen + count
-            )
+            state.seen = sampler.seen_after(state.batches - start) if ours else state.seen + count
             samples += count * rt.world_size
             run.flags.steps += 1
             advance()
@@ -1399,18 +1251,16 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
             if not (log_now or save_now or stop_now):
                 continue
             stop = _sync_point(state, window, run, check_stop=log_now or stop_now)
-            elapsed = time.monotonic() - started
-            remaining = first + left - state.step
-            eta = elapsed / (state.step - first) * remaining
-            _log_progress(
-                state,
-                run,
-                advance,
-                per_epoch - remaining,
-                per_epoch,
-                samples / max(elapsed, 1e-9),
-                eta,
-            )
+            elapsed, remaining = time.monotonic() - started, first + left - state.step
+            eta, speed = elapsed / (state.step - first) * remaining, samples / max(elapsed, 1e-9)
+            mean = _train_loss(state)
+            advance(advance=0, loss=f"{mean:.4f}", speed=f"{speed:,.0f}")
+            if not run.console.live:
+                run.console.line(
+                    f"epoch={state.epoch + 1}/{config.epochs} step={per_epoch - remaining}/"
+                    f"{per_epoch} loss={mean:.4f} lr={state.lr:.4g} samples_per_s={speed:.0f} "
+                    f"eta={eta:.0f}s"
+                )
             if save_now or stop:
                 _save(state, run)
             if stop:
@@ -1425,23 +1275,9 @@ def _train_loss(state: TrainState) -> float:
     return state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
 
 
-def _log_progress(state, run: _Run, advance, done, per_epoch, speed, eta) -> None:
-    loss = _train_loss(state)
-    advance(advance=0, loss=f"{loss:.4f}", speed=f"{speed:,.0f}")
-    if not run.console.live:
-        run.console.line(
-            f"epoch={state.epoch + 1}/{run.config.epochs} step={done}/{per_epoch} "
-            f"loss={loss:.4f} lr={state.lr:.4g} samples_per_s={speed:.0f} "
-            f"eta={eta:.0f}s"
-        )
-
-
 def _say_stopped(code: int, state: TrainState, run: _Run) -> None:
-    why = (
-        "time limit reached"
-        if code == EXIT_TIME_LIMIT
-        else f"{signal.Signals(code - 128).name} received"
-    )
+    reason = f"{signal.Signals(code - 128).name} received" if code > 128 else ""
+    why = "time limit reached" if code == EXIT_TIME_LIMIT else reason
     where = f"; checkpoint {run.out / 'last.pt'}" if run.out else ""
     run.console.write(
         f"stopped: {why} at step {state.step} (epoch {state.epoch + 1}){where}; "
@@ -1494,16 +1330,9 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
         _save_best(state, row, run)
     _write_metrics(state.history, run)
     _save(state, run)
-    run.console.line(
-        " ".join(f"{k}={_fmt(v)}" for k, v in row.items()).replace(
-            f"epoch={row['epoch']}", f"epoch={row['epoch']}/{config.epochs}", 1
-        )
-    )
+    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+    run.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
     return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _save_best(state: TrainState, row: dict, run: _Run) -> None:
@@ -1557,11 +1386,8 @@ def _prepare_out(config: Config, rt: Runtime) -> Optional[Path]:
             out.mkdir(parents=True, exist_ok=True)
             for tmp in out.glob(".*.tmp"):
                 tmp.unlink()
-            record = {
-                **dataclasses.asdict(config),
-                "world_size": rt.world_size,
-                "trainloop": __version__,
-            }
+            record = dict(dataclasses.asdict(config), world_size=rt.world_size)
+            record["trainloop"] = __version__
             (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         except OSError as e:
             raise UsageError(
@@ -1587,21 +1413,10 @@ def _resume_candidates(config: Config, out: Optional[Path]) -> list:
 
 
 # Settings that change a run's trajectory; resuming with another value is warned about.
-_NOT_TRAJECTORY = {
-    "out",
-    "resume",
-    "quiet",
-    "log_every",
-    "save_every",
-    "time_limit",
-    "eval_only",
-    "patience",
-    "workers",
-    "download",
-    "data_root",
-    "monitor",
-    "monitor_mode",
-}
+_NOT_TRAJECTORY = set(
+    "out resume quiet log_every save_every time_limit eval_only patience workers download "
+    "data_root monitor monitor_mode".split()
+)
 
 
 def _resume(state: TrainState, run: _Run) -> None:
@@ -1646,10 +1461,10 @@ def _warn_changes(ckpt: dict, run: _Run) -> None:
         for k, v in ckpt["config"].items()
         if k not in _NOT_TRAJECTORY and getattr(run.config, k, v) != v
     ]
-    if ckpt["world_size"] != run.rt.world_size:
+    if ckpt["world_size"] != run.rt.world_size:  # elastic resume
+        why = "each remaining sample of the epoch is still seen once"
         changes.append(
-            f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic "
-            "resume: each remaining sample of the epoch is still seen once)"
+            f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic resume: {why})"
         )
     if ckpt["train_size"] != run.train_size:
         changes.append(f"training samples {ckpt['train_size']} -> {run.train_size}")
@@ -1758,12 +1573,8 @@ def fit(
 def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, log) -> list:
     if config.patience and val_data is None:
         raise UsageError("--patience needs validation data to watch; pass val_data or drop it")
-    known = {"train_loss"} | (
-        {"val_loss", "val_acc", "val_top5", *(f"val_{m}" for m in metrics)}
-        if val_data is not None
-        else set()
-    )
-    if config.monitor not in known | {"auto"}:
+    known = ["train_loss"] + [f"val_{m}" for m in ("loss", "acc", "top5", *metrics) if val_data]
+    if config.monitor not in known + ["auto"]:
         raise UsageError(
             f"--monitor {config.monitor} is not reported; choose from {', '.join(sorted(known))}"
         )
@@ -1774,22 +1585,10 @@ def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, l
         model = model.to(memory_format=torch.channels_last)
     train = _as_loader(train_data, config, rt, train=True)
     val = _as_loader(val_data, config, rt, train=False)
-    flags = _StopFlags(deadline=None)
-    limit = parse_duration(config.time_limit)
-    if limit is not None:
-        flags.deadline = flags.started + limit
-    out = _prepare_out(config, rt)
+    flags, out = _StopFlags(limit=parse_duration(config.time_limit)), _prepare_out(config, rt)
     samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
-    run = _Run(
-        config,
-        rt,
-        loss_fn,
-        metrics,
-        _console(log, config, rt),
-        flags,
-        out,
-        len(samples) if hasattr(samples, "__len__") else 0,
-    )
+    size = len(samples) if hasattr(samples, "__len__") else 0
+    run = _Run(config, rt, loss_fn, metrics, _console(log, config, rt), flags, out, size)
     try:
         run.steps_per_epoch = math.ceil(len(train) / config.accumulate)
     except TypeError:
@@ -1859,21 +1658,8 @@ class _ImageTensors(TensorDataset):
         self.augment_pad = augment_pad
 
 
-@dataclass(frozen=True)
-class _DataInfo:
-    channels: int
-    classes: int
-    size: int
-
-
 def synthetic_images(
-    seed: int,
-    *,
-    train_size: int = 10000,
-    val_size: int = 2000,
-    classes: int = 10,
-    size: int = 32,
-    channels: int = 3,
+    seed: int, *, train_size=10000, val_size=2000, classes=10, size=32, channels=3
 ):
     """A learnable image-classification set made from the seed, no download.
 
@@ -1900,11 +1686,9 @@ def synthetic_images(
 
 
 _TORCHVISION_DATA = {
-    "mnist": "MNIST",
-    "fashionmnist": "FashionMNIST",
-    "cifar10": "CIFAR10",
-    "cifar100": "CIFAR100",
+    name.lower(): name for name in ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100")
 }
+_BUILTIN_DATA = ("synthetic", *_TORCHVISION_DATA)  # any other --data is a directory
 
 
 def _load_torchvision(config: Config):
@@ -1943,7 +1727,7 @@ def _tensor_data(config: Config, rgb: bool):
     if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
         x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
-    info = _DataInfo(x_train.shape[1], int(y_train.max()) + 1, x_train.shape[-1])
+    info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
     return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
@@ -1980,16 +1764,14 @@ class _ImageFiles(Dataset):
 
 def _image_folder(config: Config, rgb: bool):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
-    import torchvision
+    from torchvision.datasets import ImageFolder
 
     root = _data_dir(config)
     train_dir = root / "train" if (root / "train").is_dir() else root
     try:
-        train = torchvision.datasets.ImageFolder(str(train_dir))
-        val = (
-            torchvision.datasets.ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
-        )
-    except (FileNotFoundError, OSError) as e:
+        train = ImageFolder(str(train_dir))
+        val = ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
+    except OSError as e:
         raise UsageError(f"--data {root}: {e}; expected DIR/<class>/<image files>") from None
     if len(train.classes) < 2:
         raise UsageError(
@@ -2011,12 +1793,8 @@ def _image_folder(config: Config, rgb: bool):
     size, channels = _first_image_shape(samples[0][0], config.image_size)
     channels = 3 if rgb else channels
     pad = max(1, size // 8) if config.augment else 0
-    info = _DataInfo(channels, len(train.classes), size)
-    return (
-        _ImageFiles(samples, size, channels, pad),
-        _ImageFiles(val_samples, size, channels),
-        info,
-    )
+    info = {"channels": channels, "classes": len(train.classes)}
+    return _ImageFiles(samples, size, channels, pad), _ImageFiles(val_samples, size, channels), info
 
 
 def _data_dir(config: Config) -> Path:
@@ -2042,7 +1820,7 @@ def _first_image_shape(path, image_size: int):
 
 def load_data(config: Config, rgb: bool = False):
     """The CLI's data: (train, val, info) for --data."""
-    if config.data == "synthetic" or config.data in _TORCHVISION_DATA:
+    if config.data in _BUILTIN_DATA:
         return _tensor_data(config, rgb)
     return _image_folder(config, rgb)
 
@@ -2069,12 +1847,6 @@ def small_cnn(channels: int, classes: int) -> nn.Sequential:
     )
 
 
-def _torchvision_models() -> list:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)  # classification only
-
-
 def build_model(name: str, *, channels: int, classes: int) -> nn.Module:
     """smallcnn, or a torchvision classification model with `classes` outputs, untrained."""
     if name == "smallcnn":
@@ -2087,22 +1859,15 @@ def build_model(name: str, *, channels: int, classes: int) -> nn.Module:
 def _check_model_name(name: str) -> None:
     if name == "smallcnn":
         return
-    names = _torchvision_models()
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)  # classification only
     if name not in names:
         close = difflib.get_close_matches(name, names + ["smallcnn"], n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
         raise UsageError(
             f"--model {name!r} is not smallcnn or a torchvision classification model; {hint}"
         )
-
-
-def _default_out(config: Config) -> str:
-    data = (
-        Path(config.data).name
-        if config.data not in ("synthetic", *_TORCHVISION_DATA)
-        else config.data
-    )
-    return str(Path("runs") / f"{data or 'data'}-{config.model}")
 
 
 def _eval_only(model: nn.Module, val, config: Config, rt: Runtime) -> int:
@@ -2120,11 +1885,7 @@ def _eval_only(model: nn.Module, val, config: Config, rt: Runtime) -> int:
         raise UsageError(
             f"{path} does not match --model {config.model} ({_first_line(e)})"
         ) from None
-    rt_model = model.to(rt.device)
-    loader = make_loader(
-        val, batch_size=config.batch_size, train=False, runtime=rt, workers=config.workers
-    )
-    scores = evaluate(rt_model, loader, rt=rt)
+    scores = evaluate(model.to(rt.device), _as_loader(val, config, rt, train=False), rt=rt)
     if rt.is_main:
         print(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
     return 0
@@ -2137,7 +1898,7 @@ def _run(config: Config) -> int:
         rgb = config.model != "smallcnn"
         train, val, info = load_data(config, rgb)
         torch.manual_seed(config.seed)  # the same initial weights in every process
-        model = build_model(config.model, channels=info.channels, classes=info.classes)
+        model = build_model(config.model, **info)
         if config.eval_only:
             return _eval_only(model, val, config, rt)
         fit(model, train, val, config=config, runtime=rt)
@@ -2170,8 +1931,6 @@ def _launch_local(config: Config, nproc: int) -> int:
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
         shutdown_timeout=300,
         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     )
@@ -2182,11 +1941,8 @@ def _launch_local(config: Config, nproc: int) -> int:
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode  # the first to fail is the cause
         code = code if code > 0 else 1
-        print(
-            f"trainloop: error: a training process failed (exit status {code}); the others "
-            "were stopped",
-            file=sys.stderr,
-        )
+        why = f"a training process failed (exit status {code}); the others were stopped"
+        print(f"trainloop: error: {why}", file=sys.stderr)
         return code
     return 0
 
@@ -2194,12 +1950,13 @@ def _launch_local(config: Config, nproc: int) -> int:
 def _run_cli(config: Config) -> int:
     """Check what can be checked before any process starts, then train."""
     check_config(config)
-    if not config.out:
-        config = dataclasses.replace(config, out=_default_out(config))
+    if not config.out:  # runs/<data>-<model>
+        data = config.data if config.data in _BUILTIN_DATA else Path(config.data).name or "data"
+        config = dataclasses.replace(config, out=f"runs/{data}-{config.model}")
     if Path(config.out).is_file():
         raise UsageError(f"--out {config.out} is a file; pick a directory for the run")
     _check_model_name(config.model)
-    if config.data != "synthetic" and config.data not in _TORCHVISION_DATA:
+    if config.data not in _BUILTIN_DATA:
         _data_dir(config)
     _resume_candidates(config, Path(config.out))  # a missing --resume file fails here
     ids = parse_gpus(config.gpus)
@@ -2250,39 +2007,19 @@ def _build_cli():
         options.pop("version", None)
         raise typer.Exit(_exit_code_of(lambda: _run_cli(Config(**options))))
 
-    params = [
-        inspect.Parameter(
-            f.name,
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=f.type,
-            default=typer.Option(
-                f.default,
-                help=f.metadata["help"],
-                rich_help_panel=f.metadata["panel"],
-                show_default=f.default != "",
-            ),
-        )
-        for f in dataclasses.fields(Config)
-    ]
-    params.append(
-        inspect.Parameter(
-            "version",
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=bool,
-            default=typer.Option(
-                False,
-                "--version",
-                callback=show_version,
-                is_eager=True,
-                help="Print the version and exit.",
-            ),
-        )
+    def option(f):  # a Config field as a Typer option
+        return typer.Option(f.default, show_default=f.default != "", **f.metadata)
+
+    version = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
     )
+    kinds = {f.name: (f.type, option(f)) for f in dataclasses.fields(Config)}
+    kinds["version"] = (bool, version)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(k, keyword, annotation=t, default=d) for k, (t, d) in kinds.items()]
     command.__signature__ = inspect.Signature(params)
     app = typer.Typer(
-        add_completion=False,
-        pretty_exceptions_enable=False,
-        context_settings={"help_option_names": ["-h", "--help"]},
+        add_completion=False, context_settings={"help_option_names": ["-h", "--help"]}
     )
     app.command(
         help="Train an image classifier. Defaults train a small CNN on a synthetic "
