@@ -1800,19 +1800,22 @@ def test_torchrun_cli_trains_the_default_job_on_two_cpu_processes(tmp_path):
 
 @pytest.fixture(scope="module")
 def same_global_batch(tmp_path_factory):
-    """The same job as 2 processes x 8 samples and as 1 process x 16 (100 samples: short last
-    batches too); returns their run directories."""
+    """The same job as 2 processes x 8 samples, as 1 process x 16, and as 2 processes x 2
+    accumulated micro-batches of 4 (100 samples: short last batches too); returns their run
+    directories."""
     tmp_path = tmp_path_factory.mktemp("global_batch")
     opts = dict(n=100, n_val=30, epochs=2, quiet=True)
     two = run_worker(tmp_path, dict(opts, batch_size=8, out="two"), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_worker(tmp_path, dict(opts, batch_size=16, out="one"), nproc=1)
     assert one.returncode == 0, one.stderr[-3000:]
-    return tmp_path / "two", tmp_path / "one"
+    acc = run_worker(tmp_path, dict(opts, batch_size=4, accumulate=2, out="acc"), nproc=2)
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    return tmp_path / "two", tmp_path / "one", tmp_path / "acc"
 
 
 def test_fit_two_processes_equal_one_process_with_their_global_batch(same_global_batch):
-    two, one = same_global_batch
+    two, one, _ = same_global_batch
     a, b = tl.load_checkpoint(two / "last.pt"), tl.load_checkpoint(one / "last.pt")
     assert a["step"] == b["step"] == 14  # 7 steps an epoch in both
     assert a["model"].keys() == b["model"].keys()
@@ -1827,9 +1830,19 @@ def test_fit_two_processes_equal_one_process_with_their_global_batch(same_global
 
 
 def test_fit_train_loss_is_over_every_process_sample(same_global_batch):
-    two, one = same_global_batch
+    two, one, _ = same_global_batch
     rows_a, rows_b = read_rows(two / "metrics.jsonl"), read_rows(one / "metrics.jsonl")
     for ra, rb in zip(rows_a, rows_b):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+
+
+def test_fit_accumulating_under_ddp_equals_the_global_batch(same_global_batch):
+    _, one, acc = same_global_batch
+    a, b = tl.load_checkpoint(acc / "last.pt"), tl.load_checkpoint(one / "last.pt")
+    assert a["step"] == b["step"] == 14
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+    for ra, rb in zip(read_rows(acc / "metrics.jsonl"), read_rows(one / "metrics.jsonl")):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
 
 
