@@ -1822,7 +1822,7 @@ def _first_image_shape(path, image_size: int):
 
 
 def load_data(config: Config, rgb: bool = False):
-    """The CLI's data: (train, val, info) for --data."""
+    """The CLI's data: (train, val, info) for --data; info = {"channels": C, "classes": K}."""
     if config.data in _BUILTIN_DATA:
         return _tensor_data(config, rgb)
     return _image_folder(config, rgb)
