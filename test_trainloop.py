@@ -226,6 +226,23 @@ def test_make_loader_fast_path_matches_dataloader_path():
     assert len(fast) == len(slow) == 7
 
 
+@pytest.mark.parametrize("seen", [0, 9])
+def test_fast_path_gathers_in_chunks_without_changing_a_batch(monkeypatch, seen):
+    data = tl._ImageTensors(torch.randn(50, 1, 4, 4), torch.arange(50), augment_pad=1)
+
+    def batches(gather_bytes):  # one batch is 8 x (64 + 8) bytes
+        monkeypatch.setattr(tl, "_GATHER_BYTES", gather_bytes)
+        loader = tl.make_loader(data, batch_size=8, seed=3)
+        tl._set_position(loader, 1, seen, 0)
+        return list(loader)
+
+    one, three, whole = batches(1), batches(3 * 8 * 72), batches(2**30)
+    assert len(one) == len(three) == len(whole) == math.ceil((50 - seen) / 8)
+    for a, b, c in zip(one, three, whole):
+        assert all(torch.equal(u, v) and torch.equal(u, w) for u, v, w in zip(a, b, c))
+    assert torch.cat([y for _, y in one]).unique().numel() == 50 - seen
+
+
 def test_make_loader_reshuffles_per_epoch_and_covers_every_sample():
     loader = tl.make_loader(TensorDataset(torch.arange(40)), batch_size=16, seed=0)
     orders = []
@@ -2013,7 +2030,7 @@ def launch_with_bad_image_on_rank_1(tmp_path_factory):
     root = make_image_folder(tmp_path / "pets", per_class=40)
     config = tl.Config(data=str(root), batch_size=4)
     train, _, _ = tl._image_folder(config, rgb=False)
-    rank1 = tl._EpochBatches(len(train), 4, shuffle=True, seed=0, rank=1, world=2)._mine()
+    rank1 = tl._EpochBatches(len(train), 4, shuffle=True, seed=0, rank=1, world=2).indices()
     index = next(i for i in rank1[4:].tolist() if i != 0)  # sample 0 sets the image size
     bad = Path(train.samples[index][0])
     bad.write_bytes(b"not an image")

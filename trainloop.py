@@ -269,6 +269,10 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @functools.cached_property
+    def on_cpu(self) -> bool:  # read every step; device.type builds a new string each time
+        return self.device.type == "cpu"
+
     def autocast(self):
         """The mixed-precision context for forward passes (a no-op at full precision)."""
         if self.amp_dtype is None:
@@ -385,7 +389,8 @@ class _EpochBatches(Sampler):
     def set_position(self, epoch: int, seen: int = 0) -> None:
         self.epoch, self.seen = epoch, seen
 
-    def _mine(self) -> torch.Tensor:
+    def indices(self) -> torch.Tensor:
+        """This process's sample indices for the rest of the epoch, in order."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=generator)
@@ -394,7 +399,7 @@ class _EpochBatches(Sampler):
         return order[self.seen :][self.rank :: self.world][: self._per_rank()]
 
     def index_batches(self):
-        mine = self._mine()
+        mine = self.indices()
         return mine.split(self.batch_size) if len(mine) else ()  # split() of nothing gives [[]]
 
     def __iter__(self):
@@ -438,12 +443,18 @@ class _SeededSample(Dataset):
         return self.dataset[index]
 
 
+# The fast path gathers this many bytes of samples at a time and slices batches out of them:
+# one indexing op costs ~10 us on a CPU however small, as much as a tiny model's forward pass.
+_GATHER_BYTES = 16 * 2**20
+
+
 @dataclass
 class _TensorBatches:
-    """The in-memory fast path: whole batches gathered by indexing tensors, no collate.
+    """The in-memory fast path: batches gathered by indexing whole tensors, no collate.
 
-    Same order as a DataLoader over the same sampler. `augment_pad` > 0 applies random crop and
-    flip to the first tensor, with parameters drawn per sample index for each epoch.
+    Same batches, in the same order, as a DataLoader over the same sampler. `augment_pad` > 0
+    applies random crop and flip to the first tensor, with parameters drawn per sample index
+    for each epoch.
     """
 
     tensors: tuple
@@ -460,12 +471,15 @@ class _TensorBatches:
             shifts = torch.randint(0, 2 * pad + 1, (sampler.size, 2), generator=generator)
             flips = torch.rand(sampler.size, generator=generator) < 0.5
             shifts, flips = shifts.to(device), flips.to(device)
-        for idx in sampler.index_batches():
-            idx = idx.to(device)
-            batch = [t[idx] for t in self.tensors]
+        order, size = sampler.indices().to(device), sampler.batch_size
+        batch_bytes = size * sum(math.prod(t.shape[1:]) * t.element_size() for t in self.tensors)
+        chunk = size * max(1, _GATHER_BYTES // max(1, batch_bytes))  # whole batches
+        for idx in order.split(chunk) if len(order) else ():  # split() of nothing gives [[]]
+            parts = [t[idx] for t in self.tensors]
             if pad:
-                batch[0] = _crop_flip(batch[0], shifts[idx], flips[idx], pad)
-            yield tuple(batch)
+                parts[0] = _crop_flip(parts[0], shifts[idx], flips[idx], pad)
+            for batch in zip(*(part.split(size) for part in parts)):
+                yield list(batch)  # a list, as a DataLoader's collate gives
 
 
 def _crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int):
@@ -649,22 +663,27 @@ def _forward(net, batch, loss_fn, rt: Runtime, channels_last: bool = False):
         fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
         return t.to(rt.device, non_blocking=True, memory_format=fmt)
 
-    if rt.device.type != "cpu":
+    if not rt.on_cpu:
         batch = _map_tensors(batch, move)
     inputs, target, _ = _split_batch(batch)
+    if rt.amp_dtype is None:  # full precision: skip even a no-op context (~1 us a step)
+        output = _call(net, inputs)
+        return output, _loss(output, batch, target, loss_fn), target
     with rt.autocast():
         output = _call(net, inputs)
-        if loss_fn is None:
-            loss = _own_loss(output)
-        elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
-            raise UsageError(
-                "a dict batch goes whole to model(**batch), so the default "
-                "cross-entropy has no target; pass loss_fn=None (the model "
-                "returns its loss) or your own loss_fn(output, batch)"
-            )
-        else:
-            loss = loss_fn(output, batch if target is None else target)
-    return output, loss, target
+        return output, _loss(output, batch, target, loss_fn), target
+
+
+def _loss(output, batch, target, loss_fn):
+    if loss_fn is None:
+        return _own_loss(output)
+    if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+        raise UsageError(
+            "a dict batch goes whole to model(**batch), so the default "
+            "cross-entropy has no target; pass loss_fn=None (the model "
+            "returns its loss) or your own loss_fn(output, batch)"
+        )
+    return loss_fn(output, batch if target is None else target)
 
 
 def train_step(
@@ -688,15 +707,14 @@ def train_step(
         weights = [_sizes(batch)[1] for batch in batches]
     step_loss = None
     for i, batch in enumerate(batches):
-        # DDP all-reduces on the last micro-batch only. no_sync is looked up only then: a
-        # Module's missing attribute costs a raised and caught exception (~1 us a step).
+        share = weights[i] / sum(weights) if last else None
         no_sync = getattr(state.net, "no_sync", None) if i < last else None
-        with no_sync() if no_sync else contextlib.nullcontext():
-            _, loss, _ = _forward(state.net, batch, loss_fn, rt, config.channels_last)
-            if last:  # (one micro-batch: no extra multiply)
-                loss = loss * (weights[i] / sum(weights))
-            state.scaler.scale(loss).backward()
-        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        if no_sync:  # DDP all-reduces gradients on the last micro-batch only
+            with no_sync():
+                loss = _backward(state, batch, share, loss_fn, rt, config.channels_last)
+        else:
+            loss = _backward(state, batch, share, loss_fn, rt, config.channels_last)
+        step_loss = loss if step_loss is None else step_loss + loss
     if config.clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
         nn.utils.clip_grad_norm_(state.model.parameters(), config.clip_grad)
@@ -711,14 +729,23 @@ def train_step(
     return step_loss
 
 
+def _backward(state: TrainState, batch, share, loss_fn, rt: Runtime, channels_last: bool):
+    """Forward and backward one micro-batch whose loss counts `share` of the step (None: all).
+    Returns its (scaled-down) loss, detached."""
+    _, loss, _ = _forward(state.net, batch, loss_fn, rt, channels_last)
+    if share is not None:
+        loss = loss * share
+    state.scaler.scale(loss).backward()
+    return loss.detach()
+
+
 def _advance_schedule(scheduler, optimizer) -> None:
-    """scheduler.step() for a LambdaLR, without its per-call checks and wrappers, which cost
+    """scheduler.step() for our LambdaLR, without its per-call checks and wrappers, which cost
     about 25 us a step (4% of a small model's step on a CPU). Same state, same LRs."""
     scheduler.last_epoch += 1
-    for group, base, factor in zip(
-        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-    ):
-        group["lr"] = base * factor(scheduler.last_epoch)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # one function serves every group
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
@@ -1010,7 +1037,7 @@ def _restore(state: TrainState, ckpt: dict, rt: Runtime, path: Path) -> None:
 # ---- fit -------------------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, *, schedule: str, total: int, warmup: int) -> float:
+def _lr_factor(step: int, schedule: str, total: int, warmup: int) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based)."""
     if schedule == "onecycle":  # ramp up from lr/25 over `warmup` (default 30%), anneal to ~0
         warmup = warmup or max(1, int(0.3 * total))
@@ -1045,8 +1072,13 @@ def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: i
     optimizer = optimizer or _make_optimizer(model, config)
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
-    factor = functools.partial(_lr_factor, schedule=config.schedule, total=total, warmup=warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    wrapped = hasattr(optimizer.step, "_wrapped_by_lr_sched")  # by a scheduler of the user's
+    schedule = config.schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, schedule, total, warmup)
+    )
+    if not wrapped:  # LambdaLR's wrapper checks the order of calls to scheduler.step(), which
+        del optimizer.step  # trainloop never makes (see _advance_schedule): a call a step less
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None
     pairs = _ema_pairs(ema, model) if ema is not None else ()
@@ -1195,15 +1227,17 @@ def _sync_point(state: TrainState, window: list, run: _Run, check_stop: bool) ->
     losses = torch.stack([loss for loss, _, _ in window]).tolist() if window else []  # sync point
     weights = [weight for _, weight, _ in window]
     sums = _all_reduce([v * w for v, w in zip(losses, weights)] + weights, run.rt)
-    for i, (_, _, step) in enumerate(window):
-        if not math.isfinite(sums[i]):
-            raise NonFiniteLossError(
-                f"the loss became NaN or inf at step {step} (epoch "
-                f"{state.epoch + 1}); the last good checkpoint was kept. "
-                "Lower --lr, use --clip-grad, or check the data"
-            )
-        state.epoch_loss[0] += sums[i]
-        state.epoch_loss[1] += sums[len(window) + i]
+    loss_sums, weight_sums = sums[: len(window)], sums[len(window) :]
+    if not all(map(math.isfinite, loss_sums)):
+        bad = next(i for i, v in enumerate(loss_sums) if not math.isfinite(v))
+        raise NonFiniteLossError(
+            f"the loss became NaN or inf at step {window[bad][2]} (epoch "
+            f"{state.epoch + 1}); the last good checkpoint was kept. "
+            "Lower --lr, use --clip-grad, or check the data"
+        )
+    for loss_sum, weight_sum in zip(loss_sums, weight_sums):  # step by step: the same sums
+        state.epoch_loss[0] += loss_sum  # however the steps fall into windows
+        state.epoch_loss[1] += weight_sum
     window.clear()
     collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
     stop = run.flags.code(run.config.log_every if run.rt.world_size > 1 else 1) if check_stop else 0
@@ -1232,20 +1266,20 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
     ours = isinstance(sampler, _EpochBatches)
     first, left = state.step, math.ceil(len(loader) / config.accumulate)
     per_epoch = math.ceil(state.batches / config.accumulate) + left
-    window, started, samples = [], time.monotonic(), 0
+    window, started, seen_before, counted = [], time.monotonic(), state.seen, 0
+
+    def update_seen():  # only where a checkpoint may follow: seen_after costs ~2 us a call
+        state.seen = sampler.seen_after(state.batches - start) if ours else seen_before + counted
+
     state.net.train()
     title, it = f"epoch {state.epoch + 1}/{config.epochs}", iter(loader)
     with _progress_bar(run.console, title, per_epoch, per_epoch - left) as advance:
-        # lists of `accumulate` batches (the last may be shorter): one optimizer step each
-        for batches in iter(lambda: list(itertools.islice(it, config.accumulate)), []):
-            sizes = [_sizes(batch) for batch in batches]
-            weights = [w for _, w in sizes]
+        for batches in _groups(it, config.accumulate):
+            counts, weights = zip(*map(_sizes, batches))
             loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn, weights=weights)
-            count = sum(n for n, _ in sizes)
             window.append((loss, sum(weights), state.step))
             state.batches += len(batches)
-            state.seen = sampler.seen_after(state.batches - start) if ours else state.seen + count
-            samples += count * rt.world_size
+            counted += sum(counts)
             run.flags.steps += 1
             advance()
             log_now = state.step % config.log_every == 0 or state.step == first + left
@@ -1253,9 +1287,11 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
             stop_now = rt.world_size == 1 and run.flags.code() != 0
             if not (log_now or save_now or stop_now):
                 continue
+            update_seen()
             stop = _sync_point(state, window, run, check_stop=log_now or stop_now)
             elapsed, remaining = time.monotonic() - started, first + left - state.step
-            eta, speed = elapsed / (state.step - first) * remaining, samples / max(elapsed, 1e-9)
+            speed = counted * rt.world_size / max(elapsed, 1e-9)
+            eta = elapsed / (state.step - first) * remaining
             mean = _train_loss(state)
             advance(advance=0, loss=f"{mean:.4f}", speed=f"{speed:,.0f}")
             if not run.console.live:
@@ -1269,8 +1305,21 @@ def _train_epoch(state: TrainState, loader, run: _Run) -> None:
             if stop:
                 _say_stopped(stop, state, run)
                 raise Stopped(stop)
+    update_seen()
     _sync_point(state, window, run, check_stop=False)  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
+
+
+def _groups(batches, size: int):
+    """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _train_loss(state: TrainState) -> float:
