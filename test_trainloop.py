@@ -1295,13 +1295,11 @@ def test_cli_on_a_terminal_draws_a_progress_bar(tmp_path):
     ],
 )
 def test_lr_factor_at_known_steps(schedule, step, expected):
-    assert tl._lr_factor(step, schedule=schedule, total=100, warmup=0) == pytest.approx(
-        expected, abs=1e-12
-    )
+    assert tl._lr_factor(schedule, 100, 0, step) == pytest.approx(expected, abs=1e-12)
 
 
 def test_lr_factor_warmup_is_linear_then_the_schedule():
-    factors = [tl._lr_factor(s, schedule="cosine", total=110, warmup=10) for s in range(12)]
+    factors = [tl._lr_factor("cosine", 110, 10, s) for s in range(12)]
     assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert factors[10] == pytest.approx(1.0)
 
@@ -1312,7 +1310,7 @@ def test_fit_logs_the_lr_that_was_applied():
         model, blobs(64), epochs=4, batch_size=16, lr=0.1, schedule="step", warmup=0, **quiet()
     )
     # 4 steps an epoch, 16 in all: the last step of each epoch is step 3, 7, 11, 15.
-    expected = [0.1 * tl._lr_factor(s, schedule="step", total=16, warmup=0) for s in (3, 7, 11, 15)]
+    expected = [0.1 * tl._lr_factor("step", 16, 0, s) for s in (3, 7, 11, 15)]
     assert [r["lr"] for r in history] == pytest.approx(expected)
 
 

@@ -597,14 +597,6 @@ def _split_batch(batch):
     )
 
 
-def _call(net, inputs):
-    if isinstance(inputs, dict):
-        return net(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return net(*inputs)
-    return net(inputs)
-
-
 def _count(obj) -> int:
     """Samples in a batch part, from host metadata (no sync): a tensor's first dimension; for a
     dict, that of its first value; for a list or tuple, that of its first tensor, or its length
@@ -625,7 +617,10 @@ def _sizes(batch) -> tuple:
     the batch (a number or CPU tensor, e.g. a token count), else its number of samples.
     """
     inputs, target, weight = _split_batch(batch)
-    count = _count(target) or _count(inputs)
+    if isinstance(target, torch.Tensor) and target.dim():  # the common case, without a call
+        count = target.shape[0]
+    else:
+        count = _count(target) or _count(inputs)
     if isinstance(weight, torch.Tensor):  # per-sample weights or token counts: their total
         weight = weight.sum()
     return count, float(count if weight is None else weight)
@@ -667,23 +662,27 @@ def _forward(net, batch, loss_fn, rt: Runtime, channels_last: bool = False):
         batch = _map_tensors(batch, move)
     inputs, target, _ = _split_batch(batch)
     if rt.amp_dtype is None:  # full precision: skip even a no-op context (~1 us a step)
-        output = _call(net, inputs)
-        return output, _loss(output, batch, target, loss_fn), target
+        return (*_output_and_loss(net, inputs, target, batch, loss_fn), target)
     with rt.autocast():
-        output = _call(net, inputs)
-        return output, _loss(output, batch, target, loss_fn), target
+        return (*_output_and_loss(net, inputs, target, batch, loss_fn), target)
 
 
-def _loss(output, batch, target, loss_fn):
+def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
+    if isinstance(inputs, dict):
+        output = net(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        output = net(*inputs)
+    else:
+        output = net(inputs)
     if loss_fn is None:
-        return _own_loss(output)
+        return output, _own_loss(output)
     if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
         raise UsageError(
             "a dict batch goes whole to model(**batch), so the default "
             "cross-entropy has no target; pass loss_fn=None (the model "
             "returns its loss) or your own loss_fn(output, batch)"
         )
-    return loss_fn(output, batch if target is None else target)
+    return output, loss_fn(output, batch if target is None else target)
 
 
 def train_step(
@@ -718,8 +717,11 @@ def train_step(
     if config.clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
         nn.utils.clip_grad_norm_(state.model.parameters(), config.clip_grad)
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
+    if state.scaler.is_enabled():  # fp16 (a disabled GradScaler's calls are no-ops, ~1 us)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.lr = state.optimizer.param_groups[0]["lr"]
     _advance_schedule(state.scheduler, state.optimizer)
@@ -1037,7 +1039,7 @@ def _restore(state: TrainState, ckpt: dict, rt: Runtime, path: Path) -> None:
 # ---- fit -------------------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, schedule: str, total: int, warmup: int) -> float:
+def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based)."""
     if schedule == "onecycle":  # ramp up from lr/25 over `warmup` (default 30%), anneal to ~0
         warmup = warmup or max(1, int(0.3 * total))
@@ -1073,10 +1075,9 @@ def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: i
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
     wrapped = hasattr(optimizer.step, "_wrapped_by_lr_sched")  # by a scheduler of the user's
-    schedule = config.schedule
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, schedule, total, warmup)
-    )
+    # (the step comes last: a partial with only positional arguments is the cheapest call)
+    factor = functools.partial(_lr_factor, config.schedule, total, warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if not wrapped:  # LambdaLR's wrapper checks the order of calls to scheduler.step(), which
         del optimizer.step  # trainloop never makes (see _advance_schedule): a call a step less
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)

@@ -6,7 +6,7 @@ Trains the same model on the same data for the same number of optimizer steps fo
                   num_workers=0), SGD(momentum=0.9, nesterov=True) at a constant LR, no .item()
   b  fit(loader)  trainloop.fit given a DataLoader built exactly like (a): the general path
   c  fit(tensors) trainloop.fit given the TensorDataset itself: the in-memory fast path that
-                  gathers whole batches by indexing tensors, with no DataLoader
+                  gathers many batches per indexing op and slices them, with no DataLoader
   d  hand slices  a hand loop that indexes the tensors by a random permutation: the physical
                   limit of the fast path, for reference
 
