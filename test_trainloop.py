@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -419,6 +420,20 @@ def test_fit_accepts_dataloaders_and_a_user_optimizer():
     )
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert optimizer.state  # the user's optimizer did the stepping
+
+
+def test_fit_keeps_a_step_the_user_patched_onto_their_optimizer():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    calls = []
+
+    def counted_step(self, *args, **kwargs):  # a hook a user or a library put on the instance
+        calls.append(1)
+        return torch.optim.SGD.step(self, *args, **kwargs)
+
+    optimizer.step = types.MethodType(counted_step, optimizer)
+    tl.fit(model, blobs(64), epochs=2, batch_size=16, optimizer=optimizer, **quiet())
+    assert len(calls) == 8  # 2 epochs x 4 steps, all through the user's step
 
 
 def test_fit_unknown_setting_suggests_the_field():

@@ -1074,11 +1074,11 @@ def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: i
     optimizer = optimizer or _make_optimizer(model, config)
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
-    wrapped = hasattr(optimizer.step, "_wrapped_by_lr_sched")  # by a scheduler of the user's
+    patched = "step" in vars(optimizer)  # by the user's own scheduler or hook: keep it
     # (the step comes last: a partial with only positional arguments is the cheapest call)
     factor = functools.partial(_lr_factor, config.schedule, total, warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if not wrapped:  # LambdaLR's wrapper checks the order of calls to scheduler.step(), which
+    if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(), which
         del optimizer.step  # trainloop never makes (see _advance_schedule): a call a step less
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None
