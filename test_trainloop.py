@@ -517,6 +517,7 @@ def test_count_handles_one_item_per_sample_targets():
     targets = [{"boxes": torch.zeros(5, 4), "labels": torch.zeros(5)} for _ in range(16)]
     assert tl._sizes((images, targets)) == (16, 16.0)
     assert tl._sizes({"input_ids": torch.zeros(4, 12), "labels": torch.zeros(4, 12)}) == (4, 4.0)
+    assert tl._sizes((images, torch.zeros(0, 5))) == (16, 16.0)  # all boxes in one: none here
 
 
 # ---- command line ----------------------------------------------------------------------------
