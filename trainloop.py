@@ -617,10 +617,7 @@ def _sizes(batch) -> tuple:
     the batch (a number or CPU tensor, e.g. a token count), else its number of samples.
     """
     inputs, target, weight = _split_batch(batch)
-    if isinstance(target, torch.Tensor) and target.dim():  # the common case, without a call
-        count = target.shape[0] or _count(inputs)  # (no boxes in a detection batch: 0 rows)
-    else:
-        count = _count(target) or _count(inputs)
+    count = _count(target) or _count(inputs)
     if isinstance(weight, torch.Tensor):  # per-sample weights or token counts: their total
         weight = weight.sum()
     return count, float(count if weight is None else weight)
