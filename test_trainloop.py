@@ -436,6 +436,39 @@ def test_fit_keeps_a_step_the_user_patched_onto_their_optimizer():
     assert len(calls) == 8  # 2 epochs x 4 steps, all through the user's step
 
 
+class SparseBag(nn.Module):
+    """Token ids -> class scores through an embedding with sparse gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, sparse=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_own_optimizer_uses_fused_kernels_on_cpu_except_for_sparse_gradients():
+    for name in ("sgd", "adamw"):
+        state = tl._new_state(mlp(), tl.Config(optimizer=name), CPU, None, 4)
+        assert [g["fused"] for g in state.optimizer.param_groups] == [True, True], name
+    state = tl._new_state(SparseBag(), tl.Config(), CPU, None, 4)
+    assert not any(g["fused"] for g in state.optimizer.param_groups)
+    ids = torch.randint(0, 20, (32, 5), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(ids, ids[:, 0] % 3)
+    history = tl.fit(SparseBag(), data, data, epochs=2, batch_size=8, weight_decay=0, **quiet())
+    assert math.isfinite(history[-1]["train_loss"])  # fused kernels refuse sparse gradients
+
+
+def test_resume_uses_this_machines_optimizer_kernels():
+    config = tl.Config()
+    state = tl._new_state(mlp(), config, CPU, None, 4)
+    for group in state.optimizer.param_groups:  # as restored from a GPU run's checkpoint
+        group["fused"] = None
+    tl._apply_config(state, config)
+    assert [g["fused"] for g in state.optimizer.param_groups] == [True, True]
+
+
 def test_fit_unknown_setting_suggests_the_field():
     with pytest.raises(tl.UsageError, match="did you mean epochs"):
         tl.fit(mlp(), blobs(8), epoch=3)
@@ -508,16 +541,16 @@ def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
 def test_fit_per_sample_weights_count_by_their_total():
     x, y = blobs(8).tensors
     weights = torch.tensor([1.0, 1, 1, 1, 3, 3, 3, 3])
-    assert tl._sizes((x[:4], y[:4], weights[:4])) == (4, 4.0)
-    assert tl._sizes((x[4:], y[4:], weights[4:])) == (4, 12.0)
+    assert tl._sizes([(x[:4], y[:4], weights[:4]), (x[4:], y[4:], weights[4:])]) == (8, [4.0, 12.0])
 
 
 def test_count_handles_one_item_per_sample_targets():
     images = torch.zeros(16, 3, 8, 8)
     targets = [{"boxes": torch.zeros(5, 4), "labels": torch.zeros(5)} for _ in range(16)]
-    assert tl._sizes((images, targets)) == (16, 16.0)
-    assert tl._sizes({"input_ids": torch.zeros(4, 12), "labels": torch.zeros(4, 12)}) == (4, 4.0)
-    assert tl._sizes((images, torch.zeros(0, 5))) == (16, 16.0)  # all boxes in one: none here
+    assert tl._sizes([(images, targets)]) == (16, [16.0])
+    tokens = {"input_ids": torch.zeros(4, 12), "labels": torch.zeros(4, 12)}
+    assert tl._sizes([tokens]) == (4, [4.0])
+    assert tl._sizes([(images, torch.zeros(0, 5))]) == (16, [16.0])  # all boxes in one: none here
 
 
 # ---- command line ----------------------------------------------------------------------------
