@@ -351,6 +351,16 @@ def test_train_step_explicit_weights_act_like_token_counts():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_train_step_refuses_weights_that_do_not_fit_before_any_backward():
+    x, y = blobs(8).tensors
+    micro = [(x[:4], y[:4]), (x[4:], y[4:])]
+    for weights in ([1.0], [1.0, 2.0, 3.0], [0.0, 0.0]):
+        state = one_step_state(mlp())
+        with pytest.raises(tl.UsageError, match="one weight per micro-batch"):
+            tl.train_step(state, micro, tl.Config(), rt=CPU, weights=weights)
+        assert all(p.grad is None for p in state.model.parameters())
+
+
 def test_train_step_clips_the_gradient_norm():
     model = nn.Linear(4, 1, bias=False)
     nn.init.zeros_(model.weight)
@@ -452,12 +462,20 @@ def test_own_optimizer_uses_fused_kernels_on_cpu_except_for_sparse_gradients():
     for name in ("sgd", "adamw"):
         state = tl._new_state(mlp(), tl.Config(optimizer=name), CPU, None, 4)
         assert [g["fused"] for g in state.optimizer.param_groups] == [True, True], name
-    state = tl._new_state(SparseBag(), tl.Config(), CPU, None, 4)
+    state = tl._new_state(SparseBag(), tl.Config(weight_decay=0), CPU, None, 4)
     assert not any(g["fused"] for g in state.optimizer.param_groups)
     ids = torch.randint(0, 20, (32, 5), generator=torch.Generator().manual_seed(0))
     data = TensorDataset(ids, ids[:, 0] % 3)
     history = tl.fit(SparseBag(), data, data, epochs=2, batch_size=8, weight_decay=0, **quiet())
     assert math.isfinite(history[-1]["train_loss"])  # fused kernels refuse sparse gradients
+    for setting in (dict(optimizer="adamw", weight_decay=0), dict(weight_decay=1e-4)):
+        with pytest.raises(tl.UsageError, match="--optimizer sgd --weight-decay 0"):
+            tl.fit(SparseBag(), data, epochs=1, batch_size=8, **setting, **quiet())
+    frozen = SparseBag()
+    frozen.embed.requires_grad_(False)
+    frozen.sparse = True  # an attribute of the user's own, not sparse gradients
+    state = tl._new_state(frozen, tl.Config(optimizer="adamw"), CPU, None, 4)
+    assert [g["fused"] for g in state.optimizer.param_groups] == [True, True]
 
 
 def test_resume_uses_this_machines_optimizer_kernels():
