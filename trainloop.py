@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -38,14 +37,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 # fmt: off
 __all__ = [
     "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
     "Stopped", "check_config", "parse_gpus", "parse_duration", "setup_device", "teardown",
-    "default_workers", "make_loader", "train_step", "evaluate", "save_checkpoint",
+    "default_workers", "make_loader", "set_epoch", "train_step", "evaluate", "save_checkpoint",
     "load_checkpoint", "fit", "synthetic_images", "load_data", "small_cnn", "build_model", "main",
 ]
 # fmt: on
@@ -57,11 +57,11 @@ EXIT_NONFINITE = 4  # the loss became NaN or inf
 EXIT_TIME_LIMIT = 75  # --time-limit reached, checkpoint written: requeue and rerun (EX_TEMPFAIL)
 # A preemption signal exits with 128 + the signal number (143 for SIGTERM).
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class UsageError(ValueError):
-    """A mistake in the user's options or inputs; the CLI prints it as one line and exits 2."""
+    """A mistake in the user's settings or inputs; the CLI prints it as one line and exits 2."""
 
 
 class _DataError(UsageError):
@@ -96,9 +96,14 @@ D, M, R = "Data", "Model", "Run"  # help panels of the CLI
 
 @dataclass(frozen=True)
 class Config:
-    """Every knob in one place. The CLI has one option per field; change it with `replace`."""
+    """Every knob in one place. The CLI has one option per field; change it with `replace`.
 
-    data: str = _opt("synthetic", "synthetic|mnist|fashionmnist|cifar10|cifar100|DIR (folders)", D)
+    Path fields (data, data_root, out, resume) also take any os.PathLike, e.g. a pathlib.Path.
+    """
+
+    data: str = _opt(
+        "synthetic", "DIR of class folders, or synthetic|mnist|fashionmnist|cifar10|cifar100.", D
+    )
     data_root: str = _opt("data", "Where torchvision data sets are stored.", D)
     download: bool = _opt(False, "Download a missing torchvision data set.", D)
     image_size: int = _opt(0, "Resize images to this many pixels a side (0 = keep).", D)
@@ -127,7 +132,7 @@ class Config:
     out: str = _opt("", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R)
     resume: str = _opt("auto", "auto (OUT/last.pt if there) | none | PATH.", R)
     save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).", R)
-    log_every: int = _opt(50, "Log, and agree on stopping across processes, every N steps.", R)
+    log_every: int = _opt(50, "Log, check signals and the time limit every N steps.", R)
     patience: int = _opt(0, "Stop after N epochs without a better --monitor (0 = off).", R)
     monitor: str = _opt("auto", "Metric for best.pt and early stop (auto: val_acc/val_loss).", R)
     monitor_mode: str = _opt("auto", "max | min | auto (max for accuracies, else min).", R)
@@ -137,22 +142,27 @@ class Config:
     quiet: bool = _opt(False, "Print only the final summary.", R)
 
 
+_PATHS = ("data", "data_root", "out", "resume")
+
+
 @dataclass
 class TrainState:
-    """Everything a checkpoint restores, in one object.
+    """Everything a checkpoint restores, in one object; train_step updates it in place.
 
-    `model` is the plain module (what checkpoints hold); `net` is what the step calls (the same
-    module, or it wrapped by DDP and/or torch.compile). train_step updates the tensors of
-    model / optimizer / scheduler / scaler / ema in place and advances the counters.
+    `scheduler` is any torch LR scheduler (stepped after every optimizer step; a
+    ReduceLROnPlateau after each evaluation) or None. `ema_decay` > 0 keeps `ema`, an exponential
+    moving average of the model (a copy of it unless given). `net` is what the step calls: the
+    model itself, or it wrapped by DDP / torch.compile. Build the state after moving the model
+    to its device: the EMA update holds on to the model's tensors.
     """
 
     model: nn.Module
-    net: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    scheduler: Any = None
+    scaler: Optional[torch.amp.GradScaler] = None  # None: no loss scaling (all but fp16)
+    ema_decay: float = 0.0
     ema: Optional[nn.Module] = None
-    ema_pairs: tuple = ()  # the tensors the EMA update reads and writes (see _ema_pairs)
+    net: Optional[nn.Module] = None
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     seen: int = 0  # samples of the current epoch consumed, all processes together
@@ -163,11 +173,32 @@ class TrainState:
     history: list = field(default_factory=list)  # one dict per completed epoch
     epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # [sum loss x weight, weight]
     epoch_seconds: float = 0.0  # time spent in the current epoch before a resume
+    _ema_tensors: tuple = field(default=(), init=False, repr=False)  # see _ema_pairs
+    _lr_lambda: Optional[Callable] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.net = self.model if self.net is None else self.net
+        self.scaler = self.scaler or torch.amp.GradScaler("cpu", enabled=False)
+        if self.ema is not None and not 0 < self.ema_decay < 1:
+            raise UsageError(f"ema_decay={self.ema_decay!r} must be in (0, 1) to keep an EMA")
+        if self.ema_decay:
+            if self.ema is None:
+                self.ema = copy.deepcopy(self.model).requires_grad_(False)
+            self._ema_tensors = _ema_pairs(self.ema, self.model)
+        # A plain LambdaLR with one function for every group can be advanced without its
+        # per-call bookkeeping (see _step_scheduler); anything else gets scheduler.step().
+        lambdas = getattr(self.scheduler, "lr_lambdas", ())
+        if type(self.scheduler) is LambdaLR and "step" not in vars(self.scheduler):
+            self._lr_lambda = lambdas[0] if all(f is lambdas[0] for f in lambdas) else None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and deploy: the EMA when there is one."""
+        return self.ema if self.ema is not None else self.model
 
 
 # The plain-value part of TrainState that a checkpoint carries.
 _COUNTERS = "epoch step seen batches best best_epoch lr history epoch_loss epoch_seconds".split()
-
 
 CHOICES = {
     "optimizer": ("sgd", "adamw"),
@@ -175,7 +206,6 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "monitor_mode": ("auto", "min", "max"),
 }
-
 
 _RANGES = (  # (fields, test, what the error says)
     ("epochs batch_size accumulate log_every", lambda v: v >= 1, "must be at least 1"),
@@ -193,49 +223,41 @@ _RANGES = (  # (fields, test, what the error says)
 
 
 def check_config(config: Config) -> Config:
-    """Return `config` unchanged, or raise UsageError naming the first bad field and the fix."""
+    """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
+    paths = {k: getattr(config, k) for k in _PATHS}
+    config = dataclasses.replace(
+        config, **{k: os.fspath(v) for k, v in paths.items() if isinstance(v, os.PathLike)}
+    )
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
         if not fits or (isinstance(value, bool) and f.type is not bool):
             raise UsageError(
-                f"{f.name}={value!r} must be of type {f.type.__name__}, e.g. {f.name}={f.default!r}"
+                f"{f.name}={value!r} must be of type {f.type.__name__}, e.g. {f.default!r}"
             )
     for name, allowed in CHOICES.items():
-        value = getattr(config, name)
-        if value not in allowed:
-            raise UsageError(f"--{_flag(name)} {value!r} is not one of {', '.join(allowed)}")
+        if getattr(config, name) not in allowed:
+            raise UsageError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
     for names, ok, must in _RANGES:  # every test is False for NaN
         for name in names.split():
             if not ok(getattr(config, name)):
-                raise UsageError(f"--{_flag(name)} {getattr(config, name)} {must}")
+                raise UsageError(f"{name}={getattr(config, name)!r} {must}")
     parse_duration(config.time_limit)
     parse_gpus(config.gpus)
     return config
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def parse_gpus(text: str) -> Optional[tuple]:
     """'' -> None (best device), 'cpu' -> (), '0,1' -> (0, 1); anything else is a UsageError."""
     text = text.strip().lower()
-    if text == "":
-        return None
-    if text == "cpu":
-        return ()
+    if text in ("", "cpu"):
+        return None if text == "" else ()
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise UsageError(f"--gpus {text!r} is not a list of GPU ids; use e.g. 0 or 0,1 or cpu")
+        raise UsageError(f"gpus={text!r} is not a list of GPU ids; use e.g. '0' or '0,1' or 'cpu'")
     ids = tuple(int(p) for p in parts)
     if len(set(ids)) != len(ids):
-        raise UsageError(f"--gpus {text!r} names a GPU twice; list each id once")
+        raise UsageError(f"gpus={text!r} names a GPU twice; list each id once")
     return ids
 
 
@@ -246,9 +268,14 @@ def parse_duration(text: str) -> Optional[float]:
         return None
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
     if not match or not any(match.groups()):
-        raise UsageError(f"--time-limit {text!r} is not a duration; use e.g. 2h30m, 45m or 90s")
+        raise UsageError(f"time_limit={text!r} is not a duration; use e.g. '2h30m', '45m' or '90s'")
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # ---- device and distributed ------------------------------------------------------------------
@@ -272,12 +299,6 @@ class Runtime:
     @functools.cached_property
     def on_cpu(self) -> bool:  # read every step; device.type builds a new string each time
         return self.device.type == "cpu"
-
-    def autocast(self):
-        """The mixed-precision context for forward passes (a no-op at full precision)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
 def setup_device(
@@ -310,6 +331,12 @@ def setup_device(
     return Runtime(device, rank, local_rank, world, amp, owns)
 
 
+def teardown(runtime: Runtime) -> None:
+    """Leave the process group if setup_device joined it."""
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _pick_device(ids: Optional[tuple], local_rank: int) -> torch.device:
     if ids == ():
         return torch.device("cpu")
@@ -332,8 +359,8 @@ def _check_gpus_exist(ids: tuple) -> None:
     if missing:
         have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
         raise UsageError(
-            f"--gpus names GPU {missing[0]} but this machine has {have}; "
-            "pick from nvidia-smi's list or use --gpus cpu"
+            f"gpus={','.join(map(str, ids))!r} names GPU {missing[0]} but this machine has "
+            f"{have}; pick from nvidia-smi's list or use gpus='cpu'"
         )
 
 
@@ -342,23 +369,23 @@ def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torc
         return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
     if precision == "bf16" and not bf16_ok:
         raise UsageError(
-            f"--precision bf16: this {device_type} device has no bfloat16 support; "
-            "use --precision fp16 or fp32"
+            f"precision='bf16': this {device_type} device has no bfloat16 support; "
+            "use precision='fp16' or 'fp32'"
         )
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _all_reduce(values: list, rt: Runtime, op=None) -> list:
+def _all_reduce(values: list, runtime: Runtime, op=None) -> list:
     """Reduce a few numbers over all processes (one small collective: a sync point)."""
-    if rt.world_size == 1:
+    if runtime.world_size == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor.tolist()
 
 
-def _barrier(rt: Runtime) -> None:
-    if rt.world_size > 1:
+def _barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
         dist.barrier()
 
 
@@ -384,10 +411,7 @@ class _EpochBatches(Sampler):
     def __init__(self, size, batch_size, shuffle, seed, rank=0, world=1, sample_seeds=False):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world, self.sample_seeds = rank, world, sample_seeds
-        self.epoch, self.seen = 0, 0
-
-    def set_position(self, epoch: int, seen: int = 0) -> None:
-        self.epoch, self.seen = epoch, seen
+        self.epoch, self.seen = 0, 0  # where the next iteration starts (see set_epoch)
 
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the rest of the epoch, in order."""
@@ -444,7 +468,7 @@ class _SeededSample(Dataset):
 
 
 # The fast path gathers this many bytes of samples at a time and slices batches out of them:
-# one indexing op costs ~10 us on a CPU however small, as much as a tiny model's forward pass.
+# an indexing op has a fixed cost as large as a tiny model's forward pass.
 _GATHER_BYTES = 16 * 2**20
 
 
@@ -512,8 +536,9 @@ def make_loader(
 ):
     """Batches of `dataset` for this process: shuffled per epoch and resumable when `train`.
 
-    A plain TensorDataset takes the in-memory fast path (moved onto the GPU when it fits);
-    anything else gets a DataLoader with `workers` processes (-1 = default_workers()).
+    Call set_epoch(loader, epoch) before each epoch. A plain TensorDataset takes the in-memory
+    fast path (moved onto the GPU when it fits); anything else gets a DataLoader with `workers`
+    processes (-1 = default_workers()).
     """
     rt = runtime or Runtime(torch.device("cpu"))
     workers = default_workers(rt.world_size) if workers < 0 else workers
@@ -556,21 +581,25 @@ class _SkipBatches:
         return len(self.loader) - self.count
 
 
-def _set_position(loader, epoch: int, seen: int, batches: int):
-    """Point `loader` at sample `seen` (ours) or batch `batches` (a user's) of `epoch`."""
+def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
+    """Point `loader` at `epoch` and past what was consumed of it; returns what to iterate.
+
+    A make_loader loader reshuffles for `epoch` and starts at sample `seen` of it (all processes
+    together) without reading any sample before. Any other loader gets `set_epoch(epoch)` on its
+    sampler (a DistributedSampler reshuffles) and skips its first `batches` batches: through its
+    sampler when it is a DataLoader over a map-style data set, else by reading and dropping them.
+    """
     sampler = getattr(loader, "batch_sampler", None)
     if isinstance(sampler, _EpochBatches):
-        sampler.set_position(epoch, seen)
+        sampler.epoch, sampler.seen = epoch, seen
         return loader
-    inner = getattr(loader, "sampler", None)
-    if hasattr(inner, "set_epoch"):
-        inner.set_epoch(epoch)
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
     if not batches:
         return loader
     streams = isinstance(getattr(loader, "dataset", None), IterableDataset)
     if isinstance(loader, DataLoader) and sampler is not None and not streams:
-        # Skip what was seen by advancing the index sampler only: no sample is loaded.
-        return DataLoader(
+        return DataLoader(  # the seen batches leave the index sampler only: none is loaded
             loader.dataset,
             batch_sampler=list(sampler)[batches:],
             num_workers=loader.num_workers,
@@ -579,7 +608,7 @@ def _set_position(loader, epoch: int, seen: int, batches: int):
             worker_init_fn=loader.worker_init_fn,
             generator=loader.generator,
         )
-    return _SkipBatches(loader, batches)  # it cannot seek: read and drop what was seen
+    return _SkipBatches(loader, batches)
 
 
 # ---- steps -----------------------------------------------------------------------------------
@@ -663,14 +692,14 @@ def _to_device(batch, device: torch.device, channels_last: bool):
     return _map_tensors(batch, move)
 
 
-def _forward(net, batch, loss_fn, rt: Runtime, channels_last: bool = False):
+def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False):
     """Move a batch to the device, run the model under autocast -> (output, loss, target)."""
-    if not rt.on_cpu:
-        batch = _to_device(batch, rt.device, channels_last)
+    if not runtime.on_cpu:
+        batch = _to_device(batch, runtime.device, channels_last)
     inputs, target, _ = _split_batch(batch)
-    if rt.amp_dtype is None:  # full precision: skip even a no-op context (~1 us a step)
+    if runtime.amp_dtype is None:  # full precision: not even a disabled autocast context
         return (*_output_and_loss(net, inputs, target, batch, loss_fn), target)
-    with rt.autocast():
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype):
         return (*_output_and_loss(net, inputs, target, batch, loss_fn), target)
 
 
@@ -695,21 +724,25 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
 def train_step(
     state: TrainState,
     batches: list,
-    config: Config,
     *,
-    rt: Runtime,
-    loss_fn=F.cross_entropy,
+    runtime: Optional[Runtime] = None,
+    loss_fn: Optional[Callable] = F.cross_entropy,
+    clip_grad: float = 0.0,
+    channels_last: bool = False,
     weights: Optional[list] = None,
 ):
     """One optimizer step over `batches`, the micro-batches of one accumulation group.
 
     Returns the step's mean loss as a detached device tensor (no host sync). Mutates model,
-    optimizer, scheduler, scaler and EMA in place and advances state.step. `weights` (one per
-    micro-batch; default: from each batch, see _sizes) weigh the micro-batch losses, so the
-    gradient equals that of one big batch even when the last micro-batch is short.
+    optimizer, scheduler, scaler and EMA in place and advances state.step and state.lr (the LR
+    this step applied). `weights` (one per micro-batch; default: each batch's own weight or
+    sample count, see _sizes) weigh the micro-batch losses, so the gradient equals that of one
+    big batch even when the last micro-batch is short. `clip_grad` > 0 clips the global
+    gradient norm; `channels_last` moves 4-d inputs to that memory format.
     """
+    runtime = runtime or Runtime(_device_of(state.model))
     if len(batches) == 1:
-        step_loss = _backward(state, batches[0], None, loss_fn, rt, config.channels_last)
+        step_loss = _backward(state, batches[0], None, loss_fn, runtime, channels_last)
     else:
         weights = weights or _sizes(batches)[1]
         if len(weights) != len(batches) or not sum(weights) > 0:
@@ -717,52 +750,61 @@ def train_step(
                 f"train_step needs one weight per micro-batch ({len(batches)}) with a positive "
                 f"total, not {list(weights)}"
             )
-        step_loss = _accumulate(state, batches, weights, loss_fn, rt, config.channels_last)
-    if config.clip_grad:
+        step_loss = _accumulate(state, batches, weights, loss_fn, runtime, channels_last)
+    if clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
-        nn.utils.clip_grad_norm_(state.model.parameters(), config.clip_grad)
-    if state.scaler.is_enabled():  # fp16 (a disabled GradScaler's calls are no-ops, ~1 us)
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
+    if state.scaler.is_enabled():  # fp16 only: a disabled GradScaler's calls cost for nothing
         state.scaler.step(state.optimizer)
         state.scaler.update()
     else:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.lr = state.optimizer.param_groups[0]["lr"]
-    _advance_schedule(state.scheduler, state.optimizer)
-    if state.ema is not None:
-        _update_ema(state.ema_pairs, config.ema, state.step)
+    _step_scheduler(state)
+    if state._ema_tensors:
+        _update_ema(state._ema_tensors, state.ema_decay, state.step)
     state.step += 1
     return step_loss
 
 
-def _accumulate(state: TrainState, batches, weights, loss_fn, rt: Runtime, channels_last: bool):
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, channels_last):
     """Sum the gradients of several micro-batches as if they were one batch -> the summed loss.
     Under DDP, gradients are all-reduced on the last micro-batch only."""
     no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
     total, losses = sum(weights), []
     for i, (batch, weight) in enumerate(zip(batches, weights)):
         with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
-            losses.append(_backward(state, batch, weight / total, loss_fn, rt, channels_last))
+            losses.append(_backward(state, batch, weight / total, loss_fn, runtime, channels_last))
     return sum(losses[1:], start=losses[0])
 
 
-def _backward(state: TrainState, batch, share, loss_fn, rt: Runtime, channels_last: bool):
+def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channels_last: bool):
     """Forward and backward one micro-batch whose loss counts `share` of the step (None: all).
     Returns its (scaled-down) loss, detached."""
-    _, loss, _ = _forward(state.net, batch, loss_fn, rt, channels_last)
+    _, loss, _ = _forward(state.net, batch, loss_fn, runtime, channels_last)
     if share is not None:
         loss = loss * share
     state.scaler.scale(loss).backward()
     return loss.detach()
 
 
-def _advance_schedule(scheduler, optimizer) -> None:
-    """scheduler.step() for our LambdaLR, without its per-call checks and wrappers, which cost
-    about 25 us a step (4% of a small model's step on a CPU). Same state, same LRs."""
-    scheduler.last_epoch += 1
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # one function serves every group
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-        group["lr"] = base * factor
+def _step_scheduler(state: TrainState) -> None:
+    """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
+    scheduler = state.scheduler
+    if state._lr_lambda is not None:  # LambdaLR.step() without its per-call checks and
+        scheduler.last_epoch += 1  # wrappers (a few % of a small model's step on a CPU)
+        factor = state._lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [base * factor for base in scheduler.base_lrs]
+        for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = lr
+    elif scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
+        scheduler.step()
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
@@ -811,8 +853,8 @@ def evaluate(
     model: nn.Module,
     data,
     *,
-    rt: Optional[Runtime] = None,
-    loss_fn=F.cross_entropy,
+    runtime: Optional[Runtime] = None,
+    loss_fn: Optional[Callable] = F.cross_entropy,
     metrics: Optional[dict] = None,
 ) -> dict:
     """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`.
@@ -820,7 +862,7 @@ def evaluate(
     Every metric is weighted by samples, never averaged per batch, and summed over all
     processes, each of which sees its own part of the data. Restores the model's mode.
     """
-    rt = rt or Runtime(next(model.parameters()).device)
+    rt = runtime or Runtime(_device_of(model))
     was_training = model.training
     model.eval()
     sums, count = {}, 0
@@ -856,25 +898,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _rng_state(rt: Runtime) -> dict:
+def _rng_state(runtime: Runtime) -> dict:
     # NumPy's state holds an ndarray, which weights_only loading refuses: store it as a tensor.
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     keys = torch.from_numpy(keys.astype(np.int64))
+    cuda = runtime.device.type == "cuda"
     return {
         "python": random.getstate(),
         "numpy": (name, keys, int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+        "cuda": torch.cuda.get_rng_state(runtime.device) if cuda else None,
     }
 
 
-def _set_rng_state(state: dict, rt: Runtime) -> None:
+def _set_rng_state(state: dict, runtime: Runtime) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and rt.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], rt.device)
+    if state["cuda"] is not None and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], runtime.device)
 
 
 def _seed_everything(seed: int, rank: int = 0) -> None:
@@ -884,34 +927,11 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(_mix_seed(seed, rank, 5))
 
 
-def _digest(obj, h=None) -> str:
-    """SHA-256 over a checkpoint's tensors (bytes, dtype, shape) and plain values, in order."""
-    h = h or hashlib.sha256()
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(obj, dict):
-        h.update(b"{")
-        for key, value in obj.items():
-            _digest(key, h)
-            _digest(value, h)
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[" if isinstance(obj, list) else b"(")
-        for value in obj:
-            _digest(value, h)
-        h.update(b"]")
-    else:
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    return h.hexdigest()
-
-
-def _atomic_save(payload: dict, path: Path, keep_previous: bool = False) -> None:
-    """Write `payload` so that a kill at any instant leaves a loadable file at `path` (or its
-    previous version at `<name>.prev.pt` while `path` itself is being swapped)."""
+def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None:
+    """Write a checkpoint holding `entries` so that a kill at any instant leaves a loadable file
+    at `path` (or its previous version at `<name>.prev.pt` while `path` is being swapped)."""
+    payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
     payload = _map_tensors(payload, lambda t: t.detach().cpu())
-    payload["checksum"] = _digest(payload)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -934,71 +954,75 @@ def _previous(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def save_checkpoint(
-    path, state: TrainState, config: Config, *, rt: Optional[Runtime] = None, train_size: int = 0
-) -> None:
-    """Write a complete, checksummed checkpoint of `state` atomically to `path`.
+def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = None, **extra):
+    """Write a complete checkpoint of `state` (and the plain values `extra`) atomically to `path`.
 
     With several processes every one must call it (their RNG states are gathered); only rank 0
     writes, and all wait at a barrier so none reads a half-written file. The previous file is
     kept as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights.
     """
-    rt = rt or Runtime(torch.device("cpu"))
+    runtime = runtime or Runtime(torch.device("cpu"))
     finite = torch.stack([p.detach().isfinite().all() for p in state.model.parameters()]).all()
     if not finite.item():  # sync point: once per save
         raise NonFiniteLossError(
-            "the weights are no longer finite (NaN or inf); the last "
-            "good checkpoint was kept. Lower --lr or use --clip-grad"
+            "the weights are no longer finite (NaN or inf); the last good checkpoint was kept. "
+            "Lower lr or use clip_grad"
         )
-    rng = [_rng_state(rt)]
-    if rt.world_size > 1:
-        rng = [None] * rt.world_size
-        dist.all_gather_object(rng, _rng_state(rt))
-    if rt.is_main:
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "trainloop": __version__,
+    rng = [_rng_state(runtime)]
+    if runtime.world_size > 1:
+        rng = [None] * runtime.world_size
+        dist.all_gather_object(rng, _rng_state(runtime))
+    if runtime.is_main:
+        scheduler = state.scheduler
+        entries = {
             "model": state.model.state_dict(),
             "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
+            "scheduler": None if scheduler is None else _scheduler_state(scheduler),
             "scaler": state.scaler.state_dict(),
             "ema": state.ema.state_dict() if state.ema is not None else None,
             **{k: getattr(state, k) for k in _COUNTERS},
             "rng": rng,
-            "world_size": rt.world_size,
-            "train_size": train_size,
-            "config": dataclasses.asdict(config),
+            "world_size": runtime.world_size,
+            **extra,
         }
-        _atomic_save(payload, Path(path), keep_previous=True)
-    _barrier(rt)
+        _atomic_save(entries, Path(path), keep_previous=True)
+    _barrier(runtime)
+
+
+def _scheduler_state(scheduler) -> dict:
+    return {"type": type(scheduler).__name__, **scheduler.state_dict()}
 
 
 def _check_archive(path: Path) -> None:
-    """Refuse anything torch.save does not write, before unpickling a byte of it."""
+    """Refuse anything torch.save does not write, and any entry whose CRC-32 does not match,
+    before unpickling a byte of it."""
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
+            compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+            if compressed:  # torch.save never compresses: a possible zip bomb
+                raise CheckpointError(
+                    f"{path} refused: entry {compressed[0]!r} is compressed, which torch.save "
+                    "never writes (a possible zip bomb)"
+                )
+            damaged = archive.testzip()  # reads every entry and checks its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(
-            f"{path} is corrupt or truncated (not a complete torch.save "
-            f"archive: {e}); resume from another checkpoint"
+            f"{path} is corrupt or truncated (not a complete torch.save archive: {e}); "
+            "resume from another checkpoint"
         ) from None
-    for entry in entries:
-        if entry.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(
-                f"{path} refused: entry {entry.filename!r} is compressed, "
-                "which torch.save never writes (a possible zip bomb)"
-            )
+    if damaged is not None:
+        raise CheckpointError(f"{path} is corrupt: entry {damaged!r} fails its checksum")
 
 
 def load_checkpoint(
-    path, state: Optional[TrainState] = None, *, rt: Optional[Runtime] = None
+    path, state: Optional[TrainState] = None, *, runtime: Optional[Runtime] = None
 ) -> dict:
     """Read and verify a checkpoint; with `state`, restore training state into it.
 
     Never runs code from the file: only tensors and plain Python values load
     (weights_only=True). Raises CheckpointError naming the file when it is corrupt, truncated,
-    fails its checksum or holds anything else. Restoring also sets this process's RNG states.
+    fails a checksum or holds anything else. Restoring also sets this process's RNG states.
     """
     path = Path(path)
     _check_archive(path)
@@ -1013,42 +1037,55 @@ def load_checkpoint(
             f"{path} refused: it holds Python objects, not only tensors and numbers, and "
             f"loading it could run code ({blocked[0]}); nothing from it was run"
         ) from None
-    if not isinstance(ckpt, dict) or "checksum" not in ckpt:
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(
-            f"{path} is not a trainloop checkpoint (no checksum); load its "
-            "weights with torch.load(path, weights_only=True) instead"
+            f"{path} is not a trainloop checkpoint; load its weights with "
+            "torch.load(path, weights_only=True) instead"
         )
-    if _digest({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt["checksum"]:
-        raise CheckpointError(f"{path} is corrupt: its checksum does not match its contents")
     if state is not None:
-        _restore(state, ckpt, rt or Runtime(torch.device("cpu")), path)
+        _restore(state, ckpt, runtime or Runtime(torch.device("cpu")), path)
     return ckpt
 
 
-def _restore(state: TrainState, ckpt: dict, rt: Runtime, path: Path) -> None:
+def _mismatch(error: Exception) -> str:
+    """The lines of a load_state_dict error that say what did not match, as one line."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    return " ".join(lines[1:] or lines)[:400]
+
+
+def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> None:
     if "optimizer" not in ckpt:
         raise UsageError(
-            f"{path} holds weights only; resume from a last.pt, or evaluate it with --eval-only"
+            f"{path} holds weights only; resume from a last.pt, or evaluate it with eval_only=True"
         )
     try:
         state.model.load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(
-            f"{path} does not match this model or optimizer "
-            f"({_first_line(e)}); use --resume none or another --out"
+            f"{path} does not match this model or optimizer ({_mismatch(e)}); "
+            "use resume='none' or another out"
         ) from None
+    saved = ckpt["scheduler"] or {}
+    kind = type(state.scheduler).__name__ if state.scheduler is not None else None
+    if saved.get("type") != kind:
+        raise UsageError(
+            f"{path} was trained with scheduler {saved.get('type')}, not {kind}; pass the same "
+            "kind of scheduler, or start over with resume='none'"
+        )
+    if state.scheduler is not None:
+        state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
     if state.ema is not None:  # an EMA turned on only now starts from the trained weights
         state.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
         state.scaler.load_state_dict(ckpt["scaler"])
     for key in _COUNTERS:
         setattr(state, key, ckpt[key])
-    if ckpt["world_size"] == rt.world_size:
-        _set_rng_state(ckpt["rng"][rt.rank], rt)
+    if ckpt["world_size"] == runtime.world_size:
+        _set_rng_state(ckpt["rng"][runtime.rank], runtime)
     else:  # elastic resume: old per-process streams do not map onto new processes
-        _seed_everything(_mix_seed(ckpt["config"]["seed"], state.step), rt.rank)
+        seed = ckpt.get("config", {}).get("seed", 0)
+        _seed_everything(_mix_seed(seed, state.step), runtime.rank)
 
 
 # ---- fit -------------------------------------------------------------------------------------
@@ -1065,15 +1102,15 @@ def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine" or schedule == "onecycle":
-        return 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "step":  # x0.1 at half and at three quarters of training
         return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    return 1.0
+    return 0.5 * (1 + math.cos(math.pi * progress))  # cosine and onecycle
 
 
 def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters (requires_grad is off for all)")
     sparse = any(  # fused kernels, AdamW and weight decay refuse sparse gradients
         isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad
         for m in model.modules()
@@ -1081,7 +1118,7 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     if sparse and (config.optimizer == "adamw" or config.weight_decay):
         raise UsageError(
             "the model has sparse gradients (an embedding with sparse=True), which torch's "
-            "AdamW and weight decay cannot take; use --optimizer sgd --weight-decay 0"
+            "AdamW and weight decay cannot take; use optimizer='sgd', weight_decay=0"
         )
     # No weight decay on biases and norm scales (it only fights the normalization); "decay"
     # marks trainloop's own groups for _apply_config.
@@ -1091,10 +1128,10 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
         if (ps := [p for p in params if (p.dim() > 1) == decay])
     ]
     # On a CPU torch's default updates one tensor at a time from Python; its fused kernel
-    # updates them all in one call, about twice as fast (6% of a tiny model's step). GPUs keep
-    # torch's default (foreach), which fused does not always beat.
+    # updates them all in one call, about twice as fast. GPUs keep torch's default (foreach),
+    # which fused does not always beat.
     on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
-    fused = True if params and on_cpu and not sparse else None
+    fused = True if on_cpu and not sparse else None
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
     momentum = config.momentum
@@ -1103,61 +1140,69 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     )
 
 
-def _new_state(model, config: Config, rt: Runtime, optimizer, steps_per_epoch: int) -> TrainState:
+def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, steps: int):
+    """The TrainState fit starts from; `steps` is the number of optimizer steps per epoch."""
     optimizer = optimizer or _make_optimizer(model, config)
-    total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
-    patched = "step" in vars(optimizer)  # by the user's own scheduler or hook: keep it
-    # (the step comes last: a partial with only positional arguments is the cheapest call)
-    factor = functools.partial(_lr_factor, config.schedule, total, warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(), which
-        del optimizer.step  # trainloop never makes (see _advance_schedule): a call a step less
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None
-    pairs = _ema_pairs(ema, model) if ema is not None else ()
-    return TrainState(model, model, optimizer, scheduler, scaler, ema, pairs)
+    if callable(scheduler):  # a function optimizer -> scheduler
+        scheduler = scheduler(optimizer)
+    if scheduler is None:
+        total = config.epochs * steps
+        warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
+        patched = "step" in vars(optimizer)  # by the user's own scheduler or hook: keep it
+        # (the step comes last: a partial with only positional arguments is the cheapest call)
+        scheduler = LambdaLR(
+            optimizer, functools.partial(_lr_factor, config.schedule, total, warmup)
+        )
+        if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(),
+            del optimizer.step  # which trainloop never makes (see _step_scheduler)
+    elif getattr(scheduler, "optimizer", None) is not optimizer:
+        raise UsageError(
+            "scheduler= must be built on the optimizer given to fit, or be a function "
+            "optimizer -> scheduler (which also works with fit's own optimizer)"
+        )
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema)
 
 
-def _wrap(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
+def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     """What the training step calls: DDP across processes, then torch.compile if asked."""
     net = model
-    if rt.world_size > 1:
-        if config.sync_bn and rt.device.type != "cuda":
+    if runtime.world_size > 1:
+        if config.sync_bn and runtime.device.type != "cuda":
             raise UsageError(
-                "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
-                "kernels); drop it for CPU processes"
+                "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
+                "drop it for CPU processes"
             )
         if config.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # shares model's parameters
-        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
     if config.compile:
         net = torch.compile(net)
     return net
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Console:
     """Where rank 0's output goes; other ranks get one that says nothing."""
 
-    write: Callable[[str], None]
-    live: bool = False  # rich progress bar on a terminal
-    quiet: bool = False
+    write: Callable[[str], None]  # always shown: warnings, stops, the summary
+    quiet: bool = False  # progress and epoch lines are not shown
+    live: bool = False  # a rich progress bar on a terminal
 
     def line(self, text: str) -> None:
         if not self.quiet:
             self.write(text)
 
 
-def _console(log, config: Config, rt: Runtime) -> _Console:
-    if not rt.is_main:
+def _console(log: Optional[Callable], quiet: bool, runtime: Runtime) -> _Console:
+    if not runtime.is_main:
         return _Console(lambda text: None, quiet=True)
     if log is not None:
-        return _Console(log, quiet=config.quiet)
+        return _Console(log, quiet)
     # rich comes with typer; it is optional when this file is vendored
-    live = sys.stdout.isatty() and not config.quiet and importlib.util.find_spec("rich") is not None
-    return _Console(lambda text: print(text, flush=True), live=live, quiet=config.quiet)
+    live = sys.stdout.isatty() and not quiet and importlib.util.find_spec("rich") is not None
+    return _Console(lambda text: print(text, flush=True), quiet, live)
 
 
 @contextlib.contextmanager
@@ -1181,167 +1226,174 @@ def _progress_bar(console: _Console, title: str, total: int, done: int):
 
 
 @dataclass
-class _StopFlags:
+class _Stop:
     """Reasons to stop early: a signal (set by its handler) or the --time-limit deadline."""
 
-    signal: int = 0
-    signal_time: float = 0.0  # time.monotonic() when it arrived
     limit: Optional[float] = None  # seconds after `started` by which we must have exited
     started: float = field(default_factory=time.monotonic)
-    steps: int = 0  # optimizer steps run by this process
-    save_seconds: float = 1.0  # how long the last checkpoint took
-    eval_seconds: float = 0.0  # how long the last evaluation took
+    signal: int = 0
+    signal_time: float = 0.0  # time.monotonic() when it arrived
 
-    def code(self, steps_ahead: int = 1) -> int:
-        """0 to go on, else the exit status to stop with after checkpointing."""
+    def code(self, seconds_ahead: float) -> int:
+        """0 to go on, else the exit status to stop with: the signal's, or the time limit's
+        when `seconds_ahead` (until the next chance to stop, checkpoint included) would pass it."""
         if self.signal:
             return 128 + self.signal
-        if self.limit is not None:
-            now = time.monotonic()
-            per_step = (now - self.started) / max(1, self.steps)
-            needed = 2 * per_step * steps_ahead + self.eval_seconds + self.save_seconds + 1.0
-            if now + needed > self.started + self.limit:
-                return EXIT_TIME_LIMIT
+        if self.limit is not None and time.monotonic() + seconds_ahead > self.started + self.limit:
+            return EXIT_TIME_LIMIT
         return 0
+
+    def agreed(self, runtime: Runtime, seconds_ahead: float) -> int:
+        """The highest code() over all processes: they all stop, at the same step."""
+        return int(_all_reduce([self.code(seconds_ahead)], runtime, dist.ReduceOp.MAX)[0])
 
 
 @contextlib.contextmanager
-def _catch_signals(flags: _StopFlags):
+def _catch_signals(stop: _Stop):
     """SIGTERM, SIGINT and SIGUSR1 only set a flag; the loop checkpoints and stops. A second
     signal, a second or more after the first, gets its previous handler back: a second Ctrl-C
     stops at once. Closer repeats are echoes (Ctrl-C reaches a worker from the terminal and
     again from torchrun) and are ignored."""
-    wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
     previous = {}
 
     def handler(signum, frame):
         now = time.monotonic()
-        if not flags.signal:
-            flags.signal, flags.signal_time = signum, now
-        elif now - flags.signal_time > 1.0:
+        if not stop.signal:
+            stop.signal, stop.signal_time = signum, now
+        elif now - stop.signal_time > 1.0:
             signal.signal(signum, previous[signum])
             signal.raise_signal(signum)
 
     try:
-        for sig in wanted:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup'd or background: keep it so
                 previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals to the caller
         pass
     try:
-        yield flags
+        yield stop
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-@dataclass
-class _Run:
-    """What the epoch loop needs besides TrainState: settings decided once, before training."""
+@dataclass(frozen=True)
+class _Job:
+    """What fit decided before training; the epoch loop reads it and never changes it."""
 
     config: Config
-    rt: Runtime
+    runtime: Runtime
     loss_fn: Optional[Callable]
     metrics: dict
     console: _Console
-    flags: _StopFlags
     out: Optional[Path]
-    train_size: int
-    steps_per_epoch: int = 0
-    tensorboard: Any = None  # a SummaryWriter when the optional tensorboard is installed
+    train_size: int  # samples in the training set (0: unknown)
+    steps_per_epoch: int
+    own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
 
 
-def _sync_point(state: TrainState, window: list, run: _Run, check_stop: bool) -> int:
-    """Read the losses since the last call (the host sync), stop on NaN, agree on stopping.
+@dataclass
+class _LossWindow:
+    """The losses of the steps since the last sync point, still on the device."""
 
-    Every process adds up the losses of all processes, step by step, so train_loss covers all
-    the data and a NaN on one process stops them all at the same step. Returns the exit status
-    to stop with (0 = go on), identical on every process.
-    """
-    losses = torch.stack([loss for loss, _, _ in window]).tolist() if window else []  # sync point
-    weights = [weight for _, weight, _ in window]
-    sums = _all_reduce([v * w for v, w in zip(losses, weights)] + weights, run.rt)
-    loss_sums, weight_sums = sums[: len(window)], sums[len(window) :]
-    if not all(map(math.isfinite, loss_sums)):
-        bad = next(i for i, v in enumerate(loss_sums) if not math.isfinite(v))
-        raise NonFiniteLossError(
-            f"the loss became NaN or inf at step {window[bad][2]} (epoch "
-            f"{state.epoch + 1}); the last good checkpoint was kept. "
-            "Lower --lr, use --clip-grad, or check the data"
-        )
-    for loss_sum, weight_sum in zip(loss_sums, weight_sums):  # step by step: the same sums
-        state.epoch_loss[0] += loss_sum  # however the steps fall into windows
-        state.epoch_loss[1] += weight_sum
-    window.clear()
-    collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
-    stop = run.flags.code(run.config.log_every if run.rt.world_size > 1 else 1) if check_stop else 0
-    collapsed, stop = _all_reduce([float(collapsed), stop], run.rt, dist.ReduceOp.MAX)
-    if collapsed:
-        raise NonFiniteLossError(
-            f"fp16 gradients overflow at every step (loss scale below "
-            f"2^-16 at step {state.step}); use --precision bf16 or fp32"
-        )
-    return int(stop)
+    first_step: int  # the optimizer step of losses[0], counted from 1
+    epoch: int  # counted from 1
+    losses: list = field(default_factory=list)  # one detached device scalar per step
+    weights: list = field(default_factory=list)  # what each step's loss counts in the mean
 
-
-def _save(state: TrainState, run: _Run) -> None:
-    if run.out is None:
-        return
-    started = time.monotonic()
-    save_checkpoint(run.out / "last.pt", state, run.config, rt=run.rt, train_size=run.train_size)
-    run.flags.save_seconds = time.monotonic() - started
+    def drain(self, runtime: Runtime, scaler: torch.amp.GradScaler) -> tuple:
+        """(sum of loss x weight, sum of weights) over all processes; raises on NaN or inf, or
+        when fp16 loss scaling has collapsed. Every process adds the losses up step by step, so
+        a NaN on one process stops them all at the same step, and train_loss is the same however
+        the steps fall into windows."""
+        values = torch.stack(self.losses).tolist() if self.losses else []  # sync point
+        collapsed = scaler.is_enabled() and scaler.get_scale() < 2.0**-16
+        n, weighted = len(values), [v * w for v, w in zip(values, self.weights)]
+        sums = _all_reduce(weighted + self.weights + [float(collapsed)], runtime)
+        bad = [i for i, v in enumerate(sums[:n]) if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(
+                f"the loss became NaN or inf at step {self.first_step + bad[0]} (epoch "
+                f"{self.epoch}); the last good checkpoint was kept. Lower lr, use clip_grad, or "
+                "check the data"
+            )
+        if sums[-1]:
+            raise NonFiniteLossError(
+                f"fp16 gradients overflow at every step (loss scale below 2^-16 at step "
+                f"{self.first_step + n - 1}); use precision='bf16' or 'fp32'"
+            )
+        self.first_step += n
+        self.losses, self.weights = [], []
+        return sum(sums[:n]), sum(sums[n:-1])
 
 
-def _train_epoch(state: TrainState, loader, run: _Run) -> None:
-    """Train from the current position to the end of the epoch, checkpointing on schedule."""
-    config, rt = run.config, run.rt
-    loader = _set_position(loader, state.epoch, state.seen, state.batches)
-    sampler, start = getattr(loader, "batch_sampler", None), state.batches
+def _add_loss(state: TrainState, sums: tuple) -> None:
+    state.epoch_loss = [state.epoch_loss[0] + sums[0], state.epoch_loss[1] + sums[1]]
+
+
+def _train_loss(state: TrainState) -> float:
+    """The epoch's mean training loss so far, over all samples of all processes."""
+    return state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
+
+
+def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: float) -> int:
+    """Train from the current position to the end of the epoch, logging and checkpointing on
+    schedule. Returns 0, or the exit status of an early stop (its checkpoint written).
+    `reserve`: seconds the end of an epoch last took (evaluation and checkpoint)."""
+    config, rt = job.config, job.runtime
+    start_batches, start_seen = state.batches, state.seen
+    loader = set_epoch(loader, state.epoch, seen=state.seen, batches=state.batches)
+    sampler = getattr(loader, "batch_sampler", None)
     ours = isinstance(sampler, _EpochBatches)
     first, left = state.step, math.ceil(len(loader) / config.accumulate)
     per_epoch = math.ceil(state.batches / config.accumulate) + left
-    window, started, seen_before, counted = [], time.monotonic(), state.seen, 0
-
-    def update_seen():  # only where a checkpoint may follow: seen_after costs ~2 us a call
-        state.seen = sampler.seen_after(state.batches - start) if ours else seen_before + counted
-
+    # Processes stop at the same step, so they must agree (a collective): one process checks
+    # for a signal or the time limit after every step, several at every log point.
+    agree_every = 1 if rt.world_size == 1 else config.log_every
+    window, started, counted = _LossWindow(state.step + 1, state.epoch + 1), time.monotonic(), 0
     state.net.train()
-    title, it = f"epoch {state.epoch + 1}/{config.epochs}", iter(loader)
-    with _progress_bar(run.console, title, per_epoch, per_epoch - left) as advance:
-        for batches in _groups(it, config.accumulate):
+    title = f"epoch {state.epoch + 1}/{config.epochs}"
+    with _progress_bar(job.console, title, per_epoch, per_epoch - left) as advance:
+        for batches in _groups(loader, config.accumulate):
             samples, weights = _sizes(batches)
-            loss = train_step(state, batches, config, rt=rt, loss_fn=run.loss_fn, weights=weights)
-            window.append((loss, sum(weights), state.step))
+            loss = train_step(
+                state,
+                batches,
+                runtime=rt,
+                loss_fn=job.loss_fn,
+                clip_grad=config.clip_grad,
+                channels_last=config.channels_last,
+                weights=weights,
+            )
+            window.losses.append(loss)
+            window.weights.append(sum(weights))
             state.batches += len(batches)
             counted += samples
-            run.flags.steps += 1
             advance()
             log_now = state.step % config.log_every == 0 or state.step == first + left
             save_now = config.save_every and state.step % config.save_every == 0
-            stop_now = rt.world_size == 1 and run.flags.code() != 0
-            if not (log_now or save_now or stop_now):
+            code, elapsed = 0, time.monotonic() - started
+            if log_now or agree_every == 1:
+                per_step = elapsed / (state.step - first)
+                code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
+            if not (log_now or save_now or code):
                 continue
-            update_seen()
-            stop = _sync_point(state, window, run, check_stop=log_now or stop_now)
-            elapsed, remaining = time.monotonic() - started, first + left - state.step
-            speed = counted * rt.world_size / max(elapsed, 1e-9)
-            eta = elapsed / (state.step - first) * remaining
-            mean = _train_loss(state)
-            advance(advance=0, loss=f"{mean:.4f}", speed=f"{speed:,.0f}")
-            if not run.console.live:
-                run.console.line(
-                    f"epoch={state.epoch + 1}/{config.epochs} step={per_epoch - remaining}/"
-                    f"{per_epoch} loss={mean:.4f} lr={state.lr:.4g} samples_per_s={speed:.0f} "
-                    f"eta={eta:.0f}s"
-                )
-            if save_now or stop:
-                _save(state, run)
-            if stop:
-                _say_stopped(stop, state, run)
-                raise Stopped(stop)
-    update_seen()
-    _sync_point(state, window, run, check_stop=False)  # nothing leaves the epoch unchecked
+            done = state.batches - start_batches  # the position: only where a save may follow
+            state.seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+            _add_loss(state, window.drain(rt, state.scaler))
+            if log_now:
+                speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
+                eta = elapsed / (state.step - first) * remaining
+                _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
+            if save_now or code:
+                _save(state, job)
+            if code:
+                return code
+    if ours:
+        state.seen = sampler.seen_after(state.batches - start_batches)
+    _add_loss(state, window.drain(rt, state.scaler))  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
+    return 0
 
 
 def _groups(batches, size: int):
@@ -1356,25 +1408,47 @@ def _groups(batches, size: int):
         yield group
 
 
-def _train_loss(state: TrainState) -> float:
-    """The epoch's mean training loss so far, over all samples of all processes."""
-    return state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
+def _log_progress(state, job: _Job, advance, speed: float, eta: float, step: int, steps: int):
+    mean = _train_loss(state)
+    advance(advance=0, loss=f"{mean:.4f}", speed=f"{speed:,.0f}")
+    if not job.console.live:
+        job.console.line(
+            f"epoch={state.epoch + 1}/{job.config.epochs} step={step}/{steps} loss={mean:.4f} "
+            f"lr={state.lr:.4g} samples_per_s={speed:.0f} eta={eta:.0f}s"
+        )
 
 
-def _say_stopped(code: int, state: TrainState, run: _Run) -> None:
-    reason = f"{signal.Signals(code - 128).name} received" if code > 128 else ""
-    why = "time limit reached" if code == EXIT_TIME_LIMIT else reason
-    where = f"; checkpoint {run.out / 'last.pt'}" if run.out else ""
-    run.console.write(
+def _save(state: TrainState, job: _Job) -> None:
+    if job.out is not None:
+        config = dataclasses.asdict(job.config)
+        save_checkpoint(
+            job.out / "last.pt",
+            state,
+            runtime=job.runtime,
+            config=config,
+            train_size=job.train_size,
+        )
+
+
+def _say_stopped(code: int, state: TrainState, job: _Job) -> None:
+    why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
+    why = why or f"{signal.Signals(code - 128).name} received"
+    where = f"; checkpoint {job.out / 'last.pt'}" if job.out else ""
+    job.console.write(
         f"stopped: {why} at step {state.step} (epoch {state.epoch + 1}){where}; "
         f"run the same command again to continue (exit status {code})"
     )
 
 
-def _monitor_name(config: Config, row: dict) -> str:
-    if config.monitor != "auto":
-        return config.monitor
-    return next(k for k in ("val_acc", "val_loss", "train_loss") if k in row)
+def _monitor_name(config: Config, names) -> str:
+    """The metric that picks best.pt and early stopping, checked against the metric `names`
+    that fit can report (before training) or that an epoch reported."""
+    auto = next((k for k in ("val_acc", "val_loss", "train_loss") if k in names), "train_loss")
+    name = auto if config.monitor == "auto" else config.monitor
+    if name not in names:
+        choices = ", ".join(k for k in names if k not in ("epoch", "step", "lr", "seconds"))
+        raise UsageError(f"monitor={name!r} is not a reported metric; choose from {choices}")
+    return name
 
 
 def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool:
@@ -1387,24 +1461,21 @@ def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool
     return value > best if mode == "max" else value < best
 
 
-def _end_epoch(state: TrainState, val, run: _Run) -> bool:
+def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
-    config = run.config
+    config = job.config
     started = time.monotonic()
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     if val is not None:
-        model = state.ema if state.ema is not None else state.model
-        scores = evaluate(model, val, rt=run.rt, loss_fn=run.loss_fn, metrics=run.metrics)
-        row.update({f"val_{name}": value for name, value in scores.items()})
-    run.flags.eval_seconds = time.monotonic() - started
-    row["lr"] = state.lr
-    row["seconds"] = round(state.epoch_seconds + run.flags.eval_seconds, 3)
-    name = _monitor_name(config, row)
-    if name not in row:
-        raise UsageError(
-            f"--monitor {name} is not a reported metric; choose from "
-            f"{', '.join(k for k in row if k not in ('epoch', 'step', 'seconds'))}"
+        scores = evaluate(
+            state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
         )
+        row.update({f"val_{name}": value for name, value in scores.items()})
+    row["lr"] = state.lr
+    row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
+    name = _monitor_name(config, row)
+    if isinstance(state.scheduler, ReduceLROnPlateau):
+        state.scheduler.step(row[name])
     improved = _improved(row[name], state.best, name, config.monitor_mode)
     if improved:
         state.best, state.best_epoch = row[name], row["epoch"]
@@ -1412,47 +1483,34 @@ def _end_epoch(state: TrainState, val, run: _Run) -> bool:
     state.epoch, state.seen, state.batches = state.epoch + 1, 0, 0
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
     # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
-    if improved:
-        _save_best(state, row, run)
-    _write_metrics(state.history, run)
-    _save(state, run)
+    if job.out is not None and job.runtime.is_main:
+        if improved:  # best.pt: the weights to deploy, without training state
+            record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
+            config_dict = dataclasses.asdict(config)
+            best = {"model": state.eval_model.state_dict(), **record, "config": config_dict}
+            _atomic_save(best, job.out / "best.pt")
+        _write_metrics(state.history, job.out, tensorboard)
+    _save(state, job)
     shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-    run.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
+    job.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
     return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
 
 
-def _save_best(state: TrainState, row: dict, run: _Run) -> None:
-    """best.pt: the weights to deploy (the EMA ones when --ema is on), checksummed."""
-    if run.out is None or not run.rt.is_main:
-        return
-    model = state.ema if state.ema is not None else state.model
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "trainloop": __version__,
-        "model": model.state_dict(),
-        "epoch": row["epoch"],
-        "step": row["step"],
-        "metrics": row,
-        "config": dataclasses.asdict(run.config),
-    }
-    _atomic_save(payload, run.out / "best.pt")
-
-
-def _write_metrics(history: list, run: _Run) -> None:
+def _write_metrics(history: list, out: Path, tensorboard) -> None:
     """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
-    if run.out is None or not run.rt.is_main:
-        return
-    tmp = run.out / ".metrics.jsonl.tmp"
+    tmp = out / ".metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, run.out / "metrics.jsonl")
-    if run.tensorboard is not None:
+    os.replace(tmp, out / "metrics.jsonl")
+    if tensorboard is not None:
         for key, value in history[-1].items():
             if key not in ("epoch", "step"):
-                run.tensorboard.add_scalar(key, value, history[-1]["step"])
-        run.tensorboard.flush()
+                tensorboard.add_scalar(key, value, history[-1]["step"])
+        tensorboard.flush()
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Optional[Path], runtime: Runtime):
+    if out is None or not runtime.is_main:
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional extra
@@ -1460,26 +1518,26 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out), filename_suffix=".trainloop")
 
 
-def _prepare_out(config: Config, rt: Runtime) -> Optional[Path]:
+def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
     """Create the run directory (rank 0), clear temporaries of a killed save, record config."""
     if not config.out:
         return None
     out = Path(config.out)
-    if rt.is_main:
+    if runtime.is_main:
         if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file; pick a directory for the run")
+            raise UsageError(f"out={config.out!r} is a file; pick a directory for the run")
         try:
             out.mkdir(parents=True, exist_ok=True)
             for tmp in out.glob(".*.tmp"):
                 tmp.unlink()
-            record = dict(dataclasses.asdict(config), world_size=rt.world_size)
+            record = dict(dataclasses.asdict(config), world_size=runtime.world_size)
             record["trainloop"] = __version__
             (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         except OSError as e:
             raise UsageError(
-                f"--out {out} is not writable ({e.strerror}); pick another directory"
+                f"out={config.out!r} is not writable ({e.strerror}); pick another directory"
             ) from None
-    _barrier(rt)
+    _barrier(runtime)
     return out
 
 
@@ -1487,12 +1545,12 @@ def _resume_candidates(config: Config, out: Optional[Path]) -> list:
     if config.resume == "none":
         return []
     if config.resume != "auto":
-        path = Path(config.resume)
-        if not path.is_file():
+        if not Path(config.resume).is_file():
             raise UsageError(
-                f"--resume {path}: no such file; use --resume auto, none or an existing checkpoint"
+                f"resume={config.resume!r}: no such file; use resume='auto', 'none' or an "
+                "existing checkpoint"
             )
-        return [path]
+        return [Path(config.resume)]
     if out is None:
         return []
     return [p for p in (out / "last.pt", _previous(out / "last.pt")) if p.is_file()]
@@ -1505,102 +1563,104 @@ _NOT_TRAJECTORY = set(
 )
 
 
-def _resume(state: TrainState, run: _Run) -> None:
+def _resume(state: TrainState, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
-    candidates, corrupt = _resume_candidates(run.config, run.out), []
+    config, rt = job.config, job.runtime
+    candidates, corrupt = _resume_candidates(config, job.out), []
     for i, path in enumerate(candidates):
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as e:
-            if i + 1 == len(candidates) or run.config.resume != "auto":
+            if i + 1 == len(candidates) or config.resume != "auto":
                 raise
-            run.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
+            job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
             corrupt.append(path)
             continue
         saved = ckpt.get("config", {})
-        if saved.get("optimizer", run.config.optimizer) != run.config.optimizer:
+        if saved.get("optimizer", config.optimizer) != config.optimizer:
             raise UsageError(
-                f"--optimizer {run.config.optimizer}: {path} was trained with "
-                f"{saved['optimizer']}; keep it, or start over with --resume none"
+                f"optimizer={config.optimizer!r}: {path} was trained with "
+                f"{saved['optimizer']!r}; keep it, or start over with resume='none'"
             )
-        _restore(state, ckpt, run.rt, path)
-        _warn_changes(ckpt, run)
-        if ckpt["world_size"] != run.rt.world_size:
-            # Steps per epoch changed with the number of processes: continue the LR schedule
-            # from the same share of training done, not from the same step count.
-            done = state.epoch + state.seen / max(run.train_size, 1)
-            state.scheduler.last_epoch = round(done * run.steps_per_epoch)
-        _apply_config(state, run.config)
-        if saved.get("monitor") != run.config.monitor:  # a new yardstick: find its best so far
-            _rebest(state, run.config)
-        run.console.line(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
+        _restore(state, ckpt, rt, path)
+        _warn_changes(ckpt, job)
+        _apply_config(state, job, elastic=ckpt["world_size"] != rt.world_size)
+        if saved.get("monitor") != config.monitor:  # a new yardstick: find its best so far
+            _rebest(state, config)
+        done = state.epoch >= config.epochs
+        where = f"epoch {state.epoch + 1}, step {state.step}"
+        job.console.line(
+            f"{path}: already complete ({state.epoch} of {config.epochs} epochs); raise epochs "
+            "to train further"
+            if done
+            else f"resumed from {path}: {where}"
+        )
         break
-    _barrier(run.rt)
-    if run.rt.is_main:
+    _barrier(rt)
+    if rt.is_main:
         for path in corrupt:  # set aside, so that no save rotates it over a good file
             os.replace(path, path.with_name(path.stem + ".corrupt" + path.suffix))
 
 
-def _warn_changes(ckpt: dict, run: _Run) -> None:
+def _warn_changes(ckpt: dict, job: _Job) -> None:
     changes = [
-        f"{k} {v} -> {getattr(run.config, k)}"
-        for k, v in ckpt["config"].items()
-        if k not in _NOT_TRAJECTORY and getattr(run.config, k, v) != v
+        f"{k} {v} -> {getattr(job.config, k)}"
+        for k, v in ckpt.get("config", {}).items()
+        if k not in _NOT_TRAJECTORY and getattr(job.config, k, v) != v
     ]
-    if ckpt["world_size"] != run.rt.world_size:  # elastic resume
-        why = "each remaining sample of the epoch is still seen once"
-        changes.append(
-            f"world_size {ckpt['world_size']} -> {run.rt.world_size} (elastic resume: {why})"
-        )
-    if ckpt["train_size"] != run.train_size:
-        changes.append(f"training samples {ckpt['train_size']} -> {run.train_size}")
+    if ckpt["world_size"] != job.runtime.world_size:
+        why = "elastic resume: each remaining sample of the epoch is still seen once"
+        changes.append(f"world_size {ckpt['world_size']} -> {job.runtime.world_size} ({why})")
+    if ckpt.get("train_size", job.train_size) != job.train_size:
+        changes.append(f"training samples {ckpt['train_size']} -> {job.train_size}")
     if changes:
-        run.console.write(
+        job.console.write(
             "warning: resuming with changed settings, so the run is no longer "
             f"exactly reproducible: {'; '.join(changes)}"
         )
 
 
-def _apply_config(state: TrainState, config: Config) -> None:
-    """After a restore: the settings of this run win over the checkpoint's (lr, weight decay,
-    momentum, fused kernels) for trainloop's own optimizer; every group's LR follows the
-    schedule."""
-    groups = state.optimizer.param_groups
+def _apply_config(state: TrainState, job: _Job, elastic: bool) -> None:
+    """After a restore: this run's settings win over the checkpoint's for trainloop's own
+    optimizer (weight decay, momentum, fused kernels) and own schedule (lr); under an elastic
+    resume the schedule goes on from the same share of training done."""
+    config, groups = job.config, state.optimizer.param_groups
     if all("decay" in g for g in groups):  # built from the config, not the user's own
-        state.scheduler.base_lrs = [config.lr] * len(groups)
         for g in groups:
-            g["initial_lr"] = config.lr
             g["weight_decay"] = config.weight_decay if g["decay"] else 0.0
             if "momentum" in g:
                 g["momentum"], g["nesterov"] = config.momentum, config.momentum > 0
             g["fused"] = state.optimizer.defaults["fused"]  # this machine's choice
-    factor = state.scheduler.lr_lambdas[0](state.scheduler.last_epoch)
-    for g in groups:
-        g["lr"] = g["initial_lr"] * factor
+            g["initial_lr"] = config.lr
+    if not job.own_schedule:
+        return
+    scheduler = state.scheduler
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    if elastic:  # steps per epoch changed with the number of processes
+        done = state.epoch + state.seen / max(job.train_size, 1)
+        scheduler.last_epoch = round(done * job.steps_per_epoch)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for g, base in zip(groups, scheduler.base_lrs):
+        g["lr"] = base * factor
 
 
 def _rebest(state: TrainState, config: Config) -> None:
     state.best, state.best_epoch = None, 0
     for row in state.history:
-        name = _monitor_name(config, row)
+        name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
         if name in row and _improved(row[name], state.best, name, config.monitor_mode):
             state.best, state.best_epoch = row[name], row["epoch"]
 
 
-def _as_loader(data, config: Config, rt: Runtime, train: bool):
+def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Console):
     if isinstance(data, IterableDataset):  # it cannot be indexed: batch it as it streams
         return DataLoader(data, batch_size=config.batch_size)
     if data is None or isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
-        if (
-            train
-            and rt.world_size > 1
-            and not hasattr(getattr(data, "sampler", None), "set_epoch")
-            and rt.is_main
-        ):
-            print(
+        sharded = hasattr(getattr(data, "sampler", None), "set_epoch")
+        if train and runtime.world_size > 1 and not sharded:
+            console.write(
                 "warning: your DataLoader has no DistributedSampler, so every process sees "
-                "the same batches; pass the Dataset itself to shard it",
-                file=sys.stderr,
+                "the same batches; pass the Dataset itself to shard it"
             )
         return data
     return make_loader(
@@ -1609,8 +1669,26 @@ def _as_loader(data, config: Config, rt: Runtime, train: bool):
         train=train,
         seed=config.seed,
         workers=config.workers,
-        runtime=rt,
+        runtime=runtime,
     )
+
+
+def _check_data(train_data, train, val_data) -> int:
+    """The number of training samples (0: unknown); a UsageError for data that cannot train."""
+    try:
+        batches = len(train)
+    except TypeError:
+        raise UsageError(
+            "train_data has no length; give your IterableDataset a __len__ (the LR schedule "
+            "and progress need the epoch length)"
+        ) from None
+    samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
+    size = len(samples) if hasattr(samples, "__len__") else 0
+    if batches == 0 or hasattr(samples, "__len__") and size == 0:
+        raise UsageError("train_data is empty: there is nothing to train on")
+    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
+        raise UsageError("val_data is empty; pass val_data=None to train without validation")
+    return size
 
 
 def fit(
@@ -1622,6 +1700,7 @@ def fit(
     loss_fn: Optional[Callable] = F.cross_entropy,
     metrics: Optional[dict] = None,
     optimizer=None,
+    scheduler=None,
     log: Optional[Callable] = None,
     runtime: Optional[Runtime] = None,
     **overrides,
@@ -1633,6 +1712,9 @@ def fit(
     weight) or a dict passed to model(**batch). loss_fn(output, target) -> scalar; None means
     the model returns its own loss. metrics: {"name": fn(output, target) -> batch mean}.
     optimizer: an Optimizer over model's parameters, or a name ("sgd", "adamw") for Config.
+    scheduler: a torch LR scheduler on that optimizer, or a function optimizer -> scheduler;
+    it replaces config.schedule and warmup, and is stepped after every optimizer step (a
+    ReduceLROnPlateau after each evaluation, with the monitored metric).
     Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
     Seeds Python, NumPy and torch from config.seed unless it resumes. Under torchrun it joins
     the process group. Raises Stopped (a SystemExit) after checkpointing on a signal or the
@@ -1652,67 +1734,67 @@ def fit(
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
-        return _fit(model, train_data, val_data, config, rt, loss_fn, metrics or {}, optimizer, log)
+        if config.patience and val_data is None:
+            raise UsageError("patience needs validation data to watch; pass val_data or drop it")
+        metric_names = ("loss", "acc", "top5", *(metrics or {}))
+        _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
+        if loss_fn is F.cross_entropy and config.label_smoothing:
+            loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+        model = _unwrap(model).to(rt.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        console = _console(log, config.quiet, rt)
+        train = _as_loader(train_data, config, rt, True, console)
+        val = _as_loader(val_data, config, rt, False, console)
+        size = _check_data(train_data, train, val_data)
+        steps = math.ceil(len(train) / config.accumulate)
+        state = _new_state(model, config, rt, optimizer, scheduler, steps)
+        out = _prepare_out(config, rt)
+        job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, scheduler is None)
+        return _train(state, train, val, job)
     finally:
         if runtime is None:
             teardown(rt)
 
 
-def _fit(model, train_data, val_data, config, rt, loss_fn, metrics, optimizer, log) -> list:
-    if config.patience and val_data is None:
-        raise UsageError("--patience needs validation data to watch; pass val_data or drop it")
-    known = ["train_loss"] + [f"val_{m}" for m in ("loss", "acc", "top5", *metrics) if val_data]
-    if config.monitor not in known + ["auto"]:
-        raise UsageError(
-            f"--monitor {config.monitor} is not reported; choose from {', '.join(sorted(known))}"
-        )
-    if loss_fn is F.cross_entropy and config.label_smoothing:
-        loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-    model = _unwrap(model).to(rt.device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train = _as_loader(train_data, config, rt, train=True)
-    val = _as_loader(val_data, config, rt, train=False)
-    flags, out = _StopFlags(limit=parse_duration(config.time_limit)), _prepare_out(config, rt)
-    samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
-    size = len(samples) if hasattr(samples, "__len__") else 0
-    run = _Run(config, rt, loss_fn, metrics, _console(log, config, rt), flags, out, size)
-    try:
-        run.steps_per_epoch = math.ceil(len(train) / config.accumulate)
-    except TypeError:
-        raise UsageError(
-            "the training data has no length; give your IterableDataset a "
-            "__len__ (the LR schedule and progress need the epoch length)"
-        ) from None
-    state = _new_state(model, config, rt, optimizer, run.steps_per_epoch)
+def _train(state: TrainState, train, val, job: _Job) -> list:
+    """Resume if there is a checkpoint, then train epoch by epoch until done or stopped."""
+    config, rt = job.config, job.runtime
     state.optimizer.zero_grad(set_to_none=True)
     _seed_everything(config.seed, rt.rank)
-    _resume(state, run)
+    _resume(state, job)
     low, high = _all_reduce([-state.step, state.step], rt, dist.ReduceOp.MAX)
     if -low != high:
         raise UsageError(
-            f"processes resumed from different steps ({-low:.0f} and {high:.0f}): "
-            "--out must be on a filesystem that every machine shares"
+            f"processes resumed from different steps ({-low:.0f} and {high:.0f}): out must be "
+            "on a filesystem that every machine shares"
         )
-    state.net = _wrap(model, config, rt)
-    stop_early = False
-    run.tensorboard = _tensorboard(out) if out is not None and rt.is_main else None
+    state.net = _wrap(state.model, config, rt)
+    stop, stop_early, reserve = _Stop(parse_duration(config.time_limit)), False, 1.0
+    tensorboard = _tensorboard(job.out, rt)
     try:
-        with _catch_signals(flags):
+        with _catch_signals(stop):
             while state.epoch < config.epochs and not stop_early:
-                _train_epoch(state, train, run)
-                stop_early = _end_epoch(state, val, run)
+                code = _train_epoch(state, train, job, stop, reserve)
+                if not code:
+                    started = time.monotonic()
+                    stop_early = _end_epoch(state, val, job, tensorboard)
+                    reserve = time.monotonic() - started
+                    code = stop.agreed(rt, 0.0) if state.epoch < config.epochs else 0
+                if code:
+                    _say_stopped(code, state, job)
+                    raise Stopped(code)
     finally:
-        if run.tensorboard is not None:
-            run.tensorboard.close()
-    _summary(state, run, stop_early)
+        if tensorboard is not None:
+            tensorboard.close()
+    _summary(state, job, stop_early)
     return state.history
 
 
-def _summary(state: TrainState, run: _Run, stopped_early: bool) -> None:
+def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
     if not state.history:
         return
-    name = _monitor_name(run.config, state.history[-1])
+    name = _monitor_name(job.config, state.history[-1])
     text = (
         f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
         if state.best is not None
@@ -1720,19 +1802,13 @@ def _summary(state: TrainState, run: _Run, stopped_early: bool) -> None:
     )
     if stopped_early:
         text += f" (early stop after epoch {state.epoch}: no better {name} for "
-        text += f"{run.config.patience} epochs)"
-    if run.out is not None:
+        text += f"{job.config.patience} epochs)"
+    if job.out is not None:
         text += (
-            f"; weights {run.out / 'best.pt'}, checkpoint {run.out / 'last.pt'}, "
-            f"metrics {run.out / 'metrics.jsonl'}"
+            f"; weights {job.out / 'best.pt'}, checkpoint {job.out / 'last.pt'}, "
+            f"metrics {job.out / 'metrics.jsonl'}"
         )
-    run.console.write(text)
-
-
-def teardown(rt: Runtime) -> None:
-    """Leave the process group if setup_device joined it."""
-    if rt.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+    job.console.write(text)
 
 
 # ---- CLI: data, models, launcher -------------------------------------------------------------
@@ -1958,46 +2034,46 @@ def _check_model_name(name: str) -> None:
         )
 
 
-def _eval_only(model: nn.Module, val, config: Config, rt: Runtime) -> int:
+def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime) -> int:
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():
         path = out / "last.pt"
     if not path.is_file():
-        raise UsageError(f"--eval-only: no checkpoint at {path}; pass --resume PATH")
+        raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
     ckpt = load_checkpoint(path)
-    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     except RuntimeError as e:
-        raise UsageError(
-            f"{path} does not match --model {config.model} ({_first_line(e)})"
-        ) from None
-    scores = evaluate(model.to(rt.device), _as_loader(val, config, rt, train=False), rt=rt)
-    if rt.is_main:
-        print(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
+        raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
+    console = _console(None, False, runtime)
+    val = _as_loader(val, config, runtime, False, console)
+    scores = evaluate(model.to(runtime.device), val, runtime=runtime)
+    console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
     return 0
 
 
-def _run(config: Config) -> int:
+def _train_process(config: Config) -> int:
     """One training process: the whole job, or one worker of a torchrun / --gpus job."""
-    rt = setup_device(config.gpus, precision=config.precision, deterministic=config.deterministic)
+    runtime = setup_device(
+        config.gpus, precision=config.precision, deterministic=config.deterministic
+    )
     try:
         rgb = config.model != "smallcnn"
         train, val, info = load_data(config, rgb)
         torch.manual_seed(config.seed)  # the same initial weights in every process
         model = build_model(config.model, **info)
         if config.eval_only:
-            return _eval_only(model, val, config, rt)
-        fit(model, train, val, config=config, runtime=rt)
+            return _eval_only(model, val, config, runtime)
+        fit(model, train, val, config=config, runtime=runtime)
         return 0
     finally:
-        teardown(rt)
+        teardown(runtime)
 
 
 def _worker(options: dict) -> None:
     """Entry point of each process started by _launch_local."""
-    code = _exit_code_of(lambda: _run(Config(**options)))
+    code = _exit_code_of(lambda: _train_process(Config(**options)))
     if code:
         sys.exit(code)
 
@@ -2035,24 +2111,32 @@ def _launch_local(config: Config, nproc: int) -> int:
     return 0
 
 
-def _run_cli(config: Config) -> int:
-    """Check what can be checked before any process starts, then train."""
-    check_config(config)
+def _run_command(config: Config) -> int:
+    """The command line's job: check what can be checked before any process starts, then
+    train in this process or in one process per listed GPU."""
+    config = check_config(config)
     if not config.out:  # runs/<data>-<model>
         data = config.data if config.data in _BUILTIN_DATA else Path(config.data).name or "data"
         config = dataclasses.replace(config, out=f"runs/{data}-{config.model}")
-    if Path(config.out).is_file():
-        raise UsageError(f"--out {config.out} is a file; pick a directory for the run")
     _check_model_name(config.model)
-    if config.data not in _BUILTIN_DATA:
-        _data_dir(config)
-    _resume_candidates(config, Path(config.out))  # a missing --resume file fails here
     ids = parse_gpus(config.gpus)
     if ids:
         _check_gpus_exist(ids)
     if ids and len(ids) > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_local(config, len(ids))
-    return _run(config)
+    return _train_process(config)
+
+
+def _as_flags(message: str) -> str:
+    """A message about settings as the command line says it: resume='x' -> --resume x,
+    sync_bn=True -> --sync-bn."""
+    names = "|".join(f.name for f in dataclasses.fields(Config))
+
+    def flag(match):
+        name, value = match[1].replace("_", "-"), match[2].strip("'")
+        return {"True": f"--{name}", "False": f"--no-{name}"}.get(value, f"--{name} {value}")
+
+    return re.sub(rf"\b({names})=('[^']*'|\S+?)(?=[\s,;:)]|\.?$|\.\s)", flag, message)
 
 
 def _exit_code_of(job: Callable[[], int]) -> int:
@@ -2071,9 +2155,8 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     message = re.sub(r"^[\w.]*Error: ", "", message.strip().splitlines()[-1])
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0 or everywhere:  # the others would only repeat rank 0's line
-        print(
-            f"trainloop: error: {'' if rank == 0 else f'(rank {rank}) '}{message}", file=sys.stderr
-        )
+        where = "" if rank == 0 else f"(rank {rank}) "
+        print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
     return code
 
 
@@ -2093,7 +2176,7 @@ def _build_cli():
 
     def command(**options):
         options.pop("version", None)
-        raise typer.Exit(_exit_code_of(lambda: _run_cli(Config(**options))))
+        raise typer.Exit(_exit_code_of(lambda: _run_command(Config(**options))))
 
     def option(f):  # a Config field as a Typer option
         return typer.Option(f.default, show_default=f.default != "", **f.metadata)
