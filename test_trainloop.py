@@ -582,6 +582,7 @@ def cli(args, tmp_path, monkeypatch):
     return CliRunner().invoke(tl._build_cli(), [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_cli_default_job_reaches_95_percent_and_writes_the_run(tmp_path):
     result = run_cli("--epochs", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -790,6 +791,7 @@ def history_without_time(path):
         ("tensors", 0, 3, 60),  # gradient accumulation over 3 micro-batches
     ],
 )
+@pytest.mark.slow
 def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data, workers, accumulate, calls):
     label = f"{data}-{workers}-{accumulate}"
     if data == "folder":
@@ -812,6 +814,7 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data, workers, acc
     )
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path):
     opts = dict(epochs=2, batch_size=16)
     assert run_job(tmp_path, out=str(tmp_path / "ref"), **opts).returncode == 0
@@ -824,6 +827,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path):
     assert_same_state(tmp_path / "ref" / "last.pt", out / "last.pt")
 
 
+@pytest.mark.slow
 def test_sigusr1_and_sigint_also_checkpoint_and_stop(tmp_path):
     for signum in (signal.SIGUSR1, signal.SIGINT):
         out = tmp_path / signum.name
@@ -832,6 +836,7 @@ def test_sigusr1_and_sigint_also_checkpoint_and_stop(tmp_path):
         assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_without_checkpoint(tmp_path):
     out = tmp_path / "run"
     stopped = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=2)
@@ -839,6 +844,7 @@ def test_second_ctrl_c_stops_at_once_without_checkpoint(tmp_path):
     assert not (out / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_echoed_signal_still_checkpoints(tmp_path):
     out = tmp_path / "run"
     echoed = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=1, echo=True)
@@ -872,6 +878,7 @@ SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     (tmp_path / "saver.py").write_text(SAVER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -1245,6 +1252,7 @@ def test_fit_compile_trains_and_saves_plain_weights(tmp_path):
     assert keys == list(mlp().state_dict())  # no _orig_mod. prefix
 
 
+@pytest.mark.slow
 def test_fit_channels_last_matches_the_default_layout(tmp_path):
     train, val = tiny_images(64)
     results = []
@@ -1310,6 +1318,7 @@ def test_fit_quiet_prints_only_the_final_summary():
     assert len(lines) == 1 and lines[0].startswith("done:")
 
 
+@pytest.mark.slow
 def test_cli_on_a_terminal_draws_a_progress_bar(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=20)
     primary, secondary = os.openpty()
@@ -1587,6 +1596,7 @@ def test_fit_fast_path_gives_the_same_result_as_the_dataloader_path():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_fit_time_limit_checkpoints_exits_75_and_the_rerun_finishes_exactly(tmp_path):
     opts = dict(epochs=2, batch_size=16, ema=0.9)
     assert run_job(tmp_path, out=str(tmp_path / "ref"), **opts).returncode == 0
@@ -2012,6 +2022,7 @@ def assert_run_directory(out: Path, world_size: int, epochs: int = 1):
 # ---- torchrun: the CLI and fit() across processes ------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_the_default_job_on_two_cpu_processes(tmp_path):
     cmd = torchrun_cmd(
         "--standalone",
@@ -2052,6 +2063,7 @@ def same_global_batch(tmp_path_factory):
     return tmp_path / "two", tmp_path / "one", tmp_path / "acc"
 
 
+@pytest.mark.slow
 def test_fit_two_processes_equal_one_process_with_their_global_batch(same_global_batch):
     two, one, _ = same_global_batch
     a, b = tl.load_checkpoint(two / "last.pt"), tl.load_checkpoint(one / "last.pt")
@@ -2067,6 +2079,7 @@ def test_fit_two_processes_equal_one_process_with_their_global_batch(same_global
         assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_fit_train_loss_is_over_every_process_sample(same_global_batch):
     two, one, _ = same_global_batch
     rows_a, rows_b = read_rows(two / "metrics.jsonl"), read_rows(one / "metrics.jsonl")
@@ -2074,6 +2087,7 @@ def test_fit_train_loss_is_over_every_process_sample(same_global_batch):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fit_accumulating_under_ddp_equals_the_global_batch(same_global_batch):
     _, one, acc = same_global_batch
     a, b = tl.load_checkpoint(acc / "last.pt"), tl.load_checkpoint(one / "last.pt")
@@ -2084,6 +2098,7 @@ def test_fit_accumulating_under_ddp_equals_the_global_batch(same_global_batch):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fit_only_rank_0_writes_files_and_prints(tmp_path):
     logs = tmp_path / "logs"
     opts = dict(
@@ -2111,6 +2126,7 @@ def test_fit_only_rank_0_writes_files_and_prints(tmp_path):
     assert stdout1.read_text() == "" and stderr1.read_text() == ""
 
 
+@pytest.mark.slow
 def test_torchrun_crash_on_one_rank_ends_the_job_quickly_and_leaves_no_process(tmp_path):
     started = time.monotonic()
     result = run_worker(
@@ -2123,6 +2139,7 @@ def test_torchrun_crash_on_one_rank_ends_the_job_quickly_and_leaves_no_process(t
     assert processes_of(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_fit_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     opts = dict(
         n=400,
@@ -2145,6 +2162,7 @@ def test_fit_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_fit_nan_on_one_rank_prints_one_line_naming_the_step(tmp_path):
     result = run_worker(
         tmp_path, dict(n=400, epochs=1, batch_size=8, log_every=3, quiet=True, fault=[1, 5, "nan"])
@@ -2159,6 +2177,7 @@ def test_fit_nan_on_one_rank_prints_one_line_naming_the_step(tmp_path):
     # SIGABRT after printing the message (gloo teardown after the peer left), so no 4 was shown.
 
 
+@pytest.mark.slow
 def test_torchrun_two_nodes_on_localhost_complete_a_run(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -2212,6 +2231,7 @@ def launch_local(tmp_path, **options):
     return result, time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_launch_local_trains_to_completion_on_cpu(tmp_path):
     result, _ = launch_local(tmp_path, image_size=8, batch_size=128)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -2221,6 +2241,7 @@ def test_launch_local_trains_to_completion_on_cpu(tmp_path):
     assert result.stdout.count("done: best val_acc=") == 1
 
 
+@pytest.mark.slow
 def test_launch_local_passes_sigterm_on_and_exits_143_with_a_checkpoint(tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH)
@@ -2259,6 +2280,7 @@ def launch_with_bad_image_on_rank_1(tmp_path_factory):
     return result, elapsed, bad, tmp_path
 
 
+@pytest.mark.slow
 def test_launch_local_returns_the_failed_worker_status_quickly(launch_with_bad_image_on_rank_1):
     result, elapsed, _, tmp_path = launch_with_bad_image_on_rank_1
     assert result.returncode == tl.EXIT_USAGE, result.stderr[-3000:]
@@ -2268,6 +2290,7 @@ def test_launch_local_returns_the_failed_worker_status_quickly(launch_with_bad_i
     assert not (tmp_path / "run" / "last.pt").exists()  # no epoch finished
 
 
+@pytest.mark.slow
 def test_launch_local_reports_the_error_of_a_worker_other_than_rank_0(
     launch_with_bad_image_on_rank_1,
 ):
@@ -2275,6 +2298,7 @@ def test_launch_local_reports_the_error_of_a_worker_other_than_rank_0(
     assert f"cannot read image {bad}" in result.stderr
 
 
+@pytest.mark.slow
 def test_fit_time_limit_stops_every_process_at_the_same_step(tmp_path):
     opts = dict(
         n=400,
@@ -2315,6 +2339,7 @@ def elastic_resume(tmp_path_factory):
     return killed, ckpt, resumed, tmp_path
 
 
+@pytest.mark.slow
 def test_fit_elastic_resume_two_to_one_trains_each_sample_once(elastic_resume):
     killed, ckpt, resumed, tmp_path = elastic_resume
     assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr
@@ -2336,12 +2361,14 @@ def test_fit_elastic_resume_two_to_one_trains_each_sample_once(elastic_resume):
     assert rows[-1]["step"] == 8 + 10
 
 
+@pytest.mark.slow
 def test_fit_elastic_resume_warns_about_the_process_count(elastic_resume):
     _, _, resumed, _ = elastic_resume
     warning = next(line for line in resumed.stdout.splitlines() if line.startswith("warning:"))
     assert "world_size 2 -> 1 (elastic resume" in warning
 
 
+@pytest.mark.slow
 def test_fit_elastic_resume_still_anneals_the_lr_to_zero(elastic_resume):
     _, _, resumed, tmp_path = elastic_resume
     rows = read_rows(tmp_path / "run" / "metrics.jsonl")
@@ -2351,6 +2378,7 @@ def test_fit_elastic_resume_still_anneals_the_lr_to_zero(elastic_resume):
 # ---- evaluation and BatchNorm ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_counts_each_validation_sample_once_across_processes(tmp_path):
     n_val = 37  # odd: rank 0 gets 19 samples, rank 1 gets 18
     opts = dict(n=96, n_val=n_val, epochs=1, batch_size=8, out="run", quiet=True, record="rec")
@@ -2375,6 +2403,7 @@ def test_evaluate_counts_each_validation_sample_once_across_processes(tmp_path):
     assert row["val_loss"] == pytest.approx(scores["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_with_fewer_validation_samples_than_processes(tmp_path):
     result = run_worker(
         tmp_path, dict(n=96, n_val=1, epochs=1, batch_size=8, out="run", quiet=True), timeout=45
@@ -2384,6 +2413,7 @@ def test_evaluate_with_fewer_validation_samples_than_processes(tmp_path):
     assert row["val_index"] == 0
 
 
+@pytest.mark.slow
 def test_fit_sync_bn_on_cpu_processes_is_a_clear_error(tmp_path):
     opts = dict(
         n=96, n_val=20, epochs=1, batch_size=8, out="run", quiet=True, batch_norm=True, sync_bn=True
@@ -2425,6 +2455,7 @@ def test_readme_python_examples_run_as_written(index, tmp_path):
         "SequentialLR(optimizer, [ConstantLR(optimizer), ExponentialLR(optimizer, 0.9)], [4])",
     ],
 )
+@pytest.mark.slow
 def test_readme_building_blocks_work_with_any_torch_scheduler(scheduler, tmp_path):
     block = next(b for b in readme_blocks("python") if "tl.train_step" in b)
     line = "scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=16)"

@@ -87,8 +87,8 @@ class Stopped(SystemExit):
 # ---- configuration ---------------------------------------------------------------------------
 
 
-def _opt(default, help: str, panel: str = "Training"):
-    return field(default=default, metadata={"help": help, "rich_help_panel": panel})
+def _opt(default, help: str, panel: str = "Training", **cli):
+    return field(default=default, metadata={"help": help, "rich_help_panel": panel, **cli})
 
 
 D, M, R = "Data", "Model", "Run"  # help panels of the CLI
@@ -102,7 +102,10 @@ class Config:
     """
 
     data: str = _opt(
-        "synthetic", "DIR of class folders, or synthetic|mnist|fashionmnist|cifar10|cifar100.", D
+        "synthetic",
+        "DIR of class folders, or one of synthetic, mnist, fashionmnist, cifar10, cifar100.",
+        D,
+        metavar="DIR|NAME",
     )
     data_root: str = _opt("data", "Where torchvision data sets are stored.", D)
     download: bool = _opt(False, "Download a missing torchvision data set.", D)
@@ -129,10 +132,12 @@ class Config:
     precision: str = _opt("auto", "auto (bf16 on capable GPUs, else fp32)|fp32|bf16|fp16.")
     seed: int = _opt(0, "Seed of initialization, data order and augmentation.")
     gpus: str = _opt("", "GPU ids as nvidia-smi shows (0,1: a process each) | cpu | empty=best.", R)
-    out: str = _opt("", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R)
-    resume: str = _opt("auto", "auto (OUT/last.pt if there) | none | PATH.", R)
+    out: str = _opt(
+        "", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R, metavar="DIR"
+    )
+    resume: str = _opt("auto", "auto (OUT/last.pt if there) | none | PATH.", R, metavar="PATH")
     save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).", R)
-    log_every: int = _opt(50, "Log, check signals and the time limit every N steps.", R)
+    log_every: int = _opt(50, "Log (and, with several processes, agree to stop) every N steps.", R)
     patience: int = _opt(0, "Stop after N epochs without a better --monitor (0 = off).", R)
     monitor: str = _opt("auto", "Metric for best.pt and early stop (auto: val_acc/val_loss).", R)
     monitor_mode: str = _opt("auto", "max | min | auto (max for accuracies, else min).", R)
@@ -271,11 +276,6 @@ def parse_duration(text: str) -> Optional[float]:
         raise UsageError(f"time_limit={text!r} is not a duration; use e.g. '2h30m', '45m' or '90s'")
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # ---- device and distributed ------------------------------------------------------------------
@@ -671,19 +671,6 @@ def _map_tensors(obj, fn: Callable):
     return obj
 
 
-def _own_loss(output):
-    """The loss a model computed itself: a scalar output, or output['loss'] / output.loss."""
-    if isinstance(output, torch.Tensor) and output.numel() == 1:
-        return output.reshape(())
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    if loss is None:
-        raise UsageError(
-            "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
-            f"dict / object with a 'loss' entry (got {type(output).__name__})"
-        )
-    return loss
-
-
 def _to_device(batch, device: torch.device, channels_last: bool):
     def move(t):  # non_blocking overlaps the copy when memory is pinned
         fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
@@ -710,8 +697,16 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
         output = net(*inputs)
     else:
         output = net(inputs)
-    if loss_fn is None:
-        return output, _own_loss(output)
+    if loss_fn is None:  # the model's own: a scalar output, or output["loss"] / output.loss
+        if isinstance(output, torch.Tensor) and output.numel() == 1:
+            return output, output.reshape(())
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None:
+            raise UsageError(
+                "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
+                f"dict / object with a 'loss' entry (got {type(output).__name__})"
+            )
+        return output, loss
     if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
         raise UsageError(
             "a dict batch goes whole to model(**batch), so the default "
@@ -827,18 +822,13 @@ def _update_ema(pairs: tuple, decay: float, step: int) -> None:
         torch._foreach_copy_(ema_others, live_others)
 
 
-def _accuracy_applies(output, target) -> bool:
-    """Accuracy makes sense for class logits (N, C, ...) against integer labels (N, ...)."""
-    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
-        return False
-    labels = not target.is_floating_point() and target.dtype != torch.bool
-    shapes = output.dim() == target.dim() + 1 and output.shape[:1] == target.shape[:1]
-    return output.is_floating_point() and labels and shapes and output.shape[1] > 1
-
-
 def _batch_metrics(output, target, loss, metrics: dict) -> dict:
     values = {"loss": loss.float()}
-    if _accuracy_applies(output, target):
+    # Accuracy makes sense for class logits (N, C, ...) against integer labels (N, ...).
+    tensors = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
+    labels = tensors and not target.is_floating_point() and target.dtype != torch.bool
+    logits = labels and output.is_floating_point() and output.dim() == target.dim() + 1
+    if logits and output.shape[:1] == target.shape[:1] and output.shape[1] > 1:
         values["acc"] = (output.argmax(1) == target).float().mean()
         if output.shape[1] > 5:
             top5 = output.topk(5, dim=1).indices
@@ -857,18 +847,15 @@ def evaluate(
     loss_fn: Optional[Callable] = F.cross_entropy,
     metrics: Optional[dict] = None,
 ) -> dict:
-    """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`.
-
-    Every metric is weighted by samples, never averaged per batch, and summed over all
-    processes, each of which sees its own part of the data. Restores the model's mode.
-    """
+    """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`,
+    weighted by samples and summed over all processes. Restores the model's mode."""
     rt = runtime or Runtime(_device_of(model))
     was_training = model.training
     model.eval()
     sums, count = {}, 0
     for batch in data:
         output, loss, target = _forward(model, batch, loss_fn, rt)
-        n = _count(target) or _count(_split_batch(batch)[0])
+        n = _sizes([batch])[0]
         for name, value in _batch_metrics(output, target, loss, metrics or {}).items():
             sums[name] = sums.get(name, 0.0) + value.detach() * n
         count += n
@@ -1541,21 +1528,6 @@ def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
     return out
 
 
-def _resume_candidates(config: Config, out: Optional[Path]) -> list:
-    if config.resume == "none":
-        return []
-    if config.resume != "auto":
-        if not Path(config.resume).is_file():
-            raise UsageError(
-                f"resume={config.resume!r}: no such file; use resume='auto', 'none' or an "
-                "existing checkpoint"
-            )
-        return [Path(config.resume)]
-    if out is None:
-        return []
-    return [p for p in (out / "last.pt", _previous(out / "last.pt")) if p.is_file()]
-
-
 # Settings that change a run's trajectory; resuming with another value is warned about.
 _NOT_TRAJECTORY = set(
     "out resume quiet log_every save_every time_limit eval_only patience workers download "
@@ -1566,7 +1538,16 @@ _NOT_TRAJECTORY = set(
 def _resume(state: TrainState, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
     config, rt = job.config, job.runtime
-    candidates, corrupt = _resume_candidates(config, job.out), []
+    if config.resume not in ("auto", "none") and not Path(config.resume).is_file():
+        raise UsageError(
+            f"resume={config.resume!r}: no such file; use resume='auto', 'none' or an "
+            "existing checkpoint"
+        )
+    candidates = [Path(config.resume)] if config.resume not in ("auto", "none") else []
+    if config.resume == "auto" and job.out is not None:
+        last = job.out / "last.pt"
+        candidates = [p for p in (last, _previous(last)) if p.is_file()]
+    corrupt = []
     for i, path in enumerate(candidates):
         try:
             ckpt = load_checkpoint(path)
@@ -1587,14 +1568,11 @@ def _resume(state: TrainState, job: _Job) -> None:
         _apply_config(state, job, elastic=ckpt["world_size"] != rt.world_size)
         if saved.get("monitor") != config.monitor:  # a new yardstick: find its best so far
             _rebest(state, config)
-        done = state.epoch >= config.epochs
-        where = f"epoch {state.epoch + 1}, step {state.step}"
-        job.console.line(
-            f"{path}: already complete ({state.epoch} of {config.epochs} epochs); raise epochs "
-            "to train further"
-            if done
-            else f"resumed from {path}: {where}"
-        )
+        said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
+        if state.epoch >= config.epochs:
+            said = f"{path}: already complete ({state.epoch} of {config.epochs} epochs); "
+            said += "pass more epochs to train further"
+        job.console.line(said)
         break
     _barrier(rt)
     if rt.is_main:
