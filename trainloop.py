@@ -193,8 +193,10 @@ class TrainState:
         # A plain LambdaLR with one function for every group can be advanced without its
         # per-call bookkeeping (see _step_scheduler); anything else gets scheduler.step().
         lambdas = getattr(self.scheduler, "lr_lambdas", ())
-        if type(self.scheduler) is LambdaLR and "step" not in vars(self.scheduler):
-            self._lr_lambda = lambdas[0] if all(f is lambdas[0] for f in lambdas) else None
+        plain = type(self.scheduler) is LambdaLR and "step" not in vars(self.scheduler)
+        floats = not any(torch.is_tensor(g["lr"]) for g in self.optimizer.param_groups)
+        if plain and floats and all(f is lambdas[0] for f in lambdas):
+            self._lr_lambda = lambdas[0]
 
     @property
     def eval_model(self) -> nn.Module:
@@ -1288,13 +1290,12 @@ class _LossWindow:
     losses: list = field(default_factory=list)  # one detached device scalar per step
     weights: list = field(default_factory=list)  # what each step's loss counts in the mean
 
-    def drain(self, runtime: Runtime, scaler: torch.amp.GradScaler) -> tuple:
-        """(sum of loss x weight, sum of weights) over all processes; raises on NaN or inf, or
-        when fp16 loss scaling has collapsed. Every process adds the losses up step by step, so
-        a NaN on one process stops them all at the same step, and train_loss is the same however
-        the steps fall into windows."""
+    def drain(self, state: TrainState, runtime: Runtime) -> None:
+        """Add the window's losses, summed over all processes, to state.epoch_loss; raise on a
+        NaN or inf, or when fp16 loss scaling has collapsed. A NaN on one process stops them all
+        at the same step."""
         values = torch.stack(self.losses).tolist() if self.losses else []  # sync point
-        collapsed = scaler.is_enabled() and scaler.get_scale() < 2.0**-16
+        collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
         n, weighted = len(values), [v * w for v, w in zip(values, self.weights)]
         sums = _all_reduce(weighted + self.weights + [float(collapsed)], runtime)
         bad = [i for i, v in enumerate(sums[:n]) if not math.isfinite(v)]
@@ -1309,13 +1310,11 @@ class _LossWindow:
                 f"fp16 gradients overflow at every step (loss scale below 2^-16 at step "
                 f"{self.first_step + n - 1}); use precision='bf16' or 'fp32'"
             )
+        for loss_sum, weight_sum in zip(sums[:n], sums[n:-1]):  # step by step: the same sums
+            state.epoch_loss[0] += loss_sum  # however the steps fall into windows
+            state.epoch_loss[1] += weight_sum
         self.first_step += n
         self.losses, self.weights = [], []
-        return sum(sums[:n]), sum(sums[n:-1])
-
-
-def _add_loss(state: TrainState, sums: tuple) -> None:
-    state.epoch_loss = [state.epoch_loss[0] + sums[0], state.epoch_loss[1] + sums[1]]
 
 
 def _train_loss(state: TrainState) -> float:
@@ -1367,7 +1366,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                 continue
             done = state.batches - start_batches  # the position: only where a save may follow
             state.seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
-            _add_loss(state, window.drain(rt, state.scaler))
+            window.drain(state, rt)
             if log_now:
                 speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
                 eta = elapsed / (state.step - first) * remaining
@@ -1378,7 +1377,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                 return code
     if ours:
         state.seen = sampler.seen_after(state.batches - start_batches)
-    _add_loss(state, window.drain(rt, state.scaler))  # nothing leaves the epoch unchecked
+    window.drain(state, rt)  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
 
