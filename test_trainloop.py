@@ -1753,6 +1753,33 @@ def test_train_step_honours_a_lambda_per_parameter_group():
     assert not torch.equal(model[0].weight, moving)
 
 
+def test_a_users_loop_saves_and_restores_its_state(tmp_path):
+    def state_of(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        return tl.TrainState(model, optimizer, ema_decay=0.9)  # no scheduler
+
+    trained = state_of(mlp())
+    x, y = blobs(16).tensors
+    for _ in range(3):
+        tl.train_step(trained, [(x, y)])
+    tl.save_checkpoint(tmp_path / "mine.pt", trained, runtime=CPU, note="mine")
+    restored = state_of(mlp(seed=1))
+    extra = tl.load_checkpoint(tmp_path / "mine.pt", restored)
+    assert restored.step == 3 and extra["note"] == "mine"
+    assert torch.equal(restored.model[0].weight, trained.model[0].weight)
+    assert torch.equal(restored.ema[0].weight, trained.ema[0].weight)
+    assert restored.optimizer.state_dict()["state"][0]["step"] == 3
+
+
+def test_resume_reads_a_checkpoint_of_trainloop_0_1(tmp_path):
+    fit_mlp(32, epochs=1, out=tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["scheduler"]["type"]  # 0.1 saved its own LambdaLR without naming it
+    ckpt["format"] = 1
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert [r["epoch"] for r in fit_mlp(32, epochs=2, out=tmp_path)] == [1, 2]
+
+
 def test_train_state_builds_and_updates_its_own_ema():
     model = mlp()
     state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.5), ema_decay=0.99)

@@ -1055,12 +1055,13 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
             f"{path} does not match this model or optimizer ({_mismatch(e)}); "
             "use resume='none' or another out"
         ) from None
-    saved = ckpt["scheduler"] or {}
+    saved = ckpt["scheduler"]
     kind = type(state.scheduler).__name__ if state.scheduler is not None else None
-    if saved.get("type") != kind:
+    saved_kind = saved.get("type", "LambdaLR") if saved is not None else None  # 0.1: LambdaLR
+    if saved_kind != kind:
         raise UsageError(
-            f"{path} was trained with scheduler {saved.get('type')}, not {kind}; pass the same "
-            "kind of scheduler, or start over with resume='none'"
+            f"{path} was trained with scheduler {saved_kind}, not {kind}; pass the same kind "
+            "of scheduler, or start over with resume='none'"
         )
     if state.scheduler is not None:
         state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
