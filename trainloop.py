@@ -101,11 +101,16 @@ class Config:
     data: str = _opt("synthetic", "synthetic|mnist|fashionmnist|cifar10|cifar100|DIR (folders)", D)
     data_root: str = _opt("data", "Where torchvision data sets are stored.", D)
     download: bool = _opt(False, "Download a missing torchvision data set.", D)
-    image_size: int = _opt(0, "Resize images to this many pixels a side (0 = keep).", D)
+    image_size: int = _opt(0, "Pixels a side (0: the weights' size, else 224; smallcnn 64).", D)
+    mean: str = _opt("", "Per-channel mean of 0-1 pixels (empty: the weights', else measured).", D)
+    std: str = _opt("", "Per-channel std of 0-1 pixels, e.g. 0.229,0.224,0.225 (like --mean).", D)
     val_fraction: float = _opt(0.1, "Share of DIR held out for validation when no DIR/val.", D)
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
+    weights: str = _opt(
+        "", "Pretrained: a torchvision name (DEFAULT, ...) or a state_dict file.", M
+    )
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
@@ -1816,38 +1821,122 @@ def _tensor_data(config: Config, rgb: bool):
         x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
     info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
+    info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
     return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
-class _ImageFiles(Dataset):
-    """Image files read per sample, resized to one size, normalized to [-1, 1]."""
+# Image folders: pixels a side when neither --image-size nor the weights say (torchvision models
+# were designed at 224; the small CNN learns as well at 64, ~12x faster); the share of the
+# area a training crop covers (torchvision's 0.08 suits 90-epoch ImageNet runs, not a few epochs
+# on a small folder); validation center-crops this share of the shorter side (224 of 256).
+_DEFAULT_SIZE = {"smallcnn": 64}
+_CROP_AREA = (0.25, 1.0)
+_VAL_CROP = 0.875
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
-    def __init__(self, samples, size: int, channels: int, augment_pad: int = 0):
+
+class _ImageFiles(Dataset):
+    """Image files decoded per sample into (uint8 image (C, size, size), label).
+
+    With `augment`, a random resized crop (a share _CROP_AREA of the area, aspect 3:4 to 4:3)
+    and a horizontal flip; else a center crop of `ratio` of the shorter side. Nothing is
+    stretched. Random draws use torch's global RNG, which loader workers seed per sample.
+    """
+
+    def __init__(self, samples, size: int, channels: int, augment: bool, ratio: float):
         self.samples, self.size, self.channels = samples, size, channels
-        self.augment_pad = augment_pad
+        self.augment, self.ratio = augment, ratio
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                if image.size != (self.size, self.size):
-                    image = image.resize((self.size, self.size), Image.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32)
-        except (OSError, ValueError) as e:
-            raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
-        x = torch.from_numpy(pixels).div_(127.5).sub_(1)
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        if self.augment_pad:  # draws from the global RNG, which workers seed per sample
-            shift = torch.randint(0, 2 * self.augment_pad + 1, (1, 2))
-            flip = torch.rand(1) < 0.5
-            x = _crop_flip(x.unsqueeze(0), shift, flip, self.augment_pad)[0]
-        return x, label
+            image = _read_image(path, self.size, self.channels, self._box)
+        except (OSError, ValueError, RuntimeError) as e:
+            why = _first_line(e)
+            raise _DataError(
+                f"--data: cannot read image {path} ({why}); fix or remove it"
+            ) from None
+        if self.augment and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, label
+
+    def _box(self, width: int, height: int) -> tuple:
+        """(top, left, height, width) of the crop in the upright image, in pixels."""
+        if self.augment:  # torchvision's RandomResizedCrop rule: 10 tries, then the center
+            low, high = _CROP_AREA
+            for _ in range(10):
+                area, aspect, y, x = torch.rand(4).tolist()
+                area = width * height * (low + (high - low) * area)
+                aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * aspect)
+                w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+                if w <= width and h <= height:
+                    return (height - h) * y, (width - w) * x, h, w
+        side = min(width, height) * (1.0 if self.augment else self.ratio)
+        return (height - side) / 2, (width - side) / 2, side, side
+
+
+def _read_image(path, size: int, channels: int, box_fn) -> torch.Tensor:
+    """uint8 (channels, size, size): the crop box_fn(width, height) of the upright image, resized.
+
+    A JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's
+    draft mode: a 4000x3000 photo in ~16 ms instead of ~60); the rest by torchvision.io.
+    """
+    from PIL import Image
+    from torchvision.transforms.v2.functional import resized_crop
+
+    pixels, box = None, None
+    with Image.open(path) as image:
+        if image.format == "JPEG":  # the size is known before decoding, so it can decode less
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
+            width, height = image.size[::-1] if turned else image.size
+            box = box_fn(width, height)
+            shrink = min(box[2:]) / size  # the crop may shrink this much and keep `size` pixels
+            if shrink >= 2:
+                image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
+                pixels = _pil_pixels(image, channels)
+    if pixels is None:
+        pixels = _decode(path, channels)
+    if box is None:
+        width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
+    top, left, h, w = (v * pixels.shape[2] / width for v in box)  # in decoded pixels
+    crop = (round(top), round(left), max(1, round(h)), max(1, round(w)))
+    return resized_crop(pixels, *crop, [size, size], antialias=True)
+
+
+def _decode(path, channels: int) -> torch.Tensor:
+    """uint8 (channels, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    try:
+        pixels = decode_image(str(path), mode=mode, apply_exif_orientation=True)
+    except RuntimeError:  # a format it does not read (BMP, TIFF, ...), or not an image
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return _pil_pixels(image, channels)
+    if pixels.dtype == torch.uint16:  # a 16-bit PNG: scale 0-65535 to 0-255
+        pixels = (pixels.to(torch.int32) // 257).to(torch.uint8)
+    return pixels
+
+
+def _pil_pixels(image, channels: int) -> torch.Tensor:
+    """uint8 (channels, H, W) of an open PIL image, upright, with its range kept: PIL's convert
+    clips 16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        scale = 255.0 if image.mode == "F" else 255 / 65535
+        gray = np.asarray(image, dtype=np.float32) * scale + 0.5
+        image = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # as PIL asks, before the alpha is dropped
+    pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
+    return torch.from_numpy(pixels).view(*pixels.shape[:2], -1).permute(2, 0, 1)
 
 
 def _image_folder(config: Config, rgb: bool):
@@ -1878,11 +1967,15 @@ def _image_folder(config: Config, rgb: bool):
         samples = [samples[i] for i in order[cut:].tolist()]
     else:
         val_samples = val.samples
-    size, channels = _first_image_shape(samples[0][0], config.image_size)
-    channels = 3 if rgb else channels
-    pad = max(1, size // 8) if config.augment else 0
+    channels = 3 if rgb else _channels(samples)
+    size, ratio, mean, std = _image_settings(config, samples, channels)
     info = {"channels": channels, "classes": len(train.classes)}
-    return _ImageFiles(samples, size, channels, pad), _ImageFiles(val_samples, size, channels), info
+    info.update(image_size=size, mean=mean, std=std)
+    return (
+        _ImageFiles(samples, size, channels, config.augment, ratio),
+        _ImageFiles(val_samples, size, channels, False, ratio),
+        info,
+    )
 
 
 def _data_dir(config: Config) -> Path:
@@ -1895,22 +1988,85 @@ def _data_dir(config: Config) -> Path:
     return root
 
 
-def _first_image_shape(path, image_size: int):
+def _channels(samples) -> int:
+    """1 when the first 16 images are all grayscale (read from their headers), else 3."""
     from PIL import Image
 
+    for path, _ in samples[:16]:
+        try:
+            with Image.open(path) as image:
+                if image.mode not in _GRAY_MODES:
+                    return 3
+        except OSError as e:
+            raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
+    return 1
+
+
+def _image_settings(config: Config, samples, channels: int) -> tuple:
+    """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
+    else _DEFAULT_SIZE and per-channel statistics measured on up to 256 training images."""
+    preset = _weights_preset(config.model, config.weights)
+    default = preset.crop_size[0] if preset else _DEFAULT_SIZE.get(config.model, 224)
+    ratio = preset.crop_size[0] / preset.resize_size[0] if preset else _VAL_CROP
+    mean = _per_channel("mean", config.mean, channels) or (preset and tuple(preset.mean))
+    std = _per_channel("std", config.std, channels) or (preset and tuple(preset.std))
+    if not (mean and std):
+        measured = _measure(samples, channels, config.seed)
+        mean, std = mean or measured[0], std or measured[1]
+    return config.image_size or default, ratio, mean, std
+
+
+def _per_channel(name: str, text: str, channels: int) -> Optional[tuple]:
+    if not text:
+        return None
     try:
-        with Image.open(path) as image:
-            mode, width = image.mode, image.size[0]
-    except OSError as e:
-        raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
-    return image_size or width, 1 if mode in ("1", "L", "I", "I;16", "F") else 3
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    low = 0.0 if name == "mean" else 1e-6
+    if len(values) not in (1, channels) or not all(low <= v <= 1 for v in values):
+        raise UsageError(
+            f"--{name} {text!r} is not 1 or {channels} comma-separated numbers in "
+            f"[{low:g}, 1] (images scaled to 0-1), e.g. --{name} {'0.5' if low else '0.45'}"
+        )
+    return values * channels if len(values) == 1 else values
+
+
+def _measure(samples, channels: int, seed: int, count: int = 256) -> tuple:
+    """Per-channel (mean, std) in 0-1 units of center crops of up to `count` training images at
+    64 px (the seed picks them), rounded to 3 decimals so that config.json states them exactly."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    probe = _ImageFiles([samples[i] for i in order[:count].tolist()], 64, channels, False, 1.0)
+    pixels = torch.stack([probe[i][0] for i in range(len(probe))]).transpose(0, 1)
+    pixels = pixels.reshape(channels, -1).double() / 255
+    mean, std = pixels.mean(1), pixels.std(1).clamp(min=1e-3)
+    return tuple(round(v, 3) for v in mean.tolist()), tuple(round(v, 3) for v in std.tolist())
 
 
 def load_data(config: Config, rgb: bool = False):
-    """The CLI's data: (train, val, info) for --data; info = {"channels": C, "classes": K}."""
+    """The CLI's data: (train, val, info) for --data.
+
+    info = {"channels": C, "classes": K, "image_size": pixels a side, "mean": ..., "std": ...}.
+    Built-in sets are normalized float tensors (mean and std None). An image folder's data sets
+    yield uint8 images, which a model from build_model(..., mean=, std=) normalizes itself.
+    """
     if config.data in _BUILTIN_DATA:
         return _tensor_data(config, rgb)
     return _image_folder(config, rgb)
+
+
+class _Normalize(nn.Module):
+    """uint8 images (N, C, H, W) in, normalized floats out, on the model's own device: loaders
+    move a quarter of the bytes and convert nothing, and mean/std (buffers, in 0-255 units)
+    travel in every checkpoint, so --eval-only and resume normalize as training did."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
 
 def small_cnn(channels: int, classes: int) -> nn.Sequential:
@@ -1935,13 +2091,132 @@ def small_cnn(channels: int, classes: int) -> nn.Sequential:
     )
 
 
-def build_model(name: str, *, channels: int, classes: int) -> nn.Module:
-    """smallcnn, or a torchvision classification model with `classes` outputs, untrained."""
+def build_model(
+    name: str, *, channels: int, classes: int, weights: str = "", mean=None, std=None
+) -> nn.Module:
+    """smallcnn, or a torchvision classification model, with `classes` outputs.
+
+    weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
+    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint); everything but the
+    classifier head is loaded. With mean and std (per channel, 0-1 units) the model takes uint8
+    images and normalizes them itself: nn.Sequential(normalize, model).
+    """
+    model = _bare_model(name, channels, classes)
+    if weights:
+        with torch.device("meta"):  # no memory, no init: only tells the head's tensors apart
+            other = _bare_model(name, channels, classes + 1).state_dict()
+        head = {k for k, v in model.state_dict().items() if other[k].shape != v.shape}
+        state = {k: v for k, v in _pretrained(name, weights).items() if k not in head}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            missing, unexpected = [_first_line(e)], []
+        if set(missing) - head or unexpected:
+            raise UsageError(
+                f"--weights {weights} does not fit --model {name} (missing "
+                f"{sorted(set(missing) - head)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+                "pass weights saved from this model"
+            )
+    return model if mean is None else nn.Sequential(_Normalize(mean, std), model)
+
+
+def _bare_model(name: str, channels: int, classes: int) -> nn.Module:
     if name == "smallcnn":
         return small_cnn(channels, classes)
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=classes)
+
+
+def _pretrained(name: str, weights: str) -> dict:
+    """The state_dict of --weights: a file's, or torchvision's (from its cache or downloaded)."""
+    if not _is_weights_name(weights):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many kinds
+            raise UsageError(
+                f"--weights {weights}: not a readable state_dict ({_first_line(e)}); pass a "
+                "file saved with torch.save(model.state_dict()) or a trainloop checkpoint"
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # a trainloop checkpoint
+        if "0.mean" in state:  # with build_model's normalization in front: the model inside
+            state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
+        return state
+    import torchvision
+
+    enum = _weights_enum(name, weights)
+    _check_fetchable(enum, weights)
+    return torchvision.models.get_model(name, weights=enum).state_dict()
+
+
+def _is_weights_name(weights: str) -> bool:
+    """DEFAULT, IMAGENET1K_V1, ResNet18_Weights.DEFAULT: a name; an existing file or a path
+    (with a slash or a suffix such as .pt) is a file."""
+    return not Path(weights).exists() and bool(re.fullmatch(r"(\w+\.)?[A-Z][A-Z0-9_]*", weights))
+
+
+def _weights_enum(name: str, weights: str):
+    import torchvision
+
+    try:
+        options = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        options = None
+    if name == "smallcnn" or not options:
+        raise UsageError(
+            f"--weights {weights}: torchvision has no pretrained weights for --model {name}; "
+            "pass a state_dict file instead"
+        )
+    try:
+        return options[weights.split(".")[-1]]
+    except KeyError:
+        names = ", ".join(["DEFAULT"] + [w.name for w in options])
+        raise UsageError(f"--weights {weights} is not one of {names}") from None
+
+
+def _weights_preset(name: str, weights: str):
+    """torchvision's eval transforms (crop and resize size, mean, std) of the weights, or None.
+    For a file: those of the model's DEFAULT weights, which a torchvision file was trained with."""
+    if not weights or name == "smallcnn":
+        return None
+    is_file = not _is_weights_name(weights)
+    if is_file and not Path(weights).is_file():
+        raise UsageError(f"--weights {weights}: no such file; pass a weights name or a file")
+    try:
+        return _weights_enum(name, "DEFAULT" if is_file else weights).transforms()
+    except UsageError:
+        if is_file:  # a model torchvision has no weights for
+            return None
+        raise
+
+
+def _check_fetchable(enum, weights: str) -> None:
+    """Fail within seconds, saying what to fetch and where to put it, when the weights are not
+    in torch's hub cache and the network is unreachable (not after a long download timeout)."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlparse(enum.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url.path).name
+    if cached.is_file() or urllib.request.getproxies().get("https"):  # a proxy may reach it
+        return
+    reached = []
+
+    def probe():  # in a thread: a hung DNS lookup has no timeout of its own
+        with contextlib.suppress(OSError), socket.create_connection((url.hostname, 443), 3):
+            reached.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(4)
+    if not reached:
+        raise UsageError(
+            f"--weights {weights}: {cached} is missing and {url.hostname} cannot be reached; "
+            f"download {enum.url} and put it there (or set TORCH_HOME to a cache that has it)"
+        )
 
 
 def _check_model_name(name: str) -> None:
@@ -1958,13 +2233,44 @@ def _check_model_name(name: str) -> None:
         )
 
 
-def _eval_only(model: nn.Module, val, config: Config, rt: Runtime) -> int:
+def _eval_path(config: Config) -> Path:
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():
         path = out / "last.pt"
     if not path.is_file():
         raise UsageError(f"--eval-only: no checkpoint at {path}; pass --resume PATH")
+    return path
+
+
+def _as_trained(config: Config) -> Config:
+    """For --eval-only: the image size, normalization and weights the checkpoint was trained
+    with (its config), where the command line leaves them at their defaults."""
+    saved = load_checkpoint(_eval_path(config))["config"]
+    names = [k for k in ("image_size", "mean", "std", "weights") if k in saved]
+    unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
+    return dataclasses.replace(config, **{k: saved[k] for k in unset})
+
+
+def _data_settings(config: Config, info: dict, rt: Runtime, sizes: tuple) -> Config:
+    """The config with the image size and normalization in use (config.json and checkpoints
+    record them), after a start-up line that says what the run is about to do."""
+    norm = {k: ",".join(f"{v:g}" for v in info[k]) for k in ("mean", "std") if info[k]}
+    if rt.is_main and not config.quiet:
+        where = f"{rt.device}" + (f" x {rt.world_size} processes" if rt.world_size > 1 else "")
+        print(
+            f"trainloop: {where}; data {config.data}: {info['classes']} classes, "
+            f"{sizes[0]} train / {sizes[1]} val images, {info['image_size']} px"
+            + "".join(f", {k} {v}" for k, v in norm.items())
+            + f"; model {config.model}"
+            + (f" from {config.weights}" if config.weights else ""),
+            flush=True,
+        )
+    return dataclasses.replace(config, image_size=info["image_size"], **norm)
+
+
+def _eval_only(model: nn.Module, val, config: Config, rt: Runtime) -> int:
+    path = _eval_path(config)
     ckpt = load_checkpoint(path)
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     try:
@@ -1983,10 +2289,15 @@ def _run(config: Config) -> int:
     """One training process: the whole job, or one worker of a torchrun / --gpus job."""
     rt = setup_device(config.gpus, precision=config.precision, deterministic=config.deterministic)
     try:
+        if config.eval_only:
+            config = _as_trained(config)
         rgb = config.model != "smallcnn"
         train, val, info = load_data(config, rgb)
+        config = _data_settings(config, info, rt, (len(train), len(val)))
         torch.manual_seed(config.seed)  # the same initial weights in every process
-        model = build_model(config.model, **info)
+        weights = "" if config.eval_only else config.weights  # the checkpoint has them
+        shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
+        model = build_model(config.model, weights=weights, **shape)
         if config.eval_only:
             return _eval_only(model, val, config, rt)
         fit(model, train, val, config=config, runtime=rt)
