@@ -1825,27 +1825,24 @@ def _tensor_data(config: Config, rgb: bool):
     return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
-# Image folders: pixels a side when neither --image-size nor the weights say (torchvision models
-# were designed at 224; the small CNN learns as well at 64, ~12x faster); the share of the
-# area a training crop covers (torchvision's 0.08 suits 90-epoch ImageNet runs, not a few epochs
-# on a small folder); validation center-crops this share of the shorter side (224 of 256).
-_DEFAULT_SIZE = {"smallcnn": 64}
+# Image folders. Training crops cover this share of the area (torchvision's 0.08 suits 90
+# ImageNet epochs, not a few on a small folder); validation crops the center _VAL_CROP of the
+# shorter side (224 of 256). Without --image-size or weights: 224 px, as torchvision models
+# were designed, and 64 for the small CNN (~12x faster; it learns small photos as well).
 _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
 class _ImageFiles(Dataset):
-    """Image files decoded per sample into (uint8 image (C, size, size), label).
+    """Image files decoded per sample into (uint8 RGB image (3, size, size), label).
 
     With `augment`, a random resized crop (a share _CROP_AREA of the area, aspect 3:4 to 4:3)
     and a horizontal flip; else a center crop of `ratio` of the shorter side. Nothing is
     stretched. Random draws use torch's global RNG, which loader workers seed per sample.
     """
 
-    def __init__(self, samples, size: int, channels: int, augment: bool, ratio: float):
-        self.samples, self.size, self.channels = samples, size, channels
-        self.augment, self.ratio = augment, ratio
+    def __init__(self, samples, size: int, augment: bool, ratio: float):
+        self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
 
     def __len__(self):
         return len(self.samples)
@@ -1853,7 +1850,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index):
         path, label = self.samples[index]
         try:
-            image = _read_image(path, self.size, self.channels, self._box)
+            image = _read_image(path, self.size, self._box)
         except (OSError, ValueError, RuntimeError) as e:
             why = _first_line(e)
             raise _DataError(
@@ -1865,21 +1862,19 @@ class _ImageFiles(Dataset):
 
     def _box(self, width: int, height: int) -> tuple:
         """(top, left, height, width) of the crop in the upright image, in pixels."""
-        if self.augment:  # torchvision's RandomResizedCrop rule: 10 tries, then the center
-            low, high = _CROP_AREA
-            for _ in range(10):
-                area, aspect, y, x = torch.rand(4).tolist()
-                area = width * height * (low + (high - low) * area)
-                aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * aspect)
-                w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
-                if w <= width and h <= height:
-                    return (height - h) * y, (width - w) * x, h, w
+        for _ in range(10 if self.augment else 0):  # torchvision's RandomResizedCrop rule
+            area, aspect, y, x = torch.rand(4).tolist()
+            area = width * height * (_CROP_AREA[0] + (_CROP_AREA[1] - _CROP_AREA[0]) * area)
+            aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * aspect)
+            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if w <= width and h <= height:
+                return (height - h) * y, (width - w) * x, h, w
         side = min(width, height) * (1.0 if self.augment else self.ratio)
         return (height - side) / 2, (width - side) / 2, side, side
 
 
-def _read_image(path, size: int, channels: int, box_fn) -> torch.Tensor:
-    """uint8 (channels, size, size): the crop box_fn(width, height) of the upright image, resized.
+def _read_image(path, size: int, box_fn) -> torch.Tensor:
+    """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized.
 
     A JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's
     draft mode: a 4000x3000 photo in ~16 ms instead of ~60); the rest by torchvision.io.
@@ -1887,59 +1882,52 @@ def _read_image(path, size: int, channels: int, box_fn) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.v2.functional import resized_crop
 
-    pixels, box = None, None
+    pixels = box = None
     with Image.open(path) as image:
-        if image.format == "JPEG":  # the size is known before decoding, so it can decode less
+        if image.format == "JPEG":  # its size is known before decoding, so it can decode less
             turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
             width, height = image.size[::-1] if turned else image.size
             box = box_fn(width, height)
             shrink = min(box[2:]) / size  # the crop may shrink this much and keep `size` pixels
             if shrink >= 2:
                 image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
-                pixels = _pil_pixels(image, channels)
-    if pixels is None:
-        pixels = _decode(path, channels)
+                pixels = _pil_pixels(image)
+    pixels = _decode(path) if pixels is None else pixels
     if box is None:
         width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
-    top, left, h, w = (v * pixels.shape[2] / width for v in box)  # in decoded pixels
-    crop = (round(top), round(left), max(1, round(h)), max(1, round(w)))
-    return resized_crop(pixels, *crop, [size, size], antialias=True)
+    top, left, h, w = (round(v * pixels.shape[2] / width) for v in box)  # in decoded pixels
+    return resized_crop(pixels, top, left, max(1, h), max(1, w), [size, size], antialias=True)
 
 
-def _decode(path, channels: int) -> torch.Tensor:
-    """uint8 (channels, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest."""
+def _decode(path) -> torch.Tensor:
+    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest."""
     from torchvision.io import ImageReadMode, decode_image
 
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        pixels = decode_image(str(path), mode=mode, apply_exif_orientation=True)
+        pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError:  # a format it does not read (BMP, TIFF, ...), or not an image
         from PIL import Image
 
         with Image.open(path) as image:
-            return _pil_pixels(image, channels)
-    if pixels.dtype == torch.uint16:  # a 16-bit PNG: scale 0-65535 to 0-255
-        pixels = (pixels.to(torch.int32) // 257).to(torch.uint8)
-    return pixels
+            return _pil_pixels(image)
+    return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
 
 
-def _pil_pixels(image, channels: int) -> torch.Tensor:
-    """uint8 (channels, H, W) of an open PIL image, upright, with its range kept: PIL's convert
-    clips 16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
+def _pil_pixels(image) -> torch.Tensor:
+    """uint8 (3, H, W) of an open PIL image, upright, its range kept: PIL's convert clips
+    16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        scale = 255.0 if image.mode == "F" else 255 / 65535
-        gray = np.asarray(image, dtype=np.float32) * scale + 0.5
-        image = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))
+        gray = np.asarray(image, np.float32) * (255.0 if image.mode == "F" else 255 / 65535)
+        image = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # as PIL asks, before the alpha is dropped
-    pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
-    return torch.from_numpy(pixels).view(*pixels.shape[:2], -1).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _image_folder(config: Config, rgb: bool):
+def _image_folder(config: Config):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
     from torchvision.datasets import ImageFolder
 
@@ -1967,13 +1955,12 @@ def _image_folder(config: Config, rgb: bool):
         samples = [samples[i] for i in order[cut:].tolist()]
     else:
         val_samples = val.samples
-    channels = 3 if rgb else _channels(samples)
-    size, ratio, mean, std = _image_settings(config, samples, channels)
-    info = {"channels": channels, "classes": len(train.classes)}
-    info.update(image_size=size, mean=mean, std=std)
+    size, ratio, mean, std = _image_settings(config, samples)
+    info = {"channels": 3, "classes": len(train.classes), "image_size": size}
+    info.update(mean=mean, std=std)
     return (
-        _ImageFiles(samples, size, channels, config.augment, ratio),
-        _ImageFiles(val_samples, size, channels, False, ratio),
+        _ImageFiles(samples, size, config.augment, ratio),
+        _ImageFiles(val_samples, size, False, ratio),
         info,
     )
 
@@ -1988,71 +1975,46 @@ def _data_dir(config: Config) -> Path:
     return root
 
 
-def _channels(samples) -> int:
-    """1 when the first 16 images are all grayscale (read from their headers), else 3."""
-    from PIL import Image
-
-    for path, _ in samples[:16]:
-        try:
-            with Image.open(path) as image:
-                if image.mode not in _GRAY_MODES:
-                    return 3
-        except OSError as e:
-            raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
-    return 1
-
-
-def _image_settings(config: Config, samples, channels: int) -> tuple:
+def _image_settings(config: Config, samples) -> tuple:
     """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
-    else _DEFAULT_SIZE and per-channel statistics measured on up to 256 training images."""
-    preset = _weights_preset(config.model, config.weights)
-    default = preset.crop_size[0] if preset else _DEFAULT_SIZE.get(config.model, 224)
+    else 224 or 64 (smallcnn) and per-channel statistics of up to 256 training images (the
+    seed picks them; center crops at 64 px), rounded so that config.json states them exactly."""
+    enum = _weights_enum(config.model, config.weights) if config.weights else None
+    preset = enum.transforms() if enum else None
+    default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
+    size = config.image_size or default
     ratio = preset.crop_size[0] / preset.resize_size[0] if preset else _VAL_CROP
-    mean = _per_channel("mean", config.mean, channels) or (preset and tuple(preset.mean))
-    std = _per_channel("std", config.std, channels) or (preset and tuple(preset.std))
+    mean = _per_channel("mean", config.mean) or (preset and tuple(preset.mean))
+    std = _per_channel("std", config.std) or (preset and tuple(preset.std))
     if not (mean and std):
-        measured = _measure(samples, channels, config.seed)
-        mean, std = mean or measured[0], std or measured[1]
-    return config.image_size or default, ratio, mean, std
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
+        probe = _ImageFiles([samples[i] for i in order[:256].tolist()], 64, False, 1.0)
+        pixels = torch.stack([image for image, _ in probe]).transpose(0, 1).reshape(3, -1) / 255
+        mean = mean or tuple(round(v, 3) for v in pixels.mean(1).tolist())
+        std = std or tuple(round(max(v, 1e-3), 3) for v in pixels.std(1).tolist())
+    return size, ratio, mean, std
 
 
-def _per_channel(name: str, text: str, channels: int) -> Optional[tuple]:
-    if not text:
-        return None
+def _per_channel(name: str, text: str) -> Optional[tuple]:
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(",")) if text else None
     except ValueError:
         values = ()
-    low = 0.0 if name == "mean" else 1e-6
-    if len(values) not in (1, channels) or not all(low <= v <= 1 for v in values):
+    if values is not None and (len(values) not in (1, 3) or not all(0 < v <= 1 for v in values)):
         raise UsageError(
-            f"--{name} {text!r} is not 1 or {channels} comma-separated numbers in "
-            f"[{low:g}, 1] (images scaled to 0-1), e.g. --{name} {'0.5' if low else '0.45'}"
+            f"--{name} {text!r} is not 1 or 3 comma-separated numbers in (0, 1] (of pixels "
+            f"scaled to 0-1), e.g. --{name} 0.5 or --{name} 0.45,0.45,0.4"
         )
-    return values * channels if len(values) == 1 else values
-
-
-def _measure(samples, channels: int, seed: int, count: int = 256) -> tuple:
-    """Per-channel (mean, std) in 0-1 units of center crops of up to `count` training images at
-    64 px (the seed picks them), rounded to 3 decimals so that config.json states them exactly."""
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
-    probe = _ImageFiles([samples[i] for i in order[:count].tolist()], 64, channels, False, 1.0)
-    pixels = torch.stack([probe[i][0] for i in range(len(probe))]).transpose(0, 1)
-    pixels = pixels.reshape(channels, -1).double() / 255
-    mean, std = pixels.mean(1), pixels.std(1).clamp(min=1e-3)
-    return tuple(round(v, 3) for v in mean.tolist()), tuple(round(v, 3) for v in std.tolist())
+    return values * 3 if values and len(values) == 1 else values
 
 
 def load_data(config: Config, rgb: bool = False):
-    """The CLI's data: (train, val, info) for --data.
-
-    info = {"channels": C, "classes": K, "image_size": pixels a side, "mean": ..., "std": ...}.
-    Built-in sets are normalized float tensors (mean and std None). An image folder's data sets
-    yield uint8 images, which a model from build_model(..., mean=, std=) normalizes itself.
-    """
+    """The CLI's data: (train, val, info) for --data; info = {"channels", "classes",
+    "image_size", "mean", "std"}. Built-in sets are normalized float tensors (mean and std
+    None); an image folder's uint8 RGB images need a model from build_model(..., mean, std)."""
     if config.data in _BUILTIN_DATA:
         return _tensor_data(config, rgb)
-    return _image_folder(config, rgb)
+    return _image_folder(config)
 
 
 class _Normalize(nn.Module):
@@ -2097,9 +2059,9 @@ def build_model(
     """smallcnn, or a torchvision classification model, with `classes` outputs.
 
     weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
-    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint); everything but the
-    classifier head is loaded. With mean and std (per channel, 0-1 units) the model takes uint8
-    images and normalizes them itself: nn.Sequential(normalize, model).
+    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint): all but the
+    classifier head is loaded. With mean and std (per channel, of 0-1 pixels) the model takes
+    uint8 images and normalizes them itself: nn.Sequential(normalize, model).
     """
     model = _bare_model(name, channels, classes)
     if weights:
@@ -2109,7 +2071,7 @@ def build_model(
         state = {k: v for k, v in _pretrained(name, weights).items() if k not in head}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:
+        except RuntimeError as e:  # a shape differs
             missing, unexpected = [_first_line(e)], []
         if set(missing) - head or unexpected:
             raise UsageError(
@@ -2130,65 +2092,46 @@ def _bare_model(name: str, channels: int, classes: int) -> nn.Module:
 
 def _pretrained(name: str, weights: str) -> dict:
     """The state_dict of --weights: a file's, or torchvision's (from its cache or downloaded)."""
-    if not _is_weights_name(weights):
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch.load raises many kinds
-            raise UsageError(
-                f"--weights {weights}: not a readable state_dict ({_first_line(e)}); pass a "
-                "file saved with torch.save(model.state_dict()) or a trainloop checkpoint"
-            ) from None
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # a trainloop checkpoint
-        if "0.mean" in state:  # with build_model's normalization in front: the model inside
-            state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
-        return state
-    import torchvision
-
     enum = _weights_enum(name, weights)
-    _check_fetchable(enum, weights)
-    return torchvision.models.get_model(name, weights=enum).state_dict()
+    if enum is not None:
+        import torchvision
 
-
-def _is_weights_name(weights: str) -> bool:
-    """DEFAULT, IMAGENET1K_V1, ResNet18_Weights.DEFAULT: a name; an existing file or a path
-    (with a slash or a suffix such as .pt) is a file."""
-    return not Path(weights).exists() and bool(re.fullmatch(r"(\w+\.)?[A-Z][A-Z0-9_]*", weights))
+        _check_fetchable(enum, weights)
+        return torchvision.models.get_model(name, weights=enum).state_dict()
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds
+        raise UsageError(
+            f"--weights {weights}: not a readable state_dict ({_first_line(e)}); pass a file "
+            "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a trainloop checkpoint
+    if "0.mean" in state:  # build_model's normalization in front: keep the model inside
+        state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
+    return state
 
 
 def _weights_enum(name: str, weights: str):
+    """torchvision's weights enum member that `weights` names for `name`; None for a file."""
+    if Path(weights).is_file():
+        return None
     import torchvision
 
     try:
-        options = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        options = None
-    if name == "smallcnn" or not options:
+        options = list(torchvision.models.get_model_weights(name)) if name != "smallcnn" else []
+    except ValueError:  # torchvision has none for this model
+        options = []
+    key = weights.split(".")[-1]  # ResNet18_Weights.DEFAULT is DEFAULT
+    if key == "DEFAULT" and options:
+        return type(options[0]).DEFAULT
+    if key not in [w.name for w in options]:
+        names = ", ".join(["DEFAULT"] + [w.name for w in options]) if options else "none"
         raise UsageError(
-            f"--weights {weights}: torchvision has no pretrained weights for --model {name}; "
-            "pass a state_dict file instead"
+            f"--weights {weights}: no such file, nor torchvision weights for --model {name} "
+            f"(it has: {names})"
         )
-    try:
-        return options[weights.split(".")[-1]]
-    except KeyError:
-        names = ", ".join(["DEFAULT"] + [w.name for w in options])
-        raise UsageError(f"--weights {weights} is not one of {names}") from None
-
-
-def _weights_preset(name: str, weights: str):
-    """torchvision's eval transforms (crop and resize size, mean, std) of the weights, or None.
-    For a file: those of the model's DEFAULT weights, which a torchvision file was trained with."""
-    if not weights or name == "smallcnn":
-        return None
-    is_file = not _is_weights_name(weights)
-    if is_file and not Path(weights).is_file():
-        raise UsageError(f"--weights {weights}: no such file; pass a weights name or a file")
-    try:
-        return _weights_enum(name, "DEFAULT" if is_file else weights).transforms()
-    except UsageError:
-        if is_file:  # a model torchvision has no weights for
-            return None
-        raise
+    return type(options[0])[key]
 
 
 def _check_fetchable(enum, weights: str) -> None:
