@@ -101,7 +101,7 @@ class Config:
     data: str = _opt("synthetic", "synthetic|mnist|fashionmnist|cifar10|cifar100|DIR (folders)", D)
     data_root: str = _opt("data", "Where torchvision data sets are stored.", D)
     download: bool = _opt(False, "Download a missing torchvision data set.", D)
-    image_size: int = _opt(0, "Pixels a side (0: the weights' size, else 224; smallcnn 64).", D)
+    image_size: int = _opt(0, "Pixels a side (0: weights' or 224, smallcnn 64; built-ins own).", D)
     mean: str = _opt("", "Per-channel mean of 0-1 pixels (empty: the weights', else measured).", D)
     std: str = _opt("", "Per-channel std of 0-1 pixels, e.g. 0.229,0.224,0.225 (like --mean).", D)
     val_fraction: float = _opt(0.1, "Share of DIR held out for validation when no DIR/val.", D)
