@@ -1825,10 +1825,11 @@ def _tensor_data(config: Config, rgb: bool):
     return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
-# Image folders. Training crops cover this share of the area (torchvision's 0.08 suits 90
-# ImageNet epochs, not a few on a small folder); validation crops the center _VAL_CROP of the
-# shorter side (224 of 256). Without --image-size or weights: 224 px, as torchvision models
-# were designed, and 64 for the small CNN (~12x faster; it learns small photos as well).
+# Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
+# long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
+# validation crops the center _VAL_CROP of the shorter side (224 of 256). Without --image-size
+# or weights: 224 px, as torchvision models were designed, and 64 for the small CNN (~12x less
+# compute per image).
 _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
 
@@ -1877,7 +1878,7 @@ def _read_image(path, size: int, box_fn) -> torch.Tensor:
     """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized.
 
     A JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's
-    draft mode: a 4000x3000 photo in ~16 ms instead of ~60); the rest by torchvision.io.
+    draft mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io.
     """
     from PIL import Image
     from torchvision.transforms.v2.functional import resized_crop
