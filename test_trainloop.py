@@ -694,8 +694,9 @@ def test_cli_trains_on_an_image_folder_with_its_own_split(tmp_path, monkeypatch)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == "pets"
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert ckpt["model"]["0.weight"].shape[1] == 1  # one channel, from the grayscale images
-    assert ckpt["model"]["13.weight"].shape[0] == 2  # two classes
+    # "0." is the input normalization build_model puts in front of the small CNN ("1.").
+    assert ckpt["model"]["1.0.weight"].shape[1] == 3  # folders are read as RGB, even gray ones
+    assert ckpt["model"]["1.13.weight"].shape[0] == 2  # two classes
     assert ckpt["train_size"] == 36  # 40 images less a 10% validation split
 
 
@@ -742,11 +743,13 @@ JOB = textwrap.dedent("""
         n = opts.pop("n", 384)
         (x, y), (xv, yv) = tl.synthetic_images(0, train_size=n, val_size=64, size=8)
         train, val = tl._ImageTensors(x, y, augment_pad=1), tl._ImageTensors(xv, yv)
-    else:
-        train, val, _ = tl.load_data(tl.Config(data=data, seed=0))
+    else:  # uint8 images at 16 px, which the model normalizes (as build_model's would)
+        train, val, info = tl.load_data(tl.Config(data=data, seed=0, image_size=16))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.2), nn.Linear(32, 10))
+    if data != "tensors":
+        model = nn.Sequential(tl._Normalize(info["mean"], info["std"]), model)
     calls = 0
 
     def loss_fn(output, target):
@@ -2302,16 +2305,19 @@ def test_launch_local_passes_sigterm_on_and_exits_143_with_a_checkpoint(tmp_path
 @pytest.fixture(scope="module")
 def launch_with_bad_image_on_rank_1(tmp_path_factory):
     """_launch_local on an ImageFolder where one image, read only by rank 1 (in its second
-    batch), is not an image: rank 1 fails with a usage error while rank 0 trains on."""
+    batch), is not an image: rank 1 fails with a usage error while rank 0 trains on. --mean and
+    --std are given, so no image is read to measure them at start-up."""
     tmp_path = tmp_path_factory.mktemp("bad_image")
     root = make_image_folder(tmp_path / "pets", per_class=40)
-    config = tl.Config(data=str(root), batch_size=4)
-    train, _, _ = tl._image_folder(config, rgb=False)
+    config = tl.Config(data=str(root), batch_size=4, mean="0.5", std="0.25")
+    train, _, _ = tl._image_folder(config)
     rank1 = tl._EpochBatches(len(train), 4, shuffle=True, seed=0, rank=1, world=2).indices()
-    index = next(i for i in rank1[4:].tolist() if i != 0)  # sample 0 sets the image size
+    index = rank1[4].item()
     bad = Path(train.samples[index][0])
     bad.write_bytes(b"not an image")
-    result, elapsed = launch_local(tmp_path, data=str(root), batch_size=4, epochs=3)
+    result, elapsed = launch_local(
+        tmp_path, data=str(root), batch_size=4, epochs=3, mean="0.5", std="0.25", image_size=8
+    )
     return result, elapsed, bad, tmp_path
 
 
@@ -2507,3 +2513,249 @@ def test_readme_test_command_is_what_ci_runs():
     assert "<!-- test command -->" in ci
     command = readme_blocks("bash")[1].strip()
     assert command.startswith("python -m venv") and "pytest" in command
+
+
+# ---- photo folders and pretrained weights (issue 15) ---------------------------------------
+
+
+def photo(width, height, seed=0):
+    """A smooth RGB picture (a photo's statistics more than noise's), uint8 (H, W, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 6, 8, generator=g) * 255
+    image = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def make_mixed_folder(root: Path) -> Path:
+    """Two classes of files in every PIL mode a real folder holds, at mixed sizes and aspect
+    ratios, one large JPEG (the reduced-size decode) and one EXIF-rotated JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    modes = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F")
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i, mode in enumerate(modes):
+            w, h = (17 + 9 * i, 40 - 2 * i) if i % 2 else (30 + i, 12 + 3 * i)
+            image = Image.fromarray(photo(w, h, seed=10 * c + i))
+            if mode in ("I;16", "I", "F"):  # 16-bit or float data, up to 65535 or 1.0
+                gray = np.asarray(image.convert("L"), dtype=np.float32) / 255
+                data = gray if mode == "F" else (gray * 65535).astype(np.uint16)
+                image = Image.fromarray(data.astype(np.int32) if mode == "I" else data)
+                assert image.mode == mode
+            else:
+                image = image.convert(mode)
+            suffix = {"CMYK": "jpg", "I": "tif", "F": "tif"}.get(mode, "png")
+            image.save(root / name / f"{i}.{suffix}")
+        Image.fromarray(photo(1600, 1200, seed=c)).save(root / name / "big.jpg")
+        turned = Image.Exif()
+        turned[0x0112] = 6  # shown rotated 90 degrees clockwise
+        Image.fromarray(photo(60, 30, seed=c)).save(root / name / "turned.jpg", exif=turned)
+    return root
+
+
+def test_load_data_reads_every_mode_and_size_as_uint8_at_the_image_size(tmp_path):
+    root = make_mixed_folder(tmp_path / "mixed")
+    config = tl.Config(data=str(root), image_size=20, val_fraction=0.25)
+    train, val, info = tl.load_data(config, rgb=True)
+    assert info["image_size"] == 20 and info["classes"] == 2 and info["channels"] == 3
+    assert len(train) + len(val) == 24
+    for data in (train, val):
+        for i in range(len(data)):
+            image, label = data[i]
+            assert image.dtype == torch.uint8 and image.shape == (3, 20, 20), data.samples[i]
+            assert label in (0, 1)
+
+
+def test_load_data_keeps_the_range_of_16_bit_and_float_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for c, name in enumerate(("a", "b")):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        value = 0.25 + 0.5 * c  # a flat image at a quarter or three quarters of the range
+        Image.fromarray(np.full((16, 16), int(value * 65535), np.uint16)).save(
+            tmp_path / "d" / name / "16.png"
+        )
+        Image.fromarray(np.full((16, 16), int(value * 65535), np.int32)).save(
+            tmp_path / "d" / name / "32.tif"
+        )
+        Image.fromarray(np.full((16, 16), value, np.float32)).save(tmp_path / "d" / name / "f.tif")
+    config = tl.Config(data=str(tmp_path / "d"), image_size=8, mean="0.5", std="0.25")
+    train, val, _ = tl.load_data(dataclasses.replace(config, augment=False))
+    for image, label in [*train, *val]:
+        expected = (0.25 + 0.5 * label) * 255  # PIL's convert would clip these to 255
+        assert image.shape == (3, 8, 8) and abs(image.float().mean() - expected) < 1.5
+
+
+@pytest.mark.parametrize("width", [64, 1280])  # decoded whole, and at a reduced size (draft)
+def test_load_data_turns_exif_rotated_photos_upright(tmp_path, width):
+    import numpy as np
+    from PIL import Image
+
+    stored = np.zeros((width // 2, width, 3), np.uint8)
+    stored[:, width // 2 :] = 255  # left half dark, right half bright, as stored
+    turned = Image.Exif()
+    turned[0x0112] = 6  # to be shown rotated 90 degrees clockwise: the left half on top
+    for name in ("a", "b"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        Image.fromarray(stored).save(tmp_path / "d" / name / "0.jpg", exif=turned)
+    config = tl.Config(data=str(tmp_path / "d"), image_size=16, augment=False)
+    train, val, _ = tl.load_data(config, rgb=True)
+    for image, _ in [*train, *val]:
+        top, bottom = image[:, :6].float().mean(), image[:, -6:].float().mean()
+        assert top < 40 and bottom > 215, (top, bottom)
+
+
+def test_load_data_measures_the_normalization_and_training_crops_vary(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=12, size=24)
+    train, val, info = tl.load_data(tl.Config(data=str(root), image_size=16))
+    pixels = torch.stack([image for image, _ in [*train, *val]]).float() / 255
+    assert info["image_size"] == 16 and len(info["mean"]) == 3
+    assert max(abs(m - v) for m, v in zip(info["mean"], pixels.mean((0, 2, 3)).tolist())) < 0.02
+    torch.manual_seed(0)
+    first = train[0][0]
+    assert any(not torch.equal(first, train[0][0]) for _ in range(5))  # random crop and flip
+    assert torch.equal(val[0][0], val[0][0])  # validation: one fixed center crop
+
+
+def test_load_data_names_a_corrupt_image_read_at_start_up(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=6)
+    (root / "cat" / "0.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(tl.UsageError, match="cannot read image .*0.png"):
+        tl.load_data(tl.Config(data=str(root)))
+
+
+def test_load_data_defaults_to_the_weights_size_and_normalization(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=4)
+    config = tl.Config(data=str(root), model="resnet18", weights="IMAGENET1K_V1")
+    train, _, info = tl.load_data(config, rgb=True)
+    assert info["image_size"] == 224 and train[0][0].shape == (3, 224, 224)
+    assert info["mean"] == (0.485, 0.456, 0.406) and info["std"] == (0.229, 0.224, 0.225)
+    _, _, info = tl.load_data(tl.Config(data=str(root)))  # smallcnn, no weights
+    assert info["image_size"] == 64
+
+
+def test_build_model_normalizes_uint8_images_on_its_own_device():
+    torch.manual_seed(0)
+    model = tl.build_model("smallcnn", channels=3, classes=4, mean=(0.4, 0.5, 0.6), std=(0.2,) * 3)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+    model.eval()
+    expected = model[1]((images / 255 - mean) / 0.2)
+    assert torch.allclose(model(images), expected, atol=1e-5)
+    assert set(model.state_dict()) >= {"0.mean", "0.std", "1.0.weight"}
+
+
+def test_build_model_loads_weights_from_a_file_and_replaces_the_head(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    wrapped = nn.Sequential(tl._Normalize((0.5,) * 3, (0.25,) * 3), source)
+    torch.save({"model": wrapped.state_dict(), "step": 3}, tmp_path / "trainloop.pt")
+    for name in ("plain.pt", "trainloop.pt"):
+        model = tl.build_model("resnet18", channels=3, classes=3, weights=str(tmp_path / name))
+        assert torch.equal(model.conv1.weight, source.conv1.weight)
+        assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+        assert model.fc.weight.shape == (3, 512)  # a new head for 3 classes
+
+
+def test_build_model_rejects_weights_of_another_model(tmp_path):
+    torch.save(tl.small_cnn(3, 2).state_dict(), tmp_path / "cnn.pt")
+    with pytest.raises(tl.UsageError, match="does not fit model='resnet18'"):
+        tl.build_model("resnet18", channels=3, classes=2, weights=str(tmp_path / "cnn.pt"))
+
+
+def fake_hub_cache(torch_home: Path, seed=2):
+    """TORCH_HOME with a randomly initialised resnet18 saved where torchvision's weights API
+    looks for IMAGENET1K_V1 (hub/checkpoints/<the file name of its URL>)."""
+    import torchvision
+
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    path = torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(seed)
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), path)
+    return source
+
+
+def test_build_model_loads_torchvision_weights_from_the_hub_cache(tmp_path, monkeypatch):
+    source = fake_hub_cache(tmp_path / "home")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(socket, "create_connection", None)  # any network use would fail
+    model = tl.build_model("resnet18", channels=3, classes=5, weights="DEFAULT")
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert model.fc.weight.shape == (5, 512)
+
+
+def offline(*args, **kwargs):
+    raise OSError("Network is unreachable")
+
+
+def test_cli_weights_offline_and_not_cached_exits_2_in_seconds(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=4)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(socket, "create_connection", offline)
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.monotonic()
+    args = ["--data", "pets", "--model", "resnet18", "--weights", "DEFAULT", "--workers", "0"]
+    result = cli(args, tmp_path, monkeypatch)
+    assert result.exit_code == 2 and time.monotonic() - started < 10
+    line = result.output.strip().splitlines()[-1]
+    expected = tmp_path / "home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert line.startswith("trainloop: error: --weights DEFAULT: ") and str(expected) in line
+    assert "download https://download.pytorch.org/models/resnet18-f37072fd.pth" in line
+
+
+def test_cli_weights_unknown_name_exits_2_listing_the_names(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=4)
+    args = ["--data", "pets", "--model", "resnet18", "--weights", "IMAGENET9K", "--workers", "0"]
+    result = cli(args, tmp_path, monkeypatch)
+    assert result.exit_code == 2 and "IMAGENET1K_V1" in result.output
+
+
+def test_cli_bad_mean_exits_2_naming_it(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=4)
+    result = cli(["--data", "pets", "--mean", "0.5,x"], tmp_path, monkeypatch)
+    assert (
+        result.exit_code == 2
+        and "--mean 0.5,x is not 1 or 3 comma-separated numbers" in result.output
+    )
+
+
+def test_cli_records_image_size_and_normalization_for_eval_only(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=8, size=30)
+    args = ["--data", "pets", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+    result = cli(args + ["--image-size", "24", "--out", "run"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert re.search(
+        r"trainloop: cpu; data pets: 2 classes, 15 train / 1 val images, 24 px", result.output
+    )
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    mean = torch.tensor([float(v) for v in saved["mean"].split(",")])
+    assert saved["image_size"] == 24 and len(mean) == 3 and saved["std"]
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert torch.allclose(ckpt["model"]["0.mean"].flatten(), mean * 255)
+    result = cli(args + ["--out", "run", "--eval-only"], tmp_path, monkeypatch)  # no --image-size
+    assert result.exit_code == 0, result.output
+    assert f"24 px, mean {saved['mean']}, std {saved['std']}" in result.output
+    assert "eval run/best.pt: val_acc=" in result.output
+
+
+def test_cli_fine_tunes_pretrained_weights_from_the_cache(tmp_path, monkeypatch):
+    fake_hub_cache(tmp_path / "home")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    make_image_folder(tmp_path / "pets", per_class=4, size=40)
+    args = ["--data", "pets", "--model", "resnet18", "--weights", "DEFAULT", "--epochs", "1"]
+    args += ["--image-size", "32", "--batch-size", "4", "--workers", "0", "--out", "run"]
+    result = cli(args, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "mean 0.485,0.456,0.406, std 0.229,0.224,0.225; model resnet18 from DEFAULT" in (
+        result.output
+    )
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["model"]["1.fc.weight"].shape == (2, 512)

@@ -109,11 +109,16 @@ class Config:
     )
     data_root: str = _opt("data", "Where torchvision data sets are stored.", D)
     download: bool = _opt(False, "Download a missing torchvision data set.", D)
-    image_size: int = _opt(0, "Resize images to this many pixels a side (0 = keep).", D)
+    image_size: int = _opt(0, "Pixels a side (0: weights' or 224, smallcnn 64; built-ins own).", D)
+    mean: str = _opt("", "Per-channel mean of 0-1 pixels (empty: the weights', else measured).", D)
+    std: str = _opt("", "Per-channel std of 0-1 pixels, e.g. 0.229,0.224,0.225 (like --mean).", D)
     val_fraction: float = _opt(0.1, "Share of DIR held out for validation when no DIR/val.", D)
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
+    weights: str = _opt(
+        "", "Pretrained: a torchvision name (DEFAULT, ...) or a state_dict file.", M
+    )
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
@@ -266,6 +271,11 @@ def parse_gpus(text: str) -> Optional[tuple]:
     if len(set(ids)) != len(ids):
         raise UsageError(f"gpus={text!r} names a GPU twice; list each id once")
     return ids
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def parse_duration(text: str) -> Optional[float]:
@@ -1535,15 +1545,19 @@ _NOT_TRAJECTORY = set(
 )
 
 
+def _resume_file(config: Config) -> Path:
+    if not Path(config.resume).is_file():
+        raise UsageError(
+            f"resume={config.resume!r}: no such file; use resume='auto', resume='none' or an "
+            "existing checkpoint"
+        )
+    return Path(config.resume)
+
+
 def _resume(state: TrainState, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
     config, rt = job.config, job.runtime
-    if config.resume not in ("auto", "none") and not Path(config.resume).is_file():
-        raise UsageError(
-            f"resume={config.resume!r}: no such file; use resume='auto', 'none' or an "
-            "existing checkpoint"
-        )
-    candidates = [Path(config.resume)] if config.resume not in ("auto", "none") else []
+    candidates = [_resume_file(config)] if config.resume not in ("auto", "none") else []
     if config.resume == "auto" and job.out is not None:
         last = job.out / "last.pt"
         candidates = [p for p in (last, _previous(last)) if p.is_file()]
@@ -1841,8 +1855,8 @@ def _load_torchvision(config: Config):
         parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
     except RuntimeError as e:
         raise UsageError(
-            f"--data {config.data}: not found under {config.data_root}/ ({e}); add "
-            "--download to fetch it, or copy the files there"
+            f"data={config.data!r}: not found under {config.data_root}/ ({e}); add "
+            "download=True to fetch it, or copy the files there"
         ) from None
     splits = []
     for part in parts:
@@ -1870,41 +1884,112 @@ def _tensor_data(config: Config, rgb: bool):
         x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
     info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
+    info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
     return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
-class _ImageFiles(Dataset):
-    """Image files read per sample, resized to one size, normalized to [-1, 1]."""
+# Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
+# long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
+# validation crops the center _VAL_CROP of the shorter side (224 of 256). Without --image-size
+# or weights: 224 px, as torchvision models were designed, and 64 for the small CNN (~12x less
+# compute per image).
+_CROP_AREA = (0.25, 1.0)
+_VAL_CROP = 0.875
 
-    def __init__(self, samples, size: int, channels: int, augment_pad: int = 0):
-        self.samples, self.size, self.channels = samples, size, channels
-        self.augment_pad = augment_pad
+
+class _ImageFiles(Dataset):
+    """Image files decoded per sample into (uint8 RGB image (3, size, size), label).
+
+    With `augment`, a random resized crop (a share _CROP_AREA of the area, aspect 3:4 to 4:3)
+    and a horizontal flip; else a center crop of `ratio` of the shorter side. Nothing is
+    stretched. Random draws use torch's global RNG, which loader workers seed per sample.
+    """
+
+    def __init__(self, samples, size: int, augment: bool, ratio: float):
+        self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                if image.size != (self.size, self.size):
-                    image = image.resize((self.size, self.size), Image.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32)
-        except (OSError, ValueError) as e:
-            raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
-        x = torch.from_numpy(pixels).div_(127.5).sub_(1)
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        if self.augment_pad:  # draws from the global RNG, which workers seed per sample
-            shift = torch.randint(0, 2 * self.augment_pad + 1, (1, 2))
-            flip = torch.rand(1) < 0.5
-            x = _crop_flip(x.unsqueeze(0), shift, flip, self.augment_pad)[0]
-        return x, label
+            image = _read_image(path, self.size, self._box)
+        except (OSError, ValueError, RuntimeError) as e:
+            why = _first_line(e)
+            raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
+        if self.augment and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, label
+
+    def _box(self, width: int, height: int) -> tuple:
+        """(top, left, height, width) of the crop in the upright image, in pixels."""
+        for _ in range(10 if self.augment else 0):  # torchvision's RandomResizedCrop rule
+            area, aspect, y, x = torch.rand(4).tolist()
+            area = width * height * (_CROP_AREA[0] + (_CROP_AREA[1] - _CROP_AREA[0]) * area)
+            aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * aspect)
+            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if w <= width and h <= height:
+                return (height - h) * y, (width - w) * x, h, w
+        side = min(width, height) * (1.0 if self.augment else self.ratio)
+        return (height - side) / 2, (width - side) / 2, side, side
 
 
-def _image_folder(config: Config, rgb: bool):
+def _read_image(path, size: int, box_fn) -> torch.Tensor:
+    """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized.
+
+    A JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's
+    draft mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io.
+    """
+    from PIL import Image
+    from torchvision.transforms.v2.functional import resized_crop
+
+    pixels = box = None
+    with Image.open(path) as image:
+        if image.format == "JPEG":  # its size is known before decoding, so it can decode less
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
+            width, height = image.size[::-1] if turned else image.size
+            box = box_fn(width, height)
+            shrink = min(box[2:]) / size  # the crop may shrink this much and keep `size` pixels
+            if shrink >= 2:
+                image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
+                pixels = _pil_pixels(image)
+    pixels = _decode(path) if pixels is None else pixels
+    if box is None:
+        width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
+    top, left, h, w = (round(v * pixels.shape[2] / width) for v in box)  # in decoded pixels
+    return resized_crop(pixels, top, left, max(1, h), max(1, w), [size, size], antialias=True)
+
+
+def _decode(path) -> torch.Tensor:
+    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # a format it does not read (BMP, TIFF, ...), or not an image
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return _pil_pixels(image)
+    return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
+
+
+def _pil_pixels(image) -> torch.Tensor:
+    """uint8 (3, H, W) of an open PIL image, upright, its range kept: PIL's convert clips
+    16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        gray = np.asarray(image, np.float32) * (255.0 if image.mode == "F" else 255 / 65535)
+        image = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # as PIL asks, before the alpha is dropped
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def _image_folder(config: Config):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
     from torchvision.datasets import ImageFolder
 
@@ -1914,15 +1999,16 @@ def _image_folder(config: Config, rgb: bool):
         train = ImageFolder(str(train_dir))
         val = ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
     except OSError as e:
-        raise UsageError(f"--data {root}: {e}; expected DIR/<class>/<image files>") from None
+        raise UsageError(f"data={str(root)!r}: {e}; expected DIR/<class>/<image files>") from None
     if len(train.classes) < 2:
         raise UsageError(
-            f"--data {root}: found {len(train.classes)} class folder(s) in "
+            f"data={str(root)!r}: found {len(train.classes)} class folder(s) in "
             f"{train_dir}; classification needs at least 2"
         )
     if val is not None and val.classes != train.classes:
         raise UsageError(
-            f"--data {root}: val/ classes {val.classes} differ from train/ classes {train.classes}"
+            f"data={str(root)!r}: val/ classes {val.classes} differ from train/ classes "
+            f"{train.classes}"
         )
     samples = train.samples
     if val is None:
@@ -1932,39 +2018,80 @@ def _image_folder(config: Config, rgb: bool):
         samples = [samples[i] for i in order[cut:].tolist()]
     else:
         val_samples = val.samples
-    size, channels = _first_image_shape(samples[0][0], config.image_size)
-    channels = 3 if rgb else channels
-    pad = max(1, size // 8) if config.augment else 0
-    info = {"channels": channels, "classes": len(train.classes)}
-    return _ImageFiles(samples, size, channels, pad), _ImageFiles(val_samples, size, channels), info
+    size, ratio, mean, std = _image_settings(config, samples)
+    info = {"channels": 3, "classes": len(train.classes), "image_size": size}
+    info.update(mean=mean, std=std)
+    return (
+        _ImageFiles(samples, size, config.augment, ratio),
+        _ImageFiles(val_samples, size, False, ratio),
+        info,
+    )
 
 
 def _data_dir(config: Config) -> Path:
     root = Path(config.data)
     if not root.is_dir():
         raise UsageError(
-            f"--data {root}: no such directory; give an ImageFolder (DIR/<class>/"
+            f"data={str(root)!r}: no such directory; give an ImageFolder (DIR/<class>/"
             "*.png) or one of synthetic, mnist, fashionmnist, cifar10, cifar100"
         )
     return root
 
 
-def _first_image_shape(path, image_size: int):
-    from PIL import Image
+def _image_settings(config: Config, samples) -> tuple:
+    """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
+    else 224 or 64 (smallcnn) and per-channel statistics of up to 256 training images (the
+    seed picks them; center crops at 64 px), rounded so that config.json states them exactly."""
+    enum = _weights_enum(config.model, config.weights) if config.weights else None
+    preset = enum.transforms() if enum else None
+    default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
+    size = config.image_size or default
+    ratio = preset.crop_size[0] / preset.resize_size[0] if preset else _VAL_CROP
+    mean = _per_channel("mean", config.mean) or (preset and tuple(preset.mean))
+    std = _per_channel("std", config.std) or (preset and tuple(preset.std))
+    if not (mean and std):
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
+        probe = _ImageFiles([samples[i] for i in order[:256].tolist()], 64, False, 1.0)
+        pixels = torch.stack([image for image, _ in probe]).transpose(0, 1).reshape(3, -1) / 255
+        mean = mean or tuple(round(v, 3) for v in pixels.mean(1).tolist())
+        std = std or tuple(round(max(v, 1e-3), 3) for v in pixels.std(1).tolist())
+    return size, ratio, mean, std
 
+
+def _per_channel(name: str, text: str) -> Optional[tuple]:
     try:
-        with Image.open(path) as image:
-            mode, width = image.mode, image.size[0]
-    except OSError as e:
-        raise _DataError(f"--data: cannot read image {path} ({e}); fix or remove it") from None
-    return image_size or width, 1 if mode in ("1", "L", "I", "I;16", "F") else 3
+        values = tuple(float(v) for v in text.split(",")) if text else None
+    except ValueError:
+        values = ()
+    if values is not None and (len(values) not in (1, 3) or not all(0 < v <= 1 for v in values)):
+        raise UsageError(
+            f"{name}={text!r} is not 1 or 3 comma-separated numbers in (0, 1] (of pixels "
+            f"scaled to 0-1), e.g. {name}='0.5' or {name}='0.45,0.45,0.4'"
+        )
+    return values * 3 if values and len(values) == 1 else values
 
 
 def load_data(config: Config, rgb: bool = False):
-    """The CLI's data: (train, val, info) for --data; info = {"channels": C, "classes": K}."""
+    """The CLI's data: (train, val, info) for --data; info = {"channels", "classes",
+    "image_size", "mean", "std"}. Built-in sets are normalized float tensors (mean and std
+    None); an image folder's uint8 RGB images need a model from build_model(..., mean, std)."""
     if config.data in _BUILTIN_DATA:
         return _tensor_data(config, rgb)
-    return _image_folder(config, rgb)
+    return _image_folder(config)
+
+
+class _Normalize(nn.Module):
+    """uint8 images (N, C, H, W) in, normalized floats out, on the model's own device: loaders
+    move a quarter of the bytes and convert nothing, and mean/std (buffers, in 0-255 units)
+    travel in every checkpoint, so --eval-only and resume normalize as training did."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
 
 def small_cnn(channels: int, classes: int) -> nn.Sequential:
@@ -1989,13 +2116,113 @@ def small_cnn(channels: int, classes: int) -> nn.Sequential:
     )
 
 
-def build_model(name: str, *, channels: int, classes: int) -> nn.Module:
-    """smallcnn, or a torchvision classification model with `classes` outputs, untrained."""
+def build_model(
+    name: str, *, channels: int, classes: int, weights: str = "", mean=None, std=None
+) -> nn.Module:
+    """smallcnn, or a torchvision classification model, with `classes` outputs.
+
+    weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
+    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint): all but the
+    classifier head is loaded. With mean and std (per channel, of 0-1 pixels) the model takes
+    uint8 images and normalizes them itself: nn.Sequential(normalize, model).
+    """
+    model = _bare_model(name, channels, classes)
+    if weights:
+        with torch.device("meta"):  # no memory, no init: only tells the head's tensors apart
+            other = _bare_model(name, channels, classes + 1).state_dict()
+        head = {k for k, v in model.state_dict().items() if other[k].shape != v.shape}
+        state = {k: v for k, v in _pretrained(name, weights).items() if k not in head}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape differs
+            missing, unexpected = [_first_line(e)], []
+        if set(missing) - head or unexpected:
+            raise UsageError(
+                f"weights={weights!r} does not fit model={name!r} (missing "
+                f"{sorted(set(missing) - head)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+                "pass weights saved from this model"
+            )
+    return model if mean is None else nn.Sequential(_Normalize(mean, std), model)
+
+
+def _bare_model(name: str, channels: int, classes: int) -> nn.Module:
     if name == "smallcnn":
         return small_cnn(channels, classes)
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=classes)
+
+
+def _pretrained(name: str, weights: str) -> dict:
+    """The state_dict of --weights: a file's, or torchvision's (from its cache or downloaded)."""
+    enum = _weights_enum(name, weights)
+    if enum is not None:
+        import torchvision
+
+        _check_fetchable(enum, weights)
+        return torchvision.models.get_model(name, weights=enum).state_dict()
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds
+        raise UsageError(
+            f"weights={weights!r}: not a readable state_dict ({_first_line(e)}); pass a file "
+            "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a trainloop checkpoint
+    if "0.mean" in state:  # build_model's normalization in front: keep the model inside
+        state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
+    return state
+
+
+def _weights_enum(name: str, weights: str):
+    """torchvision's weights enum member that `weights` names for `name`; None for a file."""
+    if Path(weights).is_file():
+        return None
+    import torchvision
+
+    try:
+        options = list(torchvision.models.get_model_weights(name)) if name != "smallcnn" else []
+    except ValueError:  # torchvision has none for this model
+        options = []
+    key = weights.split(".")[-1]  # ResNet18_Weights.DEFAULT is DEFAULT
+    if key == "DEFAULT" and options:
+        return type(options[0]).DEFAULT
+    if key not in [w.name for w in options]:
+        names = ", ".join(["DEFAULT"] + [w.name for w in options]) if options else "none"
+        raise UsageError(
+            f"weights={weights!r}: no such file, nor torchvision weights for model={name!r} "
+            f"(it has: {names})"
+        )
+    return type(options[0])[key]
+
+
+def _check_fetchable(enum, weights: str) -> None:
+    """Fail within seconds, saying what to fetch and where to put it, when the weights are not
+    in torch's hub cache and the network is unreachable (not after a long download timeout)."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlparse(enum.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url.path).name
+    if cached.is_file() or urllib.request.getproxies().get("https"):  # a proxy may reach it
+        return
+    reached = []
+
+    def probe():  # in a thread: a hung DNS lookup has no timeout of its own
+        with contextlib.suppress(OSError), socket.create_connection((url.hostname, 443), 3):
+            reached.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(4)
+    if not reached:
+        raise UsageError(
+            f"weights={weights!r}: {cached} is missing and {url.hostname} cannot be reached; "
+            f"download {enum.url} and put it there (or set TORCH_HOME to a cache that has it)"
+        )
 
 
 def _check_model_name(name: str) -> None:
@@ -2008,17 +2235,46 @@ def _check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, names + ["smallcnn"], n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
         raise UsageError(
-            f"--model {name!r} is not smallcnn or a torchvision classification model; {hint}"
+            f"model={name!r} is not smallcnn or a torchvision classification model; {hint}"
         )
 
 
-def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime) -> int:
+def _eval_path(config: Config) -> Path:
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():
         path = out / "last.pt"
     if not path.is_file():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
+    return path
+
+
+def _as_trained(config: Config) -> Config:
+    """For --eval-only: the image size, normalization and weights the checkpoint was trained
+    with (its config), where the command line leaves them at their defaults."""
+    saved = load_checkpoint(_eval_path(config)).get("config", {})
+    names = [k for k in ("image_size", "mean", "std", "weights") if k in saved]
+    unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
+    return dataclasses.replace(config, **{k: saved[k] for k in unset})
+
+
+def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -> Config:
+    """The config with the image size and normalization in use (config.json and checkpoints
+    record them), after a start-up line that says what the run is about to do."""
+    norm = {k: ",".join(f"{v:g}" for v in info[k]) for k in ("mean", "std") if info[k]}
+    processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
+    _console(None, config.quiet, runtime).line(
+        f"trainloop: {runtime.device}{processes}; data {config.data}: {info['classes']} "
+        f"classes, {sizes[0]} train / {sizes[1]} val images, {info['image_size']} px"
+        + "".join(f", {k} {v}" for k, v in norm.items())
+        + f"; model {config.model}"
+        + (f" from {config.weights}" if config.weights else "")
+    )
+    return dataclasses.replace(config, image_size=info["image_size"], **norm)
+
+
+def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime) -> int:
+    path = _eval_path(config)
     ckpt = load_checkpoint(path)
     try:
         model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
@@ -2037,10 +2293,14 @@ def _train_process(config: Config) -> int:
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
-        rgb = config.model != "smallcnn"
-        train, val, info = load_data(config, rgb)
+        if config.eval_only:
+            config = _as_trained(config)
+        train, val, info = load_data(config, rgb=config.model != "smallcnn")
+        config = _data_settings(config, info, runtime, (len(train), len(val)))
         torch.manual_seed(config.seed)  # the same initial weights in every process
-        model = build_model(config.model, **info)
+        weights = "" if config.eval_only else config.weights  # the checkpoint has them
+        shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
+        model = build_model(config.model, weights=weights, **shape)
         if config.eval_only:
             return _eval_only(model, val, config, runtime)
         fit(model, train, val, config=config, runtime=runtime)
@@ -2097,6 +2357,8 @@ def _run_command(config: Config) -> int:
         data = config.data if config.data in _BUILTIN_DATA else Path(config.data).name or "data"
         config = dataclasses.replace(config, out=f"runs/{data}-{config.model}")
     _check_model_name(config.model)
+    if config.resume not in ("auto", "none"):
+        _resume_file(config)
     ids = parse_gpus(config.gpus)
     if ids:
         _check_gpus_exist(ids)
