@@ -44,6 +44,7 @@ __version__ = "0.2.0"
 # fmt: off
 __all__ = [
     "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
+    "SaveError", "WorkerDiedError", "OutOfMemoryError",
     "Stopped", "check_config", "parse_gpus", "parse_duration", "setup_device", "teardown",
     "default_workers", "make_loader", "set_epoch", "train_step", "evaluate", "save_checkpoint",
     "load_checkpoint", "fit", "synthetic_images", "load_data", "small_cnn", "build_model", "main",
@@ -54,6 +55,9 @@ __all__ = [
 EXIT_USAGE = 2  # a bad option or input: fix the command
 EXIT_CHECKPOINT = 3  # a checkpoint is corrupt, truncated or unsafe to load
 EXIT_NONFINITE = 4  # the loss became NaN or inf
+EXIT_SAVE = 5  # a checkpoint could not be written (disk full, read-only, permission)
+EXIT_WORKER = 6  # a DataLoader worker died, most often killed for memory
+EXIT_MEMORY = 7  # out of memory in a training step
 EXIT_TIME_LIMIT = 75  # --time-limit reached, checkpoint written: requeue and rerun (EX_TEMPFAIL)
 # A preemption signal exits with 128 + the signal number (143 for SIGTERM).
 
@@ -74,6 +78,18 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint was left untouched."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only); the previous one is intact."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A DataLoader worker died; with one process, the last completed step was saved first."""
+
+
+class OutOfMemoryError(torch.OutOfMemoryError):
+    """A training step ran out of memory; it is not counted, the last checkpoint is kept."""
 
 
 class Stopped(SystemExit):
@@ -929,7 +945,8 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
 
 def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None:
     """Write a checkpoint holding `entries` so that a kill at any instant leaves a loadable file
-    at `path` (or its previous version at `<name>.prev.pt` while `path` is being swapped)."""
+    at `path` (or its previous version at `<name>.prev.pt` while `path` is being swapped).
+    Raises SaveError when it cannot be written; what was there before stays as it was."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
     payload = _map_tensors(payload, lambda t: t.detach().cpu())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -946,8 +963,31 @@ def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None
             os.fsync(fd)  # makes the rename itself survive a power cut
         finally:
             os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
+        raise SaveError(_save_failure(e, path)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_failure(error: Exception, path: Path) -> str:
+    """One line on a checkpoint that could not be written: why, what is kept, what to do."""
+    import shutil  # only here, on the way out
+
+    # An errno says why; torch's zip writer raises its own error with the OSError as context.
+    cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
+    why = "no space left on device" if free < 2**20 else f"write failed ({_first_line(error)})"
+    why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
+    return (
+        f"could not write {path}: {why}; {_kept(path)}. Free space on {path.parent} (or make it "
+        "writable) and run the same command again"
+    )
+
+
+def _kept(path: Optional[Path]) -> str:
+    """Where the last good checkpoint is (a failed save leaves `path` or its previous version)."""
+    path = next((p for p in (path, path and _previous(path)) if p and p.is_file()), None)
+    return f"the last good checkpoint {path} is intact" if path else "there is no checkpoint yet"
 
 
 def _previous(path: Path) -> Path:
@@ -1353,47 +1393,123 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     window, started, counted = _LossWindow(state.step + 1, state.epoch + 1), time.monotonic(), 0
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
-    with _progress_bar(job.console, title, per_epoch, per_epoch - left) as advance:
-        for batches in _groups(loader, config.accumulate):
-            samples, weights = _sizes(batches)
-            loss = train_step(
-                state,
-                batches,
-                runtime=rt,
-                loss_fn=job.loss_fn,
-                clip_grad=config.clip_grad,
-                channels_last=config.channels_last,
-                weights=weights,
-            )
-            window.losses.append(loss)
-            window.weights.append(sum(weights))
-            state.batches += len(batches)
-            counted += samples
-            advance()
-            log_now = state.step % config.log_every == 0 or state.step == first + left
-            save_now = config.save_every and state.step % config.save_every == 0
-            code, elapsed = 0, time.monotonic() - started
-            if log_now or agree_every == 1:
-                per_step = elapsed / (state.step - first)
-                code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
-            if not (log_now or save_now or code):
-                continue
-            done = state.batches - start_batches  # the position: only where a save may follow
-            state.seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
-            _add_loss(state, window.drain(rt, state.scaler))
-            if log_now:
-                speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
-                eta = elapsed / (state.step - first) * remaining
-                _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
-            if save_now or code:
+    bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
+    with bar as advance, _worker_deaths() as deaths:
+        try:
+            for batches in _groups(loader, config.accumulate):
+                samples, weights = _sizes(batches)
+                loss = train_step(
+                    state,
+                    batches,
+                    runtime=rt,
+                    loss_fn=job.loss_fn,
+                    clip_grad=config.clip_grad,
+                    channels_last=config.channels_last,
+                    weights=weights,
+                )
+                window.losses.append(loss)
+                window.weights.append(sum(weights))
+                state.batches += len(batches)
+                counted += samples
+                advance()
+                log_now = state.step % config.log_every == 0 or state.step == first + left
+                save_now = config.save_every and state.step % config.save_every == 0
+                code, elapsed = 0, time.monotonic() - started
+                if log_now or agree_every == 1:
+                    per_step = elapsed / (state.step - first)
+                    code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
+                if not (log_now or save_now or code):
+                    continue
+                done = state.batches - start_batches  # the position: only where a save may follow
+                state.seen = (
+                    sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+                )
+                _add_loss(state, window.drain(rt, state.scaler))
+                if log_now:
+                    speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
+                    eta = elapsed / (state.step - first) * remaining
+                    _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
+                if save_now or code:
+                    _save(state, job)
+                if code:
+                    return code
+        except (RuntimeError, MemoryError) as e:  # around the loop, so no cost per step
+            # The host's allocator raises a plain RuntimeError; CUDA a torch.OutOfMemoryError.
+            if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(e):
+                raise _out_of_memory(e, state, job) from e
+            if not re.search(r"DataLoader worker \(pid", str(e)):
+                raise
+            # Raised by the fetch (not inside a step: see _worker_deaths), the state is whole.
+            # Several processes save together, so without this one's peers it cannot save.
+            whole = e.__traceback__.tb_next.tb_frame.f_code is _groups.__code__
+            saved = whole and rt.world_size == 1 and job.out is not None
+            if saved:
+                done = state.batches - start_batches
+                state.seen = sampler.seen_after(done) if ours else start_seen + counted
+                _add_loss(state, window.drain(rt, state.scaler))
                 _save(state, job)
-            if code:
-                return code
+            workers = getattr(loader, "num_workers", config.workers)
+            raise _worker_died(e, deaths, state, job, saved, workers) from e
     if ours:
         state.seen = sampler.seen_after(state.batches - start_batches)
     _add_loss(state, window.drain(rt, state.scaler))  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
+
+
+def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
+    """One line: the step, the batch size, the device's memory, and what uses less of it."""
+    config, device, last = job.config, job.runtime.device, job.out and job.out / "last.pt"
+    memory = ""
+    if device.type == "cuda":  # the allocator's own counters: no sync
+        total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
+        memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
+    size = config.batch_size
+    return OutOfMemoryError(
+        f"out of memory in step {state.step + 1} (epoch {state.epoch + 1}) on {device}{memory} "
+        f"at batch_size={size} per process; the step was not counted and {_kept(last)}. Use "
+        f"batch_size={max(1, size // 2)} accumulate={2 * config.accumulate} (the same global "
+        "batch), precision='bf16', channels_last=True or image_size=<pixels>, then run again"
+    )
+
+
+def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
+    """One line: which worker, how it died, what was saved, and what uses less memory."""
+    config, last = job.config, job.out and job.out / "last.pt"
+    what = deaths[0] if deaths else _first_line(error)  # torch's own words name the signal
+    why = ", most likely by the out-of-memory killer" if "Killed" in what else ""
+    return WorkerDiedError(
+        f"{what.rstrip('.')} at step {state.step} (epoch {state.epoch + 1}){why}; "
+        f"{f'checkpoint {last} written' if saved else _kept(last)}. Lower workers={workers}, "
+        f"batch_size={config.batch_size} or image_size=<pixels>, then run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def _worker_deaths():
+    """Yields a list of DataLoader worker deaths as torch words them. torch's SIGCHLD handler
+    raises a death wherever the main thread is, maybe mid-step; under this one it is only noted,
+    and the loader raises it at its next fetch (within 5 s), between two steps."""
+    deaths, previous = [], None
+
+    def note(signum, frame):
+        try:
+            previous(signum, frame)
+        except RuntimeError as e:
+            deaths.append(_first_line(e))
+
+    # Not on Windows (no SIGCHLD), another torch, or off the main thread: torch's way stays.
+    with contextlib.suppress(ImportError, AttributeError, ValueError):
+        from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
+
+        _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
+        if callable(signal.getsignal(signal.SIGCHLD)):
+            previous = signal.signal(signal.SIGCHLD, note)
+    try:
+        yield deaths
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def _groups(batches, size: int):
@@ -2139,12 +2255,17 @@ def _as_flags(message: str) -> str:
     return re.sub(rf"\b({names})=('[^']*'|\S+?)(?=[\s,;:)]|\.?$|\.\s)", flag, message)
 
 
+_FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError: EXIT_MEMORY}
+
+
 def _exit_code_of(job: Callable[[], int]) -> int:
     """Run `job`; turn the errors a user can fix into one line on stderr and an exit status."""
     try:
         return job()
     except UsageError as e:
         code, message, everywhere = EXIT_USAGE, str(e), isinstance(e, _DataError)
+    except (SaveError, WorkerDiedError, OutOfMemoryError) as e:  # met by one process: it says so
+        code, message, everywhere = _FAULTS[type(e)], str(e), True
     except CheckpointError as e:
         code, message, everywhere = EXIT_CHECKPOINT, str(e), True
     except NonFiniteLossError as e:
@@ -2154,8 +2275,9 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
     message = re.sub(r"^[\w.]*Error: ", "", message.strip().splitlines()[-1])
     rank = int(os.environ.get("RANK", "0"))
+    named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if rank == 0 or everywhere:  # the others would only repeat rank 0's line
-        where = "" if rank == 0 else f"(rank {rank}) "
+        where = f"(rank {rank}) " if rank or named else ""
         print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
     return code
 
