@@ -1433,17 +1433,14 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                     _save(state, job)
                 if code:
                     return code
-        except (RuntimeError, MemoryError) as e:  # around the loop, so no cost per step
+        except Exception as e:  # around the loop, so no cost per step
             # The host's allocator raises a plain RuntimeError; CUDA a torch.OutOfMemoryError.
             if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(e):
                 raise _out_of_memory(e, state, job) from e
-            if not re.search(r"DataLoader worker \(pid", str(e)):
+            if not _worker_died_in_fetch(e, deaths, loader):
                 raise
-            # Raised by the fetch (not inside a step: see _worker_deaths), the state is whole.
-            # Several processes save together, so without this one's peers it cannot save.
-            whole = e.__traceback__.tb_next.tb_frame.f_code is _groups.__code__
-            saved = whole and rt.world_size == 1 and job.out is not None
-            if saved:
+            saved = rt.world_size == 1 and job.out is not None  # several save together: not here
+            if saved:  # between two steps: the state is whole
                 done = state.batches - start_batches
                 state.seen = sampler.seen_after(done) if ours else start_seen + counted
                 _add_loss(state, window.drain(rt, state.scaler))
@@ -1473,9 +1470,23 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
     )
 
 
+def _worker_died_in_fetch(error: Exception, deaths: list, loader) -> bool:
+    """Whether the loader's fetch (not a step: see _worker_deaths) raised `error` because a worker
+    died: torch's own error, or any failure to read the batch that a dead worker held."""
+    tb = error.__traceback__.tb_next
+    if tb is None or tb.tb_frame.f_code is not _groups.__code__:
+        return False
+    broken = isinstance(error, (EOFError, ConnectionError)) and getattr(loader, "num_workers", 0)
+    return bool(deaths or broken or re.search(r"DataLoader worker \(pid", str(error)))
+
+
 def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
     """One line: which worker, how it died, what was saved, and what uses less memory."""
     config, last = job.config, job.out and job.out / "last.pt"
+    for _ in range(100):  # the SIGCHLD that names the signal follows the broken read closely
+        if deaths:
+            break
+        time.sleep(0.01)
     what = deaths[0] if deaths else _first_line(error)  # torch's own words name the signal
     why = ", most likely by the out-of-memory killer" if "Killed" in what else ""
     return WorkerDiedError(
@@ -1505,11 +1516,9 @@ def _worker_deaths():
         _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
         if callable(signal.getsignal(signal.SIGCHLD)):
             previous = signal.signal(signal.SIGCHLD, note)
-    try:
-        yield deaths
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGCHLD, previous)
+    yield deaths  # leaving by an error, it stays: a death's SIGCHLD may still be on its way
+    if previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def _groups(batches, size: int):
