@@ -2637,3 +2637,67 @@ def test_killed_loader_worker_saves_the_last_step_and_the_rerun_is_bit_identical
     assert history_without_time(tmp_path / "ref" / "last.pt") == history_without_time(
         tmp_path / "run" / "last.pt"
     )
+
+
+# Put before WORKER: rank 1's third training step runs out of memory.
+OOM_ON_RANK_1 = textwrap.dedent("""
+    import os
+    import torch
+    import torch.nn.functional as F
+
+    _mse, _steps = F.mse_loss, []
+
+    def mse_loss(*args, **kwargs):
+        if torch.is_grad_enabled() and os.environ.get("RANK") == "1":
+            _steps.append(1)
+            if len(_steps) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _mse(*args, **kwargs)
+
+    F.mse_loss = mse_loss
+""")
+
+
+def run_worker_after(prelude: str, tmp_path, opts: dict):
+    """WORKER with `prelude` before it, under torchrun with two processes, in tmp_path."""
+    script = tmp_path / "faulty_worker.py"
+    script.write_text(prelude + WORKER)
+    cmd = torchrun_cmd("--standalone", "--nproc-per-node", 2, script, json.dumps(opts))
+    return run(cmd, tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_out_of_memory_on_one_rank_names_it_and_stops_the_job(tmp_path):
+    opts = dict(n=400, epochs=1, batch_size=8, save_every=2, out="run", quiet=True)
+    result = run_worker_after(OOM_ON_RANK_1, tmp_path, opts)
+    assert result.returncode != 0
+    assert (
+        "trainloop: error: (rank 1) out of memory in step 3 (epoch 1) on cpu at --batch-size 8 "
+        "per process; the step was not counted and the last good checkpoint run/last.pt is "
+        "intact. Use --batch-size 4 --accumulate 2" in result.stderr
+    ), result.stderr[-3000:]
+    assert processes_of(tmp_path) == []
+    assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_killed_loader_worker_names_the_rank_and_the_rerun_continues(tmp_path):
+    opts = dict(n=192, epochs=2, batch_size=8, workers=1, save_every=4, quiet=True)
+    reference = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="run", kill_at=100))
+    assert killed.returncode != 0
+    # The rank cannot save alone (a save gathers every rank's RNG state): the last one is kept.
+    died = re.search(
+        r"trainloop: error: \(rank [01]\) DataLoader worker \(pid \d+\) is killed by signal: "
+        r"Killed at step (\d+) \(epoch 1\), most likely by the out-of-memory killer; the last "
+        r"good checkpoint run/last.pt is intact\.",
+        killed.stderr,
+    )
+    assert died, killed.stderr[-3000:]
+    assert processes_of(tmp_path) == []
+    saved = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["step"] == int(died[1]) // 4 * 4 > 0
+    resumed = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="run", kill_at=100))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "run" / "last.pt")
