@@ -1437,7 +1437,13 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
             # The host's allocator raises a plain RuntimeError; CUDA a torch.OutOfMemoryError.
             if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(e):
                 raise _out_of_memory(e, state, job) from e
-            if not _worker_died_in_fetch(e, deaths, loader):
+            # A worker's death is raised by the fetch, not inside a step (see _worker_deaths); one
+            # that died holding a batch breaks the reading of that batch in any way.
+            tb = e.__traceback__.tb_next
+            fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
+            workers = getattr(loader, "num_workers", config.workers)
+            broken = workers > 0 and isinstance(e, (EOFError, ConnectionError))
+            if not (fetch and (deaths or broken or "DataLoader worker (pid" in str(e))):
                 raise
             saved = rt.world_size == 1 and job.out is not None  # several save together: not here
             if saved:  # between two steps: the state is whole
@@ -1445,7 +1451,6 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                 state.seen = sampler.seen_after(done) if ours else start_seen + counted
                 _add_loss(state, window.drain(rt, state.scaler))
                 _save(state, job)
-            workers = getattr(loader, "num_workers", config.workers)
             raise _worker_died(e, deaths, state, job, saved, workers) from e
     if ours:
         state.seen = sampler.seen_after(state.batches - start_batches)
@@ -1470,22 +1475,11 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
     )
 
 
-def _worker_died_in_fetch(error: Exception, deaths: list, loader) -> bool:
-    """Whether the loader's fetch (not a step: see _worker_deaths) raised `error` because a worker
-    died: torch's own error, or any failure to read the batch that a dead worker held."""
-    tb = error.__traceback__.tb_next
-    if tb is None or tb.tb_frame.f_code is not _groups.__code__:
-        return False
-    broken = isinstance(error, (EOFError, ConnectionError)) and getattr(loader, "num_workers", 0)
-    return bool(deaths or broken or re.search(r"DataLoader worker \(pid", str(error)))
-
-
 def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
     """One line: which worker, how it died, what was saved, and what uses less memory."""
     config, last = job.config, job.out and job.out / "last.pt"
-    for _ in range(100):  # the SIGCHLD that names the signal follows the broken read closely
-        if deaths:
-            break
+    deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
+    while not deaths and time.monotonic() < deadline:
         time.sleep(0.01)
     what = deaths[0] if deaths else _first_line(error)  # torch's own words name the signal
     why = ", most likely by the out-of-memory killer" if "Killed" in what else ""
@@ -1509,8 +1503,7 @@ def _worker_deaths():
         except RuntimeError as e:
             deaths.append(_first_line(e))
 
-    # Not on Windows (no SIGCHLD), another torch, or off the main thread: torch's way stays.
-    with contextlib.suppress(ImportError, AttributeError, ValueError):
+    with contextlib.suppress(AttributeError, ValueError):  # no SIGCHLD (Windows), not main thread
         from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
 
         _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
