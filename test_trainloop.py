@@ -2488,20 +2488,25 @@ def failing_save(monkeypatch, works: int, kind: str):
     one), or as a read-only filesystem does ("readonly")."""
     import errno
 
-    real_save, calls = torch.save, []
+    real_save, real_unlink, calls = torch.save, Path.unlink, []
 
     def save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) <= works:
             return real_save(obj, f, *args, **kwargs)
         f.write(b"PK\x03\x04 the first bytes")
-        if kind == "readonly":
+        if kind == "readonly":  # remounted read-only: nothing is written, unlinking fails too
+            real_unlink(Path(f.name))
+            monkeypatch.setattr(Path, "unlink", read_only)
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         try:
             if kind == "zip":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         finally:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9 vs 7")
+
+    def read_only(path, *args, **kwargs):  # as unlinking on a read-only filesystem does
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
     monkeypatch.setattr(torch, "save", save)
 

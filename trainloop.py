@@ -964,12 +964,13 @@ def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None
         finally:
             os.close(fd)
     except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
-        raise SaveError(_save_failure(e, path)) from e
+        raise SaveError(_save_failure(e, path, keep_previous)) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # read-only: even a missing file raises; next start
+            tmp.unlink()  # clears what is left (_prepare_out)
 
 
-def _save_failure(error: Exception, path: Path) -> str:
+def _save_failure(error: Exception, path: Path, keep_previous: bool) -> str:
     """One line on a checkpoint that could not be written: why, what is kept, what to do."""
     import shutil  # only here, on the way out
 
@@ -978,8 +979,9 @@ def _save_failure(error: Exception, path: Path) -> str:
     free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
     why = "no space left on device" if free < 2**20 else f"write failed ({_first_line(error)})"
     why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
+    kept = _kept(path) if keep_previous else f"{path} is as it was"  # best.pt: not a checkpoint
     return (
-        f"could not write {path}: {why}; {_kept(path)}. Free space on {path.parent} (or make it "
+        f"could not write {path}: {why}; {kept}. Free space on {path.parent} (or make it "
         "writable) and run the same command again"
     )
 
@@ -1466,12 +1468,12 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
     if device.type == "cuda":  # the allocator's own counters: no sync
         total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
         memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
-    size = config.batch_size
+    size, pixels = config.batch_size, config.image_size // 2 or "<pixels>"
     return OutOfMemoryError(
         f"out of memory in step {state.step + 1} (epoch {state.epoch + 1}) on {device}{memory} "
         f"at batch_size={size} per process; the step was not counted and {_kept(last)}. Use "
         f"batch_size={max(1, size // 2)} accumulate={2 * config.accumulate} (the same global "
-        "batch), precision='bf16', channels_last=True or image_size=<pixels>, then run again"
+        f"batch), precision='bf16', channels_last=True or image_size={pixels}, then run again"
     )
 
 
@@ -1486,7 +1488,8 @@ def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool,
     return WorkerDiedError(
         f"{what.rstrip('.')} at step {state.step} (epoch {state.epoch + 1}){why}; "
         f"{f'checkpoint {last} written' if saved else _kept(last)}. Lower workers={workers}, "
-        f"batch_size={config.batch_size} or image_size=<pixels>, then run the same command again"
+        f"batch_size={config.batch_size} or image_size={config.image_size or '<pixels>'}, then run "
+        "the same command again"
     )
 
 
