@@ -1436,29 +1436,40 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                 if code:
                     return code
         except Exception as e:  # around the loop, so no cost per step
-            # The host's allocator raises a plain RuntimeError; CUDA a torch.OutOfMemoryError.
-            if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(e):
-                raise _out_of_memory(e, state, job) from e
-            # A worker's death is raised by the fetch, not inside a step (see _worker_deaths); one
-            # that died holding a batch breaks the reading of that batch in any way.
-            tb = e.__traceback__.tb_next
-            fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
-            workers = getattr(loader, "num_workers", config.workers)
-            broken = workers > 0 and isinstance(e, (EOFError, ConnectionError))
-            if not (fetch and (deaths or broken or "DataLoader worker (pid" in str(e))):
+            done = state.batches - start_batches  # the position, should the fault allow a save
+            seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+            fault = _fault(e, state, job, window=window, seen=seen, loader=loader, deaths=deaths)
+            if fault is None:
                 raise
-            saved = rt.world_size == 1 and job.out is not None  # several save together: not here
-            if saved:  # between two steps: the state is whole
-                done = state.batches - start_batches
-                state.seen = sampler.seen_after(done) if ours else start_seen + counted
-                _add_loss(state, window.drain(rt, state.scaler))
-                _save(state, job)
-            raise _worker_died(e, deaths, state, job, saved, workers) from e
+            raise fault from e
     if ours:
         state.seen = sampler.seen_after(state.batches - start_batches)
     _add_loss(state, window.drain(rt, state.scaler))  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
+
+
+def _fault(error, state: TrainState, job: _Job, *, window, seen: int, loader, deaths: list):
+    """The error to end training with for a fault met in the epoch loop (None: not one of
+    ours). A dead loader worker is raised by the fetch, not inside a step (see _worker_deaths),
+    so the state is whole: with one process it is saved at `seen`, the epoch's position."""
+    # The host's allocator raises a plain RuntimeError; CUDA a torch.OutOfMemoryError.
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(error):
+        return _out_of_memory(error, state, job)
+    tb = error.__traceback__.tb_next
+    fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
+    # A worker that died holding a batch breaks the reading of that batch in any way.
+    workers = getattr(loader, "num_workers", job.config.workers)
+    broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
+    if not (fetch and (deaths or broken or "DataLoader worker (pid" in str(error))):
+        return None
+    rt = job.runtime
+    saved = rt.world_size == 1 and job.out is not None  # several save together: not alone
+    if saved:
+        state.seen = seen
+        _add_loss(state, window.drain(rt, state.scaler))
+        _save(state, job)
+    return _worker_died(error, deaths, state, job, saved, workers)
 
 
 def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
@@ -1839,7 +1850,9 @@ def fit(
     Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
     Seeds Python, NumPy and torch from config.seed unless it resumes. Under torchrun it joins
     the process group. Raises Stopped (a SystemExit) after checkpointing on a signal or the
-    time limit, NonFiniteLossError on a NaN loss, UsageError on bad settings.
+    time limit, NonFiniteLossError on a NaN loss, UsageError on bad settings, SaveError when a
+    checkpoint cannot be written, WorkerDiedError when a loader worker dies (after saving, with
+    one process) and OutOfMemoryError when a step runs out of memory.
     """
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
