@@ -2629,8 +2629,8 @@ def test_killed_loader_worker_saves_the_last_step_and_the_rerun_is_bit_identical
     line = re.fullmatch(
         r"trainloop: error: DataLoader worker \(pid \d+\) is killed by signal: Killed at step "
         r"(\d+) \(epoch 1\), most likely by the out-of-memory killer; checkpoint run/last.pt "
-        r"written\. Lower --workers 2, --batch-size 8 or --image-size <pixels>, then run the "
-        r"same command again\n",
+        r"written\. Run the same command again to continue; if it recurs, lower --workers 2, "
+        r"--batch-size 8 or --image-size <pixels>\n",
         killed.stderr,
     )
     assert line, killed.stderr
@@ -2696,7 +2696,8 @@ def test_torchrun_killed_loader_worker_names_the_rank_and_the_rerun_continues(tm
     died = re.search(
         r"trainloop: error: \(rank [01]\) DataLoader worker \(pid \d+\) is killed by signal: "
         r"Killed at step (\d+) \(epoch 1\), most likely by the out-of-memory killer; the last "
-        r"good checkpoint run/last.pt is intact\.",
+        r"good checkpoint run/last.pt is intact\. Run the same command again to continue; if it "
+        r"recurs, lower --workers 1, --batch-size 8 or --image-size <pixels>\n",
         killed.stderr,
     )
     assert died, killed.stderr[-3000:]

@@ -1489,18 +1489,25 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
 
 
 def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
-    """One line: which worker, how it died, what was saved, and what uses less memory."""
+    """One line: which worker, how it died, what was saved, and what to do."""
     config, last = job.config, job.out and job.out / "last.pt"
     deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
     while not deaths and time.monotonic() < deadline:
         time.sleep(0.01)
-    what = deaths[0] if deaths else _first_line(error)  # torch's own words name the signal
-    why = ", most likely by the out-of-memory killer" if "Killed" in what else ""
+    what = (deaths or [_first_line(error)])[0].split(". ")[0].rstrip(".")  # names the signal
+    what = what if "DataLoader worker" in what else f"a DataLoader worker died ({what})"
+    killed = "Killed" in what  # SIGKILL: most often the kernel's out-of-memory killer
+    fix = (
+        f"; if it recurs, lower workers={workers}, batch_size={config.batch_size} or image_size="
+        f"{config.image_size or '<pixels>'}"
+        if killed
+        else ", or with workers=0 to see the worker's own error"
+    )
     return WorkerDiedError(
-        f"{what.rstrip('.')} at step {state.step} (epoch {state.epoch + 1}){why}; "
-        f"{f'checkpoint {last} written' if saved else _kept(last)}. Lower workers={workers}, "
-        f"batch_size={config.batch_size} or image_size={config.image_size or '<pixels>'}, then run "
-        "the same command again"
+        f"{what} at step {state.step} (epoch {state.epoch + 1})"
+        f"{', most likely by the out-of-memory killer' if killed else ''}; "
+        f"{f'checkpoint {last} written' if saved else _kept(last)}. Run the same command again "
+        f"to continue{fix}"
     )
 
 
