@@ -92,6 +92,10 @@ class OutOfMemoryError(torch.OutOfMemoryError):
     """A training step ran out of memory; it is not counted, the last checkpoint is kept."""
 
 
+# The faults that end a run with their own exit status, printed by the process that met them.
+_FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError: EXIT_MEMORY}
+
+
 class Stopped(SystemExit):
     """Training stopped early on purpose (signal or time limit) after writing a checkpoint.
 
@@ -2278,9 +2282,6 @@ def _as_flags(message: str) -> str:
         return {"True": f"--{name}", "False": f"--no-{name}"}.get(value, f"--{name} {value}")
 
     return re.sub(rf"\b({names})=('[^']*'|\S+?)(?=[\s,;:)]|\.?$|\.\s)", flag, message)
-
-
-_FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError: EXIT_MEMORY}
 
 
 def _exit_code_of(job: Callable[[], int]) -> int:
