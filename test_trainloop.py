@@ -2562,6 +2562,7 @@ class RunsOutOfMemory(nn.Module):
             "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
         ),
         MemoryError(),
+        RuntimeError("CUDA error: out of memory"),  # from a kernel, not the allocator
     ],
 )
 def test_fit_out_of_memory_names_the_step_and_the_knobs_and_keeps_the_checkpoint(error, tmp_path):

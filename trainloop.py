@@ -1457,8 +1457,10 @@ def _fault(error, state: TrainState, job: _Job, *, window, seen: int, loader, de
     """The error to end training with for a fault met in the epoch loop (None: not one of
     ours). A dead loader worker is raised by the fetch, not inside a step (see _worker_deaths),
     so the state is whole: with one process it is saved at `seen`, the epoch's position."""
-    # The host's allocator raises a plain RuntimeError; CUDA a torch.OutOfMemoryError.
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(error):
+    # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
+    # of memory"); the CUDA allocator a torch.OutOfMemoryError.
+    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError))
+    if oom or re.search("allocate memory|out of memory", str(error)):
         return _out_of_memory(error, state, job)
     tb = error.__traceback__.tb_next
     fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
