@@ -2759,3 +2759,270 @@ def test_cli_fine_tunes_pretrained_weights_from_the_cache(tmp_path, monkeypatch)
     )
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["model"]["1.fc.weight"].shape == (2, 512)
+
+
+# ---- faults: full disk, killed loader worker, out of memory (issue 17) ----------------------
+
+# Put before JOB or WORKER: fit reads the training data through a Dataset whose loader worker
+# SIGKILLs itself when it first reads sample `kill_at` (as the out-of-memory killer would; a
+# marker file in the working directory makes it the first time only, so a rerun runs clean),
+# and ends the process as the CLI does: one line on stderr and the exit status.
+KILLS_A_WORKER = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    import torch
+    import trainloop as tl
+
+    class KillsItsWorker(torch.utils.data.Dataset):
+        def __init__(self, data, at):
+            self.data, self.at = data, at
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            in_worker = torch.utils.data.get_worker_info() is not None
+            if i == self.at and in_worker and not Path("killed").exists():
+                Path("killed").touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.data[i]
+
+    _opts = json.loads(sys.argv[1])
+    _at = _opts.pop("kill_at", -1)
+    sys.argv[1] = json.dumps(_opts)
+    _fit = tl.fit
+
+    def fit(model, train, val, **kw):  # as the CLI runs it: one line and an exit status
+        job = lambda: _fit(model, KillsItsWorker(train, _at), val, **kw) and 0
+        sys.exit(tl._exit_code_of(job))
+
+    tl.fit = fit
+""")
+
+
+def failing_save(monkeypatch, works: int, kind: str):
+    """torch.save works `works` times, then writes part of a file and fails: as torch's zip writer
+    does on a full disk ("zip": a RuntimeError whose context is the OSError; "bare": without
+    one), or as a read-only filesystem does ("readonly")."""
+    import errno
+
+    real_save, real_unlink, calls = torch.save, Path.unlink, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= works:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 the first bytes")
+        if kind == "readonly":  # remounted read-only: nothing is written, unlinking fails too
+            real_unlink(Path(f.name))
+            monkeypatch.setattr(Path, "unlink", read_only)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        try:
+            if kind == "zip":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9 vs 7")
+
+    def read_only(path, *args, **kwargs):  # as unlinking on a read-only filesystem does
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize(
+    "kind,free,why",
+    [
+        ("zip", 10**9, "no space left on device"),  # the errno decides
+        ("bare", 0, "no space left on device"),  # no errno: the free space decides
+        ("bare", 10**9, "write failed ([enforce fail at inline_container.cc:672]"),
+        ("readonly", 10**9, "read-only file system"),
+    ],
+)
+def test_fit_failed_save_says_why_and_keeps_the_last_checkpoint(
+    kind, free, why, tmp_path, monkeypatch
+):
+    import shutil
+
+    failing_save(monkeypatch, works=2, kind=kind)  # the saves at steps 2 and 4 work
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free))
+    out = tmp_path / "run"
+    with pytest.raises(tl.SaveError) as failed:
+        tl.fit(mlp(), blobs(160), epochs=1, batch_size=16, save_every=2, out=out, **quiet())
+    assert isinstance(failed.value, tl.CheckpointError)  # what callers already catch
+    assert str(failed.value).startswith(f"could not write {out / 'last.pt'}: {why}"), failed.value
+    assert f"the last good checkpoint {out / 'last.pt'} is intact" in str(failed.value)
+    monkeypatch.undo()
+    assert tl.load_checkpoint(out / "last.pt")["step"] == 4
+    assert tl.load_checkpoint(out / "last.prev.pt")["step"] == 2
+    assert not list(out.glob(".*.tmp"))  # the partial file is gone
+
+
+class RunsOutOfMemory(nn.Module):
+    """An MLP whose `at`-th training forward raises `error`, as an allocation would."""
+
+    def __init__(self, at: int, error: Exception):
+        super().__init__()
+        self.net, self.at, self.error, self.calls = mlp(), at, error, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise self.error
+        return self.net(x)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+        ),
+        MemoryError(),
+        RuntimeError("CUDA error: out of memory"),  # from a kernel, not the allocator
+    ],
+)
+def test_fit_out_of_memory_names_the_step_and_the_knobs_and_keeps_the_checkpoint(error, tmp_path):
+    out = tmp_path / "run"
+    model = RunsOutOfMemory(7, error)
+    with pytest.raises(tl.OutOfMemoryError) as failed:
+        tl.fit(model, blobs(160), epochs=1, batch_size=16, save_every=3, out=out, **quiet())
+    assert isinstance(failed.value, torch.OutOfMemoryError)  # what callers already catch
+    assert str(failed.value).startswith(
+        "out of memory in step 7 (epoch 1) on cpu at batch_size=16 per process; the step was "
+        f"not counted and the last good checkpoint {out / 'last.pt'} is intact. Use "
+        "batch_size=8 accumulate=2 (the same global batch), precision='bf16', "
+        "channels_last=True or image_size=<pixels>"
+    ), failed.value
+    assert tl.load_checkpoint(out / "last.pt")["step"] == 6
+
+
+def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 79.5 * 2**30)
+    rt = tl.Runtime(torch.device("cuda", 1), rank=1, world_size=2)
+    job = types.SimpleNamespace(config=tl.Config(batch_size=64), runtime=rt, out=None)
+    state = types.SimpleNamespace(step=4, epoch=0)
+    message = str(tl._out_of_memory(torch.OutOfMemoryError(), state, job))
+    assert message.startswith(
+        "out of memory in step 5 (epoch 1) on cuda:1 (80.0 GiB, peak use 79.5 GiB) at "
+        "batch_size=64 per process; the step was not counted and there is no checkpoint yet"
+    ), message
+
+
+def test_exit_code_of_faults_has_a_status_each_and_names_the_rank(monkeypatch, capsys):
+    def raising(error):
+        def job():
+            raise error
+
+        return job
+
+    faults = [
+        (tl.SaveError("could not write x.pt"), tl.EXIT_SAVE),
+        (tl.WorkerDiedError("DataLoader worker (pid 7) is killed"), tl.EXIT_WORKER),
+        (tl.OutOfMemoryError("out of memory in step 3"), tl.EXIT_MEMORY),
+    ]
+    assert [code for _, code in faults] == [5, 6, 7]
+    for error, code in faults:
+        assert tl._exit_code_of(raising(error)) == code
+        assert capsys.readouterr().err == f"trainloop: error: {error}\n"  # one process: no rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):  # the process that met the fault says so, rank 0 too
+        monkeypatch.setenv("RANK", str(rank))
+        for error, code in faults:
+            assert tl._exit_code_of(raising(error)) == code
+            assert capsys.readouterr().err == f"trainloop: error: (rank {rank}) {error}\n"
+
+
+@pytest.mark.slow
+def test_killed_loader_worker_saves_the_last_step_and_the_rerun_is_bit_identical(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setitem(globals(), "JOB", KILLS_A_WORKER + JOB)  # what run_job starts
+    opts = dict(epochs=2, batch_size=8, workers=2)  # 48 steps an epoch
+    reference = run_job(tmp_path, out="ref", **opts)
+    assert reference.returncode == 0, reference.stderr
+    killed = run_job(tmp_path, out="run", kill_at=200, **opts)
+    assert killed.returncode == tl.EXIT_WORKER, killed.stderr
+    line = re.fullmatch(
+        r"trainloop: error: DataLoader worker \(pid \d+\) is killed by signal: Killed at step "
+        r"(\d+) \(epoch 1\), most likely by the out-of-memory killer; checkpoint run/last.pt "
+        r"written\. Run the same command again to continue; if it recurs, lower --workers 2, "
+        r"--batch-size 8 or --image-size <pixels>\n",
+        killed.stderr,
+    )
+    assert line, killed.stderr
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")  # no --save-every: from the death
+    assert (ckpt["epoch"], ckpt["step"]) == (0, int(line[1])) and 0 < ckpt["step"] < 48
+    resumed = run_job(tmp_path, out="run", kill_at=200, **opts)  # the marker: no second kill
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "run" / "last.pt")
+    assert history_without_time(tmp_path / "ref" / "last.pt") == history_without_time(
+        tmp_path / "run" / "last.pt"
+    )
+
+
+# Put before WORKER: rank 1's third training step runs out of memory.
+OOM_ON_RANK_1 = textwrap.dedent("""
+    import os
+    import torch
+    import torch.nn.functional as F
+
+    _mse, _steps = F.mse_loss, []
+
+    def mse_loss(*args, **kwargs):
+        if torch.is_grad_enabled() and os.environ.get("RANK") == "1":
+            _steps.append(1)
+            if len(_steps) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _mse(*args, **kwargs)
+
+    F.mse_loss = mse_loss
+""")
+
+
+def run_worker_after(prelude: str, tmp_path, opts: dict):
+    """WORKER with `prelude` before it, under torchrun with two processes, in tmp_path."""
+    script = tmp_path / "faulty_worker.py"
+    script.write_text(prelude + WORKER)
+    cmd = torchrun_cmd("--standalone", "--nproc-per-node", 2, script, json.dumps(opts))
+    return run(cmd, tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_out_of_memory_on_one_rank_names_it_and_stops_the_job(tmp_path):
+    opts = dict(n=400, epochs=1, batch_size=8, save_every=2, out="run", quiet=True)
+    result = run_worker_after(OOM_ON_RANK_1, tmp_path, opts)
+    assert result.returncode != 0
+    assert (
+        "trainloop: error: (rank 1) out of memory in step 3 (epoch 1) on cpu at --batch-size 8 "
+        "per process; the step was not counted and the last good checkpoint run/last.pt is "
+        "intact. Use --batch-size 4 --accumulate 2" in result.stderr
+    ), result.stderr[-3000:]
+    assert processes_of(tmp_path) == []
+    assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_killed_loader_worker_names_the_rank_and_the_rerun_continues(tmp_path):
+    opts = dict(n=192, epochs=2, batch_size=8, workers=1, save_every=4, quiet=True)
+    reference = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="run", kill_at=100))
+    assert killed.returncode != 0
+    # The rank cannot save alone (a save gathers every rank's RNG state): the last one is kept.
+    died = re.search(
+        r"trainloop: error: \(rank [01]\) DataLoader worker \(pid \d+\) is killed by signal: "
+        r"Killed at step (\d+) \(epoch 1\), most likely by the out-of-memory killer; the last "
+        r"good checkpoint run/last.pt is intact\. Run the same command again to continue; if it "
+        r"recurs, lower --workers 1, --batch-size 8 or --image-size <pixels>\n",
+        killed.stderr,
+    )
+    assert died, killed.stderr[-3000:]
+    assert processes_of(tmp_path) == []
+    saved = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["step"] == int(died[1]) // 4 * 4 > 0
+    resumed = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="run", kill_at=100))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "run" / "last.pt")

@@ -44,6 +44,7 @@ __version__ = "0.2.0"
 # fmt: off
 __all__ = [
     "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
+    "SaveError", "WorkerDiedError", "OutOfMemoryError",
     "Stopped", "check_config", "parse_gpus", "parse_duration", "setup_device", "teardown",
     "default_workers", "make_loader", "set_epoch", "train_step", "evaluate", "save_checkpoint",
     "load_checkpoint", "fit", "synthetic_images", "load_data", "small_cnn", "build_model", "main",
@@ -54,6 +55,9 @@ __all__ = [
 EXIT_USAGE = 2  # a bad option or input: fix the command
 EXIT_CHECKPOINT = 3  # a checkpoint is corrupt, truncated or unsafe to load
 EXIT_NONFINITE = 4  # the loss became NaN or inf
+EXIT_SAVE = 5  # a checkpoint could not be written (disk full, read-only, permission)
+EXIT_WORKER = 6  # a DataLoader worker died, most often killed for memory
+EXIT_MEMORY = 7  # out of memory in a training step
 EXIT_TIME_LIMIT = 75  # --time-limit reached, checkpoint written: requeue and rerun (EX_TEMPFAIL)
 # A preemption signal exits with 128 + the signal number (143 for SIGTERM).
 
@@ -74,6 +78,22 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint was left untouched."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only); the previous one is intact."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A DataLoader worker died; with one process, the last completed step was saved first."""
+
+
+class OutOfMemoryError(torch.OutOfMemoryError):
+    """A training step ran out of memory; it is not counted, the last checkpoint is kept."""
+
+
+# The faults that end a run with their own exit status, printed by the process that met them.
+_FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError: EXIT_MEMORY}
 
 
 class Stopped(SystemExit):
@@ -928,7 +948,8 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
 
 def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None:
     """Write a checkpoint holding `entries` so that a kill at any instant leaves a loadable file
-    at `path` (or its previous version at `<name>.prev.pt` while `path` is being swapped)."""
+    at `path` (or its previous version at `<name>.prev.pt` while `path` is being swapped).
+    Raises SaveError when it cannot be written; what was there before stays as it was."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
     payload = _map_tensors(payload, lambda t: t.detach().cpu())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -945,8 +966,33 @@ def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None
             os.fsync(fd)  # makes the rename itself survive a power cut
         finally:
             os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
+        raise SaveError(_save_failure(e, path, keep_previous)) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # read-only: even a missing file raises; next start
+            tmp.unlink()  # clears what is left (_prepare_out)
+
+
+def _save_failure(error: Exception, path: Path, keep_previous: bool) -> str:
+    """One line on a checkpoint that could not be written: why, what is kept, what to do."""
+    import shutil  # only here, on the way out
+
+    # An errno says why; torch's zip writer raises its own error with the OSError as context.
+    cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
+    why = "no space left on device" if free < 2**20 else f"write failed ({_first_line(error)})"
+    why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
+    kept = _kept(path) if keep_previous else f"{path} is as it was"  # best.pt: not a checkpoint
+    return (
+        f"could not write {path}: {why}; {kept}. Free space on {path.parent} (or make it "
+        "writable) and run the same command again"
+    )
+
+
+def _kept(path: Optional[Path]) -> str:
+    """Where the last good checkpoint is (a failed save leaves `path` or its previous version)."""
+    path = next((p for p in (path, path and _previous(path)) if p and p.is_file()), None)
+    return f"the last good checkpoint {path} is intact" if path else "there is no checkpoint yet"
 
 
 def _previous(path: Path) -> Path:
@@ -1350,47 +1396,146 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     window, started, counted = _LossWindow(state.step + 1, state.epoch + 1), time.monotonic(), 0
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
-    with _progress_bar(job.console, title, per_epoch, per_epoch - left) as advance:
-        for batches in _groups(loader, config.accumulate):
-            samples, weights = _sizes(batches)
-            loss = train_step(
-                state,
-                batches,
-                runtime=rt,
-                loss_fn=job.loss_fn,
-                clip_grad=config.clip_grad,
-                channels_last=config.channels_last,
-                weights=weights,
-            )
-            window.losses.append(loss)
-            window.weights.append(sum(weights))
-            state.batches += len(batches)
-            counted += samples
-            advance()
-            log_now = state.step % config.log_every == 0 or state.step == first + left
-            save_now = config.save_every and state.step % config.save_every == 0
-            code, elapsed = 0, time.monotonic() - started
-            if log_now or agree_every == 1:
-                per_step = elapsed / (state.step - first)
-                code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
-            if not (log_now or save_now or code):
-                continue
-            done = state.batches - start_batches  # the position: only where a save may follow
-            state.seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
-            window.drain(state, rt)
-            if log_now:
-                speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
-                eta = elapsed / (state.step - first) * remaining
-                _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
-            if save_now or code:
-                _save(state, job)
-            if code:
-                return code
+    bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
+    with bar as advance, _worker_deaths() as deaths:
+        try:
+            for batches in _groups(loader, config.accumulate):
+                samples, weights = _sizes(batches)
+                loss = train_step(
+                    state,
+                    batches,
+                    runtime=rt,
+                    loss_fn=job.loss_fn,
+                    clip_grad=config.clip_grad,
+                    channels_last=config.channels_last,
+                    weights=weights,
+                )
+                window.losses.append(loss)
+                window.weights.append(sum(weights))
+                state.batches += len(batches)
+                counted += samples
+                advance()
+                log_now = state.step % config.log_every == 0 or state.step == first + left
+                save_now = config.save_every and state.step % config.save_every == 0
+                code, elapsed = 0, time.monotonic() - started
+                if log_now or agree_every == 1:
+                    per_step = elapsed / (state.step - first)
+                    code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
+                if not (log_now or save_now or code):
+                    continue
+                done = state.batches - start_batches  # the position: only where a save may follow
+                state.seen = (
+                    sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+                )
+                window.drain(state, rt)
+                if log_now:
+                    speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
+                    eta = elapsed / (state.step - first) * remaining
+                    _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
+                if save_now or code:
+                    _save(state, job)
+                if code:
+                    return code
+        except Exception as e:  # around the loop, so no cost per step
+            done = state.batches - start_batches  # the position, should the fault allow a save
+            seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+            fault = _fault(e, state, job, window=window, seen=seen, loader=loader, deaths=deaths)
+            if fault is None:
+                raise
+            raise fault from e
     if ours:
         state.seen = sampler.seen_after(state.batches - start_batches)
     window.drain(state, rt)  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
+
+
+def _fault(error, state: TrainState, job: _Job, *, window, seen: int, loader, deaths: list):
+    """The error to end training with for a fault met in the epoch loop (None: not one of
+    ours). A dead loader worker is raised by the fetch, not inside a step (see _worker_deaths),
+    so the state is whole: with one process it is saved at `seen`, the epoch's position."""
+    # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
+    # of memory"); the CUDA allocator a torch.OutOfMemoryError.
+    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError))
+    if oom or re.search("allocate memory|out of memory", str(error)):
+        return _out_of_memory(error, state, job)
+    tb = error.__traceback__.tb_next
+    fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
+    # A worker that died holding a batch breaks the reading of that batch in any way.
+    workers = getattr(loader, "num_workers", job.config.workers)
+    broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
+    if not (fetch and (deaths or broken or "DataLoader worker (pid" in str(error))):
+        return None
+    rt = job.runtime
+    saved = rt.world_size == 1 and job.out is not None  # several save together: not alone
+    if saved:
+        state.seen = seen
+        window.drain(state, rt)
+        _save(state, job)
+    return _worker_died(error, deaths, state, job, saved, workers)
+
+
+def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
+    """One line: the step, the batch size, the device's memory, and what uses less of it."""
+    config, device, last = job.config, job.runtime.device, job.out and job.out / "last.pt"
+    memory = ""
+    if device.type == "cuda":  # the allocator's own counters: no sync
+        total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
+        memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
+    size, pixels = config.batch_size, config.image_size // 2 or "<pixels>"
+    return OutOfMemoryError(
+        f"out of memory in step {state.step + 1} (epoch {state.epoch + 1}) on {device}{memory} "
+        f"at batch_size={size} per process; the step was not counted and {_kept(last)}. Use "
+        f"batch_size={max(1, size // 2)} accumulate={2 * config.accumulate} (the same global "
+        f"batch), precision='bf16', channels_last=True or image_size={pixels}, then run again"
+    )
+
+
+def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
+    """One line: which worker, how it died, what was saved, and what to do."""
+    config, last = job.config, job.out and job.out / "last.pt"
+    deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
+    while not deaths and time.monotonic() < deadline:
+        time.sleep(0.01)
+    what = (deaths or [_first_line(error)])[0].split(". ")[0].rstrip(".")  # names the signal
+    what = what if "DataLoader worker" in what else f"a DataLoader worker died ({what})"
+    killed = "Killed" in what  # SIGKILL: most often the kernel's out-of-memory killer
+    fix = (
+        f"; if it recurs, lower workers={workers}, batch_size={config.batch_size} or image_size="
+        f"{config.image_size or '<pixels>'}"
+        if killed
+        else ", or with workers=0 to see the worker's own error"
+    )
+    return WorkerDiedError(
+        f"{what} at step {state.step} (epoch {state.epoch + 1})"
+        f"{', most likely by the out-of-memory killer' if killed else ''}; "
+        f"{f'checkpoint {last} written' if saved else _kept(last)}. Run the same command again "
+        f"to continue{fix}"
+    )
+
+
+@contextlib.contextmanager
+def _worker_deaths():
+    """Yields a list of DataLoader worker deaths as torch words them. torch's SIGCHLD handler
+    raises a death wherever the main thread is, maybe mid-step; under this one it is only noted,
+    and the loader raises it at its next fetch (within 5 s), between two steps."""
+    deaths, previous = [], None
+
+    def note(signum, frame):
+        try:
+            previous(signum, frame)
+        except RuntimeError as e:
+            deaths.append(_first_line(e))
+
+    with contextlib.suppress(AttributeError, ValueError):  # no SIGCHLD (Windows), not main thread
+        from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
+
+        _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
+        if callable(signal.getsignal(signal.SIGCHLD)):
+            previous = signal.signal(signal.SIGCHLD, note)
+    yield deaths  # leaving by an error, it stays: a death's SIGCHLD may still be on its way
+    if previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def _groups(batches, size: int):
@@ -1710,7 +1855,9 @@ def fit(
     Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
     Seeds Python, NumPy and torch from config.seed unless it resumes. Under torchrun it joins
     the process group. Raises Stopped (a SystemExit) after checkpointing on a signal or the
-    time limit, NonFiniteLossError on a NaN loss, UsageError on bad settings.
+    time limit, NonFiniteLossError on a NaN loss, UsageError on bad settings, SaveError when a
+    checkpoint cannot be written, WorkerDiedError when a loader worker dies (after saving, with
+    one process) and OutOfMemoryError when a step runs out of memory.
     """
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
@@ -2385,6 +2532,8 @@ def _exit_code_of(job: Callable[[], int]) -> int:
         return job()
     except UsageError as e:
         code, message, everywhere = EXIT_USAGE, str(e), isinstance(e, _DataError)
+    except (SaveError, WorkerDiedError, OutOfMemoryError) as e:  # met by one process: it says so
+        code, message, everywhere = _FAULTS[type(e)], str(e), True
     except CheckpointError as e:
         code, message, everywhere = EXIT_CHECKPOINT, str(e), True
     except NonFiniteLossError as e:
@@ -2394,8 +2543,9 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
     message = re.sub(r"^[\w.]*Error: ", "", message.strip().splitlines()[-1])
     rank = int(os.environ.get("RANK", "0"))
+    named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if rank == 0 or everywhere:  # the others would only repeat rank 0's line
-        where = "" if rank == 0 else f"(rank {rank}) "
+        where = f"(rank {rank}) " if rank or named else ""
         print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
     return code
 
