@@ -1783,6 +1783,105 @@ def test_resume_reads_a_checkpoint_of_trainloop_0_1(tmp_path):
     assert [r["epoch"] for r in fit_mlp(32, epochs=2, out=tmp_path)] == [1, 2]
 
 
+def test_fit_own_optimizer_with_a_user_scheduler_resumes_bit_identical(tmp_path):
+    def run(epochs, out):  # OneCycleLR cycles momentum and reads initial_lr: both must survive
+        cycle = lambda o: L.OneCycleLR(o, max_lr=0.2, total_steps=24)  # noqa: E731
+        return fit_mlp(96, epochs=epochs, out=out, scheduler=cycle, optimizer=name)
+
+    for name in ("sgd", "adamw"):
+        run(4, tmp_path / name / "straight")
+        run(2, tmp_path / name / "resumed")
+        run(4, tmp_path / name / "resumed")
+        assert_same_state(
+            tmp_path / name / "straight" / "last.pt", tmp_path / name / "resumed" / "last.pt"
+        )
+
+
+def test_fit_refuses_a_one_cycle_shorter_than_the_run():
+    with pytest.raises(tl.UsageError, match="total_steps=20 is fewer than the run's 24"):
+        fit_mlp(96, epochs=4, scheduler=lambda o: L.OneCycleLR(o, max_lr=0.2, total_steps=20))
+
+
+def test_train_step_with_a_tensor_lr_reports_each_applied_lr():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
+    state = tl.TrainState(model, optimizer, L.StepLR(optimizer, 1, gamma=0.5))
+    x, y = blobs(8).tensors
+    applied = []
+    for _ in range(3):
+        tl.train_step(state, [(x, y)])
+        applied.append(state.lr)
+    assert applied == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_train_step_follows_a_scheduler_replaced_after_construction():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = tl.TrainState(model, optimizer, L.LambdaLR(optimizer, lambda s: 1.0))
+    state.scheduler = L.StepLR(optimizer, 1, gamma=0.5)
+    x, y = blobs(8).tensors
+    for _ in range(2):
+        tl.train_step(state, [(x, y)])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], torch.ones(2)])
+def test_train_step_checks_weights_before_any_backward(weights):
+    x, y = blobs(12).tensors
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    state = one_step_state(mlp())
+    with pytest.raises(tl.UsageError, match="one weight per micro-batch"):
+        tl.train_step(state, batches, weights=weights)
+    assert all(p.grad is None for p in state.model.parameters())
+    tl.train_step(state, batches, weights=torch.tensor([1.0, 1.0, 2.0]))  # a tensor is fine
+
+
+def test_train_state_checks_the_ema_decay_and_unwraps_a_compiled_model():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for decay in (-0.5, 1.0, 1.5):
+        with pytest.raises(tl.UsageError, match="ema_decay"):
+            tl.TrainState(model, optimizer, ema_decay=decay)
+    state = tl.TrainState(torch.compile(model), optimizer)  # not run: the wrapper is enough
+    assert state.model is model and state.net is not model
+
+
+def test_save_checkpoint_refuses_extras_it_could_not_load_back(tmp_path):
+    state = one_step_state(mlp())
+    with pytest.raises(tl.UsageError, match="'step' is the state's own entry"):
+        tl.save_checkpoint(tmp_path / "c.pt", state, step=100)
+    with pytest.raises(tl.UsageError, match="holds a Config"):
+        tl.save_checkpoint(tmp_path / "c.pt", state, config=tl.Config())
+    with pytest.raises(tl.UsageError, match="holds a dict"):
+        tl.save_checkpoint(tmp_path / "c.pt", state, config={"out": Path("runs")})
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_load_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tl.save_checkpoint(tmp_path / "c.pt", tl.TrainState(model, optimizer, L.StepLR(optimizer, 5)))
+    other = mlp(seed=1)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    before = other[0].weight.detach().clone()
+    state = tl.TrainState(other, other_optimizer, L.ExponentialLR(other_optimizer, 0.9))
+    with pytest.raises(tl.UsageError, match="scheduler StepLR, not ExponentialLR"):
+        tl.load_checkpoint(tmp_path / "c.pt", state)
+    assert torch.equal(other[0].weight, before)
+    with pytest.raises(tl.CheckpointError, match="no such checkpoint file"):
+        tl.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_set_epoch_skips_batches_of_a_users_loader_keeping_its_settings():
+    data = TensorDataset(torch.arange(40.0))
+    loader = DataLoader(
+        data, batch_size=4, num_workers=1, persistent_workers=True, prefetch_factor=4
+    )
+    rest = tl.set_epoch(loader, 0, batches=3)
+    assert (rest.persistent_workers, rest.prefetch_factor, rest.num_workers) == (True, 4, 1)
+    assert torch.cat([b[0] for b in rest]).tolist() == list(range(12, 40))
+
+
 def test_train_state_builds_and_updates_its_own_ema():
     model = mlp()
     state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.5), ema_decay=0.99)
@@ -2293,6 +2392,7 @@ def test_launch_local_passes_sigterm_on_and_exits_143_with_a_checkpoint(tmp_path
         "log_every": 5,
     }
     proc = start([sys.executable, str(script), json.dumps(options)], tmp_path)
+    assert proc.stdout.readline().startswith("trainloop: cpu x 2 processes; data synthetic")
     assert proc.stdout.readline().startswith("epoch=1/2 step=5/")  # training has begun
     proc.send_signal(signal.SIGTERM)
     result = finish(proc, tmp_path)

@@ -204,24 +204,18 @@ class TrainState:
     epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # [sum loss x weight, weight]
     epoch_seconds: float = 0.0  # time spent in the current epoch before a resume
     _ema_tensors: tuple = field(default=(), init=False, repr=False)  # see _ema_pairs
-    _lr_lambda: Optional[Callable] = field(default=None, init=False, repr=False)
+    _fast_path: tuple = field(default=(None, None), init=False, repr=False)  # _step_scheduler
 
     def __post_init__(self):
         self.net = self.model if self.net is None else self.net
+        self.model = _unwrap(self.model)  # checkpoints hold the plain module's names
         self.scaler = self.scaler or torch.amp.GradScaler("cpu", enabled=False)
-        if self.ema is not None and not 0 < self.ema_decay < 1:
-            raise UsageError(f"ema_decay={self.ema_decay!r} must be in (0, 1) to keep an EMA")
+        if (self.ema is not None or self.ema_decay) and not 0 < self.ema_decay < 1:
+            raise UsageError(f"ema_decay={self.ema_decay!r} must be in (0, 1), e.g. 0.999")
         if self.ema_decay:
             if self.ema is None:
                 self.ema = copy.deepcopy(self.model).requires_grad_(False)
             self._ema_tensors = _ema_pairs(self.ema, self.model)
-        # A plain LambdaLR with one function for every group can be advanced without its
-        # per-call bookkeeping (see _step_scheduler); anything else gets scheduler.step().
-        lambdas = getattr(self.scheduler, "lr_lambdas", ())
-        plain = type(self.scheduler) is LambdaLR and "step" not in vars(self.scheduler)
-        floats = not any(torch.is_tensor(g["lr"]) for g in self.optimizer.param_groups)
-        if plain and floats and all(f is lambdas[0] for f in lambdas):
-            self._lr_lambda = lambdas[0]
 
     @property
     def eval_model(self) -> nn.Module:
@@ -631,15 +625,13 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
         return loader
     streams = isinstance(getattr(loader, "dataset", None), IterableDataset)
     if isinstance(loader, DataLoader) and sampler is not None and not streams:
-        return DataLoader(  # the seen batches leave the index sampler only: none is loaded
-            loader.dataset,
-            batch_sampler=list(sampler)[batches:],
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            worker_init_fn=loader.worker_init_fn,
-            generator=loader.generator,
+        settings = (
+            "num_workers collate_fn pin_memory timeout worker_init_fn multiprocessing_context"
         )
+        settings += " generator prefetch_factor persistent_workers pin_memory_device in_order"
+        kept = {k: getattr(loader, k) for k in settings.split() if hasattr(loader, k)}
+        # The seen batches leave the index sampler only: none of them is loaded.
+        return DataLoader(loader.dataset, batch_sampler=list(sampler)[batches:], **kept)
     return _SkipBatches(loader, batches)
 
 
@@ -768,15 +760,17 @@ def train_step(
     gradient norm; `channels_last` moves 4-d inputs to that memory format.
     """
     runtime = runtime or Runtime(_device_of(state.model))
+    if weights is not None:
+        weights = weights.tolist() if torch.is_tensor(weights) else list(weights)
+        if len(weights) != len(batches) or min(weights) < 0 or not sum(weights) > 0:
+            raise UsageError(
+                f"train_step needs one weight per micro-batch ({len(batches)}), none negative "
+                f"and a positive total, not weights={weights}"
+            )
     if len(batches) == 1:
         step_loss = _backward(state, batches[0], None, loss_fn, runtime, channels_last)
     else:
         weights = weights or _sizes(batches)[1]
-        if len(weights) != len(batches) or not sum(weights) > 0:
-            raise UsageError(
-                f"train_step needs one weight per micro-batch ({len(batches)}) with a positive "
-                f"total, not {list(weights)}"
-            )
         step_loss = _accumulate(state, batches, weights, loss_fn, runtime, channels_last)
     if clip_grad:
         state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the fp16-scaled one
@@ -787,7 +781,7 @@ def train_step(
     else:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    state.lr = state.optimizer.param_groups[0]["lr"]
+    state.lr = float(state.optimizer.param_groups[0]["lr"])  # a copy even of a tensor LR
     _step_scheduler(state)
     if state._ema_tensors:
         _update_ema(state._ema_tensors, state.ema_decay, state.step)
@@ -824,14 +818,26 @@ def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channe
 def _step_scheduler(state: TrainState) -> None:
     """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
     scheduler = state.scheduler
-    if state._lr_lambda is not None:  # LambdaLR.step() without its per-call checks and
-        scheduler.last_epoch += 1  # wrappers (a few % of a small model's step on a CPU)
-        factor = state._lr_lambda(scheduler.last_epoch)
+    if state._fast_path[0] is not scheduler:  # decided once per scheduler object
+        state._fast_path = (scheduler, _single_lambda(scheduler, state.optimizer))
+    lr_lambda = state._fast_path[1]
+    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers
+        scheduler.last_epoch += 1  # (a few % of a small model's step on a CPU)
+        factor = lr_lambda(scheduler.last_epoch)
         scheduler._last_lr = [base * factor for base in scheduler.base_lrs]
         for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr, strict=True):
             group["lr"] = lr
     elif scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
         scheduler.step()
+
+
+def _single_lambda(scheduler, optimizer) -> Optional[Callable]:
+    """The one function of a plain LambdaLR that serves every group alike, with float LRs
+    (then stepping it is just lr = base x f(step)); None for any other scheduler."""
+    lambdas = getattr(scheduler, "lr_lambdas", [None])
+    plain = type(scheduler) is LambdaLR and "step" not in vars(scheduler)
+    floats = not any(torch.is_tensor(g["lr"]) for g in optimizer.param_groups)
+    return lambdas[0] if plain and floats and all(f is lambdas[0] for f in lambdas) else None
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
@@ -1006,9 +1012,10 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     writes, and all wait at a barrier so none reads a half-written file. The previous file is
     kept as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights.
     """
-    runtime = runtime or Runtime(torch.device("cpu"))
-    finite = torch.stack([p.detach().isfinite().all() for p in state.model.parameters()]).all()
-    if not finite.item():  # sync point: once per save
+    runtime = runtime or Runtime(_device_of(state.model))
+    _check_extra(extra)
+    finite = [p.detach().isfinite().all() for p in state.model.parameters()]
+    if not torch.stack(finite or [torch.tensor(True)]).all().item():  # sync point: once a save
         raise NonFiniteLossError(
             "the weights are no longer finite (NaN or inf); the last good checkpoint was kept. "
             "Lower lr or use clip_grad"
@@ -1036,6 +1043,30 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
 
 def _scheduler_state(scheduler) -> dict:
     return {"type": type(scheduler).__name__, **scheduler.state_dict()}
+
+
+_RESERVED = {"format", "trainloop", "model", "optimizer", "scheduler", "scaler", "ema", "rng"}
+
+
+def _check_extra(extra: dict) -> None:
+    """Extra checkpoint entries must not shadow the state's and must load with weights_only."""
+
+    def plain(value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(map(plain, value))
+        if isinstance(value, dict):
+            return all(plain(k) and plain(v) for k, v in value.items())
+        return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+    for key, value in extra.items():
+        if key in _RESERVED or key in _COUNTERS or key == "world_size":
+            raise UsageError(f"save_checkpoint(..., {key}=...): {key!r} is the state's own entry")
+        if not plain(value):
+            raise UsageError(
+                f"save_checkpoint(..., {key}=...) holds a {type(value).__name__} (or one inside), "
+                "which loading refuses; pass numbers, strings, lists and dicts, e.g. "
+                "dataclasses.asdict(config) with os.fspath(path)"
+            )
 
 
 def _check_archive(path: Path) -> None:
@@ -1070,6 +1101,8 @@ def load_checkpoint(
     fails a checksum or holds anything else. Restoring also sets this process's RNG states.
     """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1088,7 +1121,7 @@ def load_checkpoint(
             "torch.load(path, weights_only=True) instead"
         )
     if state is not None:
-        _restore(state, ckpt, runtime or Runtime(torch.device("cpu")), path)
+        _restore(state, ckpt, runtime or Runtime(_device_of(state.model)), path)
     return ckpt
 
 
@@ -1103,6 +1136,14 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
         raise UsageError(
             f"{path} holds weights only; resume from a last.pt, or evaluate it with eval_only=True"
         )
+    saved = ckpt["scheduler"]
+    kind = type(state.scheduler).__name__ if state.scheduler is not None else None
+    saved_kind = saved.get("type", "LambdaLR") if saved is not None else None  # 0.1: LambdaLR
+    if saved_kind != kind:  # checked before anything of the state changes
+        raise UsageError(
+            f"{path} was trained with scheduler {saved_kind}, not {kind}; pass the same kind "
+            "of scheduler, or start over with resume='none'"
+        )
     try:
         state.model.load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -1111,14 +1152,6 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
             f"{path} does not match this model or optimizer ({_mismatch(e)}); "
             "use resume='none' or another out"
         ) from None
-    saved = ckpt["scheduler"]
-    kind = type(state.scheduler).__name__ if state.scheduler is not None else None
-    saved_kind = saved.get("type", "LambdaLR") if saved is not None else None  # 0.1: LambdaLR
-    if saved_kind != kind:
-        raise UsageError(
-            f"{path} was trained with scheduler {saved_kind}, not {kind}; pass the same kind "
-            "of scheduler, or start over with resume='none'"
-        )
     if state.scheduler is not None:
         state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
     if state.ema is not None:  # an EMA turned on only now starts from the trained weights
@@ -1205,6 +1238,11 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
         raise UsageError(
             "scheduler= must be built on the optimizer given to fit, or be a function "
             "optimizer -> scheduler (which also works with fit's own optimizer)"
+        )
+    elif getattr(scheduler, "total_steps", config.epochs * steps) < config.epochs * steps:
+        raise UsageError(  # OneCycleLR: torch would fail at the step past its end
+            f"the scheduler's total_steps={scheduler.total_steps} is fewer than the run's "
+            f"{config.epochs * steps} optimizer steps ({config.epochs} epochs of {steps})"
         )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema)
@@ -1457,7 +1495,11 @@ def _fault(error, state: TrainState, job: _Job, *, window, seen: int, loader, de
     # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
     # of memory"); the CUDA allocator a torch.OutOfMemoryError.
     oom = isinstance(error, (torch.OutOfMemoryError, MemoryError))
-    if oom or re.search("allocate memory|out of memory", str(error)):
+    if (
+        oom
+        or isinstance(error, RuntimeError)
+        and re.search("allocate memory|out of mem", str(error))
+    ):
         return _out_of_memory(error, state, job)
     tb = error.__traceback__.tb_next
     fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
@@ -1533,9 +1575,11 @@ def _worker_deaths():
         _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
         if callable(signal.getsignal(signal.SIGCHLD)):
             previous = signal.signal(signal.SIGCHLD, note)
-    yield deaths  # leaving by an error, it stays: a death's SIGCHLD may still be on its way
-    if previous is not None:
-        signal.signal(signal.SIGCHLD, previous)
+    try:
+        yield deaths  # _worker_died waits here, inside, for a death's SIGCHLD still on its way
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def _groups(batches, size: int):
@@ -1724,7 +1768,7 @@ def _resume(state: TrainState, job: _Job) -> None:
             )
         _restore(state, ckpt, rt, path)
         _warn_changes(ckpt, job)
-        _apply_config(state, job, elastic=ckpt["world_size"] != rt.world_size)
+        _apply_config(state, job, saved, elastic=ckpt["world_size"] != rt.world_size)
         if saved.get("monitor") != config.monitor:  # a new yardstick: find its best so far
             _rebest(state, config)
         said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
@@ -1757,18 +1801,21 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
         )
 
 
-def _apply_config(state: TrainState, job: _Job, elastic: bool) -> None:
-    """After a restore: this run's settings win over the checkpoint's for trainloop's own
-    optimizer (weight decay, momentum, fused kernels) and own schedule (lr); under an elastic
-    resume the schedule goes on from the same share of training done."""
+def _apply_config(state: TrainState, job: _Job, saved: dict, elastic: bool) -> None:
+    """After a restore, the settings changed since the checkpoint (`saved`) win for trainloop's
+    own optimizer (lr, weight decay, momentum) and schedule; fused kernels are this machine's
+    choice. Under an elastic resume the schedule goes on from the same share of training."""
     config, groups = job.config, state.optimizer.param_groups
+    changed = {k for k in ("lr", "weight_decay", "momentum") if saved.get(k) != getattr(config, k)}
     if all("decay" in g for g in groups):  # built from the config, not the user's own
         for g in groups:
-            g["weight_decay"] = config.weight_decay if g["decay"] else 0.0
-            if "momentum" in g:
+            g["fused"] = state.optimizer.defaults["fused"]
+            if "weight_decay" in changed:
+                g["weight_decay"] = config.weight_decay if g["decay"] else 0.0
+            if "momentum" in changed and "momentum" in g:
                 g["momentum"], g["nesterov"] = config.momentum, config.momentum > 0
-            g["fused"] = state.optimizer.defaults["fused"]  # this machine's choice
-            g["initial_lr"] = config.lr
+            if "lr" in changed and job.own_schedule:
+                g["initial_lr"] = config.lr
     if not job.own_schedule:
         return
     scheduler = state.scheduler
@@ -2592,7 +2639,8 @@ def _build_cli():
 
 def main(argv: Optional[list] = None) -> int:
     """The `trainloop` command. Returns the exit status (2: bad input, 3: bad checkpoint,
-    4: NaN loss, 75: time limit, 128+N: signal N)."""
+    4: NaN loss, 5: a checkpoint not written, 6: a loader worker died, 7: out of memory,
+    75: time limit, 128+N: signal N)."""
     import typer
 
     command = typer.main.get_command(_build_cli())
