@@ -276,6 +276,8 @@ def test_make_loader_resumes_at_any_sample_without_reading_earlier_ones():
     rest = torch.cat([b[0] for b in loader]).tolist()
     assert rest == full[12:]
     assert sorted(reads) == sorted(full[12:])
+    tl.set_epoch(loader, 2, batches=3)  # what a user's loop counts: the same place
+    assert torch.cat([b[0] for b in loader]).tolist() == full[12:]
 
 
 def test_epoch_batches_shard_the_rest_across_any_number_of_processes():

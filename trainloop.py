@@ -611,13 +611,15 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
     """Point `loader` at `epoch` and past what was consumed of it; returns what to iterate.
 
     A make_loader loader reshuffles for `epoch` and starts at sample `seen` of it (all processes
-    together) without reading any sample before. Any other loader gets `set_epoch(epoch)` on its
-    sampler (a DistributedSampler reshuffles) and skips its first `batches` batches: through its
-    sampler when it is a DataLoader over a map-style data set, else by reading and dropping them.
+    together; else after `batches` batches of every process) without reading any sample before.
+    Any other loader gets `set_epoch(epoch)` on its sampler (a DistributedSampler reshuffles)
+    and skips its first `batches` batches: through its sampler when it is a DataLoader over a
+    map-style data set, else by reading and dropping them.
     """
     sampler = getattr(loader, "batch_sampler", None)
     if isinstance(sampler, _EpochBatches):
-        sampler.epoch, sampler.seen = epoch, seen
+        sampler.epoch, sampler.seen = epoch, 0
+        sampler.seen = seen or sampler.seen_after(batches)  # batches: all processes took as many
         return loader
     if hasattr(getattr(loader, "sampler", None), "set_epoch"):
         loader.sampler.set_epoch(epoch)
@@ -1432,6 +1434,11 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     # for a signal or the time limit after every step, several at every log point.
     agree_every = 1 if rt.world_size == 1 else config.log_every
     window, started, counted = _LossWindow(state.step + 1, state.epoch + 1), time.monotonic(), 0
+
+    def position() -> int:  # the epoch's global sample position, read where a save may follow
+        done = state.batches - start_batches
+        return sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
@@ -1461,10 +1468,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                     code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
                 if not (log_now or save_now or code):
                     continue
-                done = state.batches - start_batches  # the position: only where a save may follow
-                state.seen = (
-                    sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
-                )
+                state.seen = position()
                 window.drain(state, rt)
                 if log_now:
                     speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
@@ -1475,14 +1479,12 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                 if code:
                     return code
         except Exception as e:  # around the loop, so no cost per step
-            done = state.batches - start_batches  # the position, should the fault allow a save
-            seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+            seen = position()  # should the fault allow a save
             fault = _fault(e, state, job, window=window, seen=seen, loader=loader, deaths=deaths)
             if fault is None:
                 raise
             raise fault from e
-    if ours:
-        state.seen = sampler.seen_after(state.batches - start_batches)
+    state.seen = position()
     window.drain(state, rt)  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
