@@ -1884,6 +1884,14 @@ def test_set_epoch_skips_batches_of_a_users_loader_keeping_its_settings():
     assert torch.cat([b[0] for b in rest]).tolist() == list(range(12, 40))
 
 
+def test_train_step_refuses_fp16_without_a_loss_scaler():
+    model = mlp()
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    fp16 = tl.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
+    with pytest.raises(tl.UsageError, match="needs a loss scaler"):
+        tl.train_step(state, [blobs(8).tensors], runtime=fp16)
+
+
 def test_train_state_builds_and_updates_its_own_ema():
     model = mlp()
     state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.5), ema_decay=0.99)

@@ -762,6 +762,10 @@ def train_step(
     gradient norm; `channels_last` moves 4-d inputs to that memory format.
     """
     runtime = runtime or Runtime(_device_of(state.model))
+    if runtime.amp_dtype is torch.float16 and not state.scaler.is_enabled():
+        raise UsageError(  # fp16 gradients underflow to zero without loss scaling
+            "fp16 training needs a loss scaler: TrainState(..., scaler=torch.amp.GradScaler())"
+        )
     if weights is not None:
         weights = weights.tolist() if torch.is_tensor(weights) else list(weights)
         if len(weights) != len(batches) or min(weights) < 0 or not sum(weights) > 0:
