@@ -2939,6 +2939,18 @@ def failing_save(monkeypatch, works: int, kind: str):
     monkeypatch.setattr(torch, "save", save)
 
 
+def test_fit_full_disk_while_writing_metrics_is_a_save_error(tmp_path, monkeypatch):
+    import errno
+
+    def full(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(tl, "_prepare_out", lambda config, runtime: tmp_path)
+    with pytest.raises(tl.SaveError, match="metrics.jsonl: no space left on device; .* as it was"):
+        fit_mlp(32, epochs=1, out=tmp_path)
+
+
 @pytest.mark.parametrize(
     "kind,free,why",
     [

@@ -1691,8 +1691,11 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
 def _write_metrics(history: list, out: Path, tensorboard) -> None:
     """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
     tmp = out / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out / "metrics.jsonl")
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        os.replace(tmp, out / "metrics.jsonl")
+    except OSError as e:  # a full disk: the same one line as for a checkpoint
+        raise SaveError(_save_failure(e, out / "metrics.jsonl", keep_previous=False)) from e
     if tensorboard is not None:
         for key, value in history[-1].items():
             if key not in ("epoch", "step"):
