@@ -2452,10 +2452,10 @@ def _eval_path(config: Config) -> Path:
     return path
 
 
-def _as_trained(config: Config) -> Config:
+def _as_trained(config: Config, ckpt: dict) -> Config:
     """For --eval-only: the image size, normalization and weights the checkpoint was trained
     with (its config), where the command line leaves them at their defaults."""
-    saved = load_checkpoint(_eval_path(config)).get("config", {})
+    saved = ckpt.get("config", {})
     names = [k for k in ("image_size", "mean", "std", "weights") if k in saved]
     unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
     return dataclasses.replace(config, **{k: saved[k] for k in unset})
@@ -2476,9 +2476,7 @@ def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -
     return dataclasses.replace(config, image_size=info["image_size"], **norm)
 
 
-def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime) -> int:
-    path = _eval_path(config)
-    ckpt = load_checkpoint(path)
+def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime, path: Path, ckpt: dict):
     try:
         model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     except RuntimeError as e:
@@ -2496,8 +2494,10 @@ def _train_process(config: Config) -> int:
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
-        if config.eval_only:
-            config = _as_trained(config)
+        if config.eval_only:  # read once: it also says how its model was trained
+            path = _eval_path(config)
+            ckpt = load_checkpoint(path)
+            config = _as_trained(config, ckpt)
         train, val, info = load_data(config, rgb=config.model != "smallcnn")
         config = _data_settings(config, info, runtime, (len(train), len(val)))
         torch.manual_seed(config.seed)  # the same initial weights in every process
@@ -2505,7 +2505,7 @@ def _train_process(config: Config) -> int:
         shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
         model = build_model(config.model, weights=weights, **shape)
         if config.eval_only:
-            return _eval_only(model, val, config, runtime)
+            return _eval_only(model, val, config, runtime, path, ckpt)
         fit(model, train, val, config=config, runtime=runtime)
         return 0
     finally:
