@@ -3024,7 +3024,7 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 79.5 * 2**30)
     rt = tl.Runtime(torch.device("cuda", 1), rank=1, world_size=2)
-    job = types.SimpleNamespace(config=tl.Config(batch_size=64), runtime=rt, out=None)
+    job = types.SimpleNamespace(config=tl.Config(batch_size=64), runtime=rt, out=None, last=None)
     state = types.SimpleNamespace(step=4, epoch=0)
     message = str(tl._out_of_memory(torch.OutOfMemoryError(), state, job))
     assert message.startswith(

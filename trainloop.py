@@ -23,10 +23,12 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -142,6 +144,9 @@ class Config:
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
+    shard: bool = _opt(
+        False, "Shard weights, gradients, optimizer state over processes (FSDP2).", M
+    )
     epochs: int = _opt(3, "Passes over the training data.")
     batch_size: int = _opt(64, "Samples per step per process (global: x processes x accumulate).")
     lr: float = _opt(0.05, "Peak learning rate (about 1e-3 suits adamw).")
@@ -802,13 +807,28 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, channels_last):
     """Sum the gradients of several micro-batches as if they were one batch -> the summed loss.
-    Under DDP, gradients are all-reduced on the last micro-batch only."""
+    Under DDP and sharded, gradients are reduced on the last micro-batch only."""
     no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
+    if _is_sharded(state.net):
+        no_sync = functools.partial(_no_sync_sharded, state.net)
     total, losses = sum(weights), []
     for i, (batch, weight) in enumerate(zip(batches, weights)):
         with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
             losses.append(_backward(state, batch, weight / total, loss_fn, runtime, channels_last))
     return sum(losses[1:], start=losses[0])
+
+
+@contextlib.contextmanager
+def _no_sync_sharded(model):
+    """FSDP2's no_sync: gradients stay whole and unreduced on each process, and the weights
+    gathered for backward stay gathered for the next micro-batch."""
+    model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
 
 
 def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channels_last: bool):
@@ -896,13 +916,19 @@ def evaluate(
     rt = runtime or Runtime(_device_of(model))
     was_training = model.training
     model.eval()
-    sums, count = {}, 0
+    sums, count, batch, extra = {}, 0, None, 0
+    if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
+        extra = int(_all_reduce([len(data)], rt, dist.ReduceOp.MAX)[0]) - len(data)
     for batch in data:
         output, loss, target = _forward(model, batch, loss_fn, rt)
         n = _sizes([batch])[0]
         for name, value in _batch_metrics(output, target, loss, metrics or {}).items():
             sums[name] = sums.get(name, 0.0) + value.detach() * n
         count += n
+    if extra and batch is None:
+        raise UsageError("val_data has fewer batches than processes; give it more samples")
+    for _ in range(extra):  # so that this process takes part in the others' last gathers
+        _forward(model, batch, loss_fn, rt)
     model.train(was_training)
     names = sorted(sums)
     if rt.world_size > 1:  # a process that had no batch does not know the metric names
@@ -973,11 +999,7 @@ def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None
         if keep_previous and path.exists():
             os.replace(path, _previous(path))
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # makes the rename itself survive a power cut
-        finally:
-            os.close(fd)
+        _fsync_directory(path.parent)
     except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
         raise SaveError(_save_failure(e, path, keep_previous)) from e
     finally:
@@ -987,8 +1009,6 @@ def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None
 
 def _save_failure(error: Exception, path: Path, keep_previous: bool) -> str:
     """One line on a checkpoint that could not be written: why, what is kept, what to do."""
-    import shutil  # only here, on the way out
-
     # An errno says why; torch's zip writer raises its own error with the OSError as context.
     cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
     free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
@@ -1003,7 +1023,7 @@ def _save_failure(error: Exception, path: Path, keep_previous: bool) -> str:
 
 def _kept(path: Optional[Path]) -> str:
     """Where the last good checkpoint is (a failed save leaves `path` or its previous version)."""
-    path = next((p for p in (path, path and _previous(path)) if p and p.is_file()), None)
+    path = next((p for p in (path, path and _previous(path)) if p and p.exists()), None)
     return f"the last good checkpoint {path} is intact" if path else "there is no checkpoint yet"
 
 
@@ -1016,12 +1036,18 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
 
     With several processes every one must call it (their RNG states are gathered); only rank 0
     writes, and all wait at a barrier so none reads a half-written file. The previous file is
-    kept as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights.
+    kept as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights. A
+    sharded model (FSDP2's fully_shard at its root) is saved as a directory instead, every
+    process writing its own shards (see _save_sharded).
     """
     runtime = runtime or Runtime(_device_of(state.model))
     _check_extra(extra)
-    finite = [p.detach().isfinite().all() for p in state.model.parameters()]
-    if not torch.stack(finite or [torch.tensor(True)]).all().item():  # sync point: once a save
+    sharded = _is_sharded(state.model)
+    finite = [_local(p.detach()).isfinite().all() for p in state.model.parameters()]
+    finite = torch.stack(finite or [torch.tensor(True)]).all().item()  # sync point: once a save
+    if sharded:  # each process checked its own shards
+        finite = _all_reduce([float(finite)], runtime, dist.ReduceOp.MIN)[0]
+    if not finite:
         raise NonFiniteLossError(
             "the weights are no longer finite (NaN or inf); the last good checkpoint was kept. "
             "Lower lr or use clip_grad"
@@ -1030,28 +1056,132 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     if runtime.world_size > 1:
         rng = [None] * runtime.world_size
         dist.all_gather_object(rng, _rng_state(runtime))
-    if runtime.is_main:
-        scheduler = state.scheduler
-        entries = {
+    scheduler = state.scheduler
+    header = {
+        "scheduler": None if scheduler is None else _scheduler_state(scheduler),
+        "scaler": state.scaler.state_dict(),
+        **{k: getattr(state, k) for k in _COUNTERS},
+        "rng": rng,
+        "world_size": runtime.world_size,
+        **extra,
+    }
+    if sharded:
+        _save_sharded(Path(path), state, header, runtime)
+    elif runtime.is_main:
+        tensors = {
             "model": state.model.state_dict(),
             "optimizer": state.optimizer.state_dict(),
-            "scheduler": None if scheduler is None else _scheduler_state(scheduler),
-            "scaler": state.scaler.state_dict(),
             "ema": state.ema.state_dict() if state.ema is not None else None,
-            **{k: getattr(state, k) for k in _COUNTERS},
-            "rng": rng,
-            "world_size": runtime.world_size,
-            **extra,
         }
-        _atomic_save(entries, Path(path), keep_previous=True)
+        _atomic_save({**tensors, **header}, Path(path), keep_previous=True)
     _barrier(runtime)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether fully_shard (FSDP2) was applied to `model` itself."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not even imported: nothing is sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor, sharing its memory; else `tensor`."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime) -> None:
+    """Write the directory `path`: model, optimizer and EMA as torch.distributed.checkpoint
+    shards (each process writes its own), `header` as trainloop.pt, and checksums.json, the CRC-32
+    of every file, last. It is written as .<name>.tmp and swapped in when complete (_swap_in)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    # Buffers (BatchNorm statistics) are not sharded and drift apart between processes; all
+    # take rank 0's, which the checkpoint holds, so a resumed run goes on as an unbroken one.
+    for buffer in state.model.buffers() if runtime.world_size > 1 else ():
+        dist.broadcast(buffer, 0)
+    tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
+    if state.ema is not None:
+        tensors["ema"] = get_model_state_dict(state.ema)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+            tmp.mkdir()
+            _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt")
+        _barrier(runtime)
+        dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
+        mine = _checksums(tmp, runtime.rank, runtime.world_size)
+        sums = [mine]
+        if runtime.world_size > 1:
+            sums = [None] * runtime.world_size
+            dist.all_gather_object(sums, mine)
+        if runtime.is_main:
+            crcs = {name: crc for share in sums for name, crc in sorted(share.items())}
+            _write_synced(tmp / "checksums.json", json.dumps(crcs, indent=0))
+            _swap_in(tmp, path)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        raise SaveError(_save_failure(e, path, keep_previous=True)) from e
+
+
+def _checksums(directory: Path, rank: int, world: int) -> dict:
+    """{file name: CRC-32} of this process's share of the files in `directory`."""
+    names = sorted(p.name for p in directory.iterdir() if p.name != "checksums.json")
+    return {name: _crc32(directory / name) for name in names[rank::world]}
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Move the complete directory `new` to `path`, the old one to <name>.prev: at every
+    instant `path` or its previous version is a complete checkpoint."""
+    prev, old = _previous(path), path.with_name(f".{path.name}.prev.tmp")
+    if prev.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(prev, old)
+    if path.exists():
+        os.replace(path, prev)
+    os.replace(new, path)
+    _fsync_directory(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes renames in it survive a power cut
+    finally:
+        os.close(fd)
 
 
 def _scheduler_state(scheduler) -> dict:
     return {"type": type(scheduler).__name__, **scheduler.state_dict()}
 
 
-_RESERVED = {"format", "trainloop", "model", "optimizer", "scheduler", "scaler", "ema", "rng"}
+_RESERVED = {
+    "format",
+    "trainloop",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "ema",
+    "rng",
+    "sharded",
+}
 
 
 def _check_extra(extra: dict) -> None:
@@ -1105,10 +1235,24 @@ def load_checkpoint(
     Never runs code from the file: only tensors and plain Python values load
     (weights_only=True). Raises CheckpointError naming the file when it is corrupt, truncated,
     fails a checksum or holds anything else. Restoring also sets this process's RNG states.
+    A sharded checkpoint (a directory) restores into a sharded or a plain model on any number
+    of processes, and a file into either; with several processes every one must call it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    runtime = runtime or Runtime(_device_of(state.model) if state else torch.device("cpu"))
+    if path.is_dir():
+        _check_directory(path, runtime)
+        ckpt = _read_checkpoint(path / "trainloop.pt")
+    elif path.is_file():
+        ckpt = _read_checkpoint(path)
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if state is not None:
+        _restore(state, ckpt, runtime, path)
+    return ckpt
+
+
+def _read_checkpoint(path: Path) -> dict:
     _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1126,9 +1270,47 @@ def load_checkpoint(
             f"{path} is not a trainloop checkpoint; load its weights with "
             "torch.load(path, weights_only=True) instead"
         )
-    if state is not None:
-        _restore(state, ckpt, runtime or Runtime(_device_of(state.model)), path)
     return ckpt
+
+
+def _check_directory(path: Path, runtime: Runtime) -> None:
+    """Refuse a sharded checkpoint with a missing or damaged file (each process checks a share
+    of them) and one whose .metadata, which torch.distributed.checkpoint unpickles, would build
+    anything but its own records."""
+    try:
+        crcs = json.loads((path / "checksums.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is incomplete (no readable checksums.json: {_first_line(e)}); resume from "
+            "another checkpoint"
+        ) from None
+    names = sorted(crcs)[runtime.rank :: runtime.world_size]
+    bad = [n for n in names if not (path / n).is_file() or _crc32(path / n) != crcs[n]]
+    if runtime.world_size > 1:
+        everyone = [None] * runtime.world_size
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(n for share in everyone for n in share)
+    if bad:
+        raise CheckpointError(f"{path} is corrupt: {bad[0]} is missing or fails its checksum")
+    try:
+        with open(path / ".metadata", "rb") as f:
+            _CheckpointRecords(f).load()
+    except Exception as e:  # untrusted input: any failure is a refusal
+        raise CheckpointError(f"{path} refused: its .metadata {_first_line(e)}") from None
+
+
+class _CheckpointRecords(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's metadata and nothing else: its own classes,
+    torch dtypes, sizes and layouts, and paths."""
+
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name)
+        own = module.startswith("torch.distributed.checkpoint.") and isinstance(found, type)
+        torch_values = found in (torch.Size, torch.serialization._get_layout)
+        path = isinstance(found, type) and issubclass(found, os.PathLike)
+        if own or torch_values or path or isinstance(found, torch.dtype):
+            return found
+        raise pickle.UnpicklingError(f"holds {module}.{name}, which could run code")
 
 
 def _mismatch(error: Exception) -> str:
@@ -1138,7 +1320,7 @@ def _mismatch(error: Exception) -> str:
 
 
 def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> None:
-    if "optimizer" not in ckpt:
+    if "optimizer" not in ckpt and "optimizer" not in ckpt.get("sharded", ()):
         raise UsageError(
             f"{path} holds weights only; resume from a last.pt, or evaluate it with eval_only=True"
         )
@@ -1151,8 +1333,15 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
             "of scheduler, or start over with resume='none'"
         )
     try:
-        state.model.load_state_dict(ckpt["model"])
-        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if path.is_dir():
+            _load_shards(state, ckpt["sharded"], path)
+        elif _is_sharded(state.model):
+            _load_whole(state, ckpt)
+        else:
+            state.model.load_state_dict(ckpt["model"])
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            if state.ema is not None:  # an EMA turned on only now starts from the weights
+                state.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(
             f"{path} does not match this model or optimizer ({_mismatch(e)}); "
@@ -1160,17 +1349,80 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
         ) from None
     if state.scheduler is not None:
         state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
-    if state.ema is not None:  # an EMA turned on only now starts from the trained weights
-        state.ema.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
     if ckpt["scaler"]:
         state.scaler.load_state_dict(ckpt["scaler"])
     for key in _COUNTERS:
         setattr(state, key, ckpt[key])
+    if state.ema is not None:  # a sharded model's tensors may have been replaced
+        state._ema_tensors = _ema_pairs(state.ema, state.model)
     if ckpt["world_size"] == runtime.world_size:
         _set_rng_state(ckpt["rng"][runtime.rank], runtime)
     else:  # elastic resume: old per-process streams do not map onto new processes
         seed = ckpt.get("config", {}).get("seed", 0)
         _seed_everything(_mix_seed(seed, state.step), runtime.rank)
+
+
+def _load_shards(state: TrainState, parts: list, path: Path) -> None:
+    """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
+    reads the pieces of each tensor that this process holds, however it was sharded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    model, optimizer = sd.get_state_dict(state.model, state.optimizer)
+    dcp.load({"model": model, "optimizer": optimizer}, checkpoint_id=path)
+    sd.set_state_dict(
+        state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
+    )
+    if state.ema is not None:  # an EMA turned on only now starts from the weights
+        ema = sd.get_model_state_dict(state.ema)
+        dcp.load({"ema" if "ema" in parts else "model": ema}, checkpoint_id=path)
+        sd.set_model_state_dict(state.ema, ema)
+
+
+def _load_whole(state: TrainState, ckpt: dict) -> None:
+    """Fill a sharded state from a checkpoint file of the whole model: each process keeps its
+    shards of the full tensors. The optimizer state is keyed by parameter names for that."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    whole = sd.StateDictOptions(full_state_dict=True)
+    names = {p: name for name, p in state.model.named_parameters()}
+    saved, by_name, groups = ckpt["optimizer"], {}, []
+    for saved_group, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
+        params = [names[p] for p in group["params"]]
+        for index, name in zip(saved_group["params"], params, strict=True):
+            if index in saved["state"]:
+                by_name[name] = saved["state"][index]
+        groups.append({**saved_group, "params": params})
+    optimizer = {"state": by_name, "param_groups": groups}
+    sd.set_model_state_dict(state.model, ckpt["model"], options=whole)
+    sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=whole)
+    if state.ema is not None:
+        sd.set_model_state_dict(state.ema, ckpt["ema"] or ckpt["model"], options=whole)
+
+
+def _weights(model: nn.Module) -> dict:
+    """The whole model's state_dict on the CPU, gathered from its shards to rank 0 when it is
+    sharded (every process must call it; the others get {})."""
+    if not _is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint import state_dict as sd
+
+    whole = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return sd.get_model_state_dict(model, options=whole)
+
+
+def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
+    """Load the weights to evaluate (the EMA if there is one) from either kind of checkpoint
+    into a plain `model`."""
+    name = "ema" if ckpt.get("ema") is not None or "ema" in ckpt.get("sharded", ()) else "model"
+    if not path.is_dir():
+        model.load_state_dict(ckpt[name])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    weights = model.state_dict()
+    dcp.load({name: weights}, checkpoint_id=path)
+    model.load_state_dict(weights)
 
 
 # ---- fit -------------------------------------------------------------------------------------
@@ -1216,7 +1468,7 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     # updates them all in one call, about twice as fast. GPUs keep torch's default (foreach),
     # which fused does not always beat.
     on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
-    fused = True if on_cpu and not sparse else None
+    fused = True if on_cpu and not sparse and not config.shard else None  # none for shards
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
     momentum = config.momentum
@@ -1225,7 +1477,7 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     )
 
 
-def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, steps: int):
+def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, steps: int, ema=None):
     """The TrainState fit starts from; `steps` is the number of optimizer steps per epoch."""
     optimizer = optimizer or _make_optimizer(model, config)
     if callable(scheduler):  # a function optimizer -> scheduler
@@ -1251,25 +1503,68 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
             f"{config.epochs * steps} optimizer steps ({config.epochs} epochs of {steps})"
         )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema)
+    return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema, ema=ema)
 
 
 def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
-    """What the training step calls: DDP across processes, then torch.compile if asked."""
+    """What the training step calls: DDP across processes, then torch.compile if asked. A
+    sharded model is called as it is (_shard compiled its blocks)."""
+    if _is_sharded(model):
+        return model
     net = model
     if runtime.world_size > 1:
-        if config.sync_bn and runtime.device.type != "cuda":
-            raise UsageError(
-                "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
-                "drop it for CPU processes"
-            )
         if config.sync_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # shares model's parameters
+            net = _sync_bn(net, runtime)  # shares model's parameters
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
     if config.compile:
         net = torch.compile(net)
     return net
+
+
+def _sync_bn(model: nn.Module, runtime: Runtime) -> nn.Module:
+    if runtime.device.type != "cuda":
+        raise UsageError(
+            "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
+            "drop it for CPU processes"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
+    """(model, EMA or None), sharded with FSDP2 over all processes: each block (instances of
+    the classes `blocks`, else the direct children that hold parameters), then the root.
+    Parameters, gradients and optimizer state then take about 1/N of the memory per process;
+    a block's whole weights exist only while it computes. Autocast's dtype is also the
+    weights' compute dtype; gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if config.sync_bn and runtime.world_size > 1:
+        model = _sync_bn(model, runtime)
+    ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None  # FSDP cannot copy
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=runtime.amp_dtype, reduce_dtype=torch.float32)
+    for module, compile_blocks in ((model, config.compile), (ema, False)):
+        for block in _blocks(module, blocks) if module is not None else ():
+            if compile_blocks:
+                block.compile()  # in place: the checkpoint's names stay plain
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        if module is not None:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    return model, ema
+
+
+def _blocks(model: nn.Module, types) -> list:
+    """The modules to shard one by one, innermost first."""
+    if types:
+        found = [m for m in model.modules() if isinstance(m, tuple(types)) and m is not model]
+        return found[::-1]
+    while True:  # go down through wrappers: a module whose parameters all sit in one child
+        holders = [c for c in model.children() if next(c.parameters(), None) is not None]
+        if len(holders) != 1 or next(model.parameters(recurse=False), None) is not None:
+            return holders
+        model = holders[0]
 
 
 @dataclass(frozen=True)
@@ -1380,6 +1675,11 @@ class _Job:
     train_size: int  # samples in the training set (0: unknown)
     steps_per_epoch: int
     own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
+
+    @property
+    def last(self) -> Optional[Path]:
+        """Where the training checkpoint goes: a directory of shards when sharded."""
+        return self.out and self.out / ("last" if self.config.shard else "last.pt")
 
 
 @dataclass
@@ -1525,7 +1825,7 @@ def _fault(error, state: TrainState, job: _Job, *, window, seen: int, loader, de
 
 def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
     """One line: the step, the batch size, the device's memory, and what uses less of it."""
-    config, device, last = job.config, job.runtime.device, job.out and job.out / "last.pt"
+    config, device, last = job.config, job.runtime.device, job.last
     memory = ""
     if device.type == "cuda":  # the allocator's own counters: no sync
         total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
@@ -1541,7 +1841,7 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
 
 def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
     """One line: which worker, how it died, what was saved, and what to do."""
-    config, last = job.config, job.out and job.out / "last.pt"
+    config, last = job.config, job.last
     deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
     while not deaths and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -1614,7 +1914,7 @@ def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
         save_checkpoint(
-            job.out / "last.pt",
+            job.last,
             state,
             runtime=job.runtime,
             config=config,
@@ -1625,7 +1925,7 @@ def _save(state: TrainState, job: _Job) -> None:
 def _say_stopped(code: int, state: TrainState, job: _Job) -> None:
     why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
     why = why or f"{signal.Signals(code - 128).name} received"
-    where = f"; checkpoint {job.out / 'last.pt'}" if job.out else ""
+    where = f"; checkpoint {job.last}" if job.out else ""
     job.console.write(
         f"stopped: {why} at step {state.step} (epoch {state.epoch + 1}){where}; "
         f"run the same command again to continue (exit status {code})"
@@ -1675,11 +1975,11 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     state.epoch, state.seen, state.batches = state.epoch + 1, 0, 0
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
     # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
+    weights = _weights(state.eval_model) if improved and job.out is not None else None
     if job.out is not None and job.runtime.is_main:
         if improved:  # best.pt: the weights to deploy, without training state
             record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
-            config_dict = dataclasses.asdict(config)
-            best = {"model": state.eval_model.state_dict(), **record, "config": config_dict}
+            best = {"model": weights, **record, "config": dataclasses.asdict(config)}
             _atomic_save(best, job.out / "best.pt")
         _write_metrics(state.history, job.out, tensorboard)
     _save(state, job)
@@ -1723,8 +2023,8 @@ def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
             raise UsageError(f"out={config.out!r} is a file; pick a directory for the run")
         try:
             out.mkdir(parents=True, exist_ok=True)
-            for tmp in out.glob(".*.tmp"):
-                tmp.unlink()
+            for tmp in out.glob(".*.tmp"):  # a file, or a directory of shards
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
             record = dict(dataclasses.asdict(config), world_size=runtime.world_size)
             record["trainloop"] = __version__
             (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -1744,7 +2044,7 @@ _NOT_TRAJECTORY = set(
 
 
 def _resume_file(config: Config) -> Path:
-    if not Path(config.resume).is_file():
+    if not Path(config.resume).exists():
         raise UsageError(
             f"resume={config.resume!r}: no such file; use resume='auto', resume='none' or an "
             "existing checkpoint"
@@ -1756,13 +2056,14 @@ def _resume(state: TrainState, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
     config, rt = job.config, job.runtime
     candidates = [_resume_file(config)] if config.resume not in ("auto", "none") else []
-    if config.resume == "auto" and job.out is not None:
-        last = job.out / "last.pt"
-        candidates = [p for p in (last, _previous(last)) if p.is_file()]
+    if config.resume == "auto" and job.out is not None:  # either kind: the newest first
+        last = [job.out / "last.pt", job.out / "last"]
+        found = [p for p in last + [_previous(p) for p in last] if p.exists()]
+        candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     corrupt = []
     for i, path in enumerate(candidates):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, runtime=rt)
         except CheckpointError as e:
             if i + 1 == len(candidates) or config.resume != "auto":
                 raise
@@ -1894,6 +2195,7 @@ def fit(
     metrics: Optional[dict] = None,
     optimizer=None,
     scheduler=None,
+    shard_blocks=None,
     log: Optional[Callable] = None,
     runtime: Optional[Runtime] = None,
     **overrides,
@@ -1908,6 +2210,9 @@ def fit(
     scheduler: a torch LR scheduler on that optimizer, or a function optimizer -> scheduler;
     it replaces config.schedule and warmup, and is stepped after every optimizer step (a
     ReduceLROnPlateau after each evaluation, with the monitored metric).
+    shard=True shards the model over the processes with FSDP2 (fit builds the optimizer after
+    sharding, so give its name): each module of the classes `shard_blocks` (default: each child
+    that holds parameters) separately, then the whole. Checkpoints become directories.
     Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
     Seeds Python, NumPy and torch from config.seed unless it resumes. Under torchrun it joins
     the process group. Raises Stopped (a SystemExit) after checkpointing on a signal or the
@@ -1935,6 +2240,11 @@ def fit(
         _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
         if loss_fn is F.cross_entropy and config.label_smoothing:
             loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+        if config.shard and optimizer is not None:
+            raise UsageError(
+                "shard=True builds the optimizer after sharding the model; pass its name "
+                "(optimizer='sgd' or 'adamw') instead of an Optimizer"
+            )
         model = _unwrap(model).to(rt.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -1943,13 +2253,30 @@ def fit(
         val = _as_loader(val_data, config, rt, False, console)
         size = _check_data(train_data, train, val_data)
         steps = math.ceil(len(train) / config.accumulate)
-        state = _new_state(model, config, rt, optimizer, scheduler, steps)
-        out = _prepare_out(config, rt)
-        job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, scheduler is None)
-        return _train(state, train, val, job)
+        with _group_of_one(config.shard, rt):
+            model, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
+            state = _new_state(model, config, rt, optimizer, scheduler, steps, ema)
+            out = _prepare_out(config, rt)
+            own = scheduler is None
+            job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
+            return _train(state, train, val, job)
     finally:
         if runtime is None:
             teardown(rt)
+
+
+@contextlib.contextmanager
+def _group_of_one(needed: bool, runtime: Runtime):
+    """A process group of this process alone, when sharding needs one and there is none."""
+    if not needed or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _train(state: TrainState, train, val, job: _Job) -> list:
@@ -2000,7 +2327,7 @@ def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
         text += f"{job.config.patience} epochs)"
     if job.out is not None:
         text += (
-            f"; weights {job.out / 'best.pt'}, checkpoint {job.out / 'last.pt'}, "
+            f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
             f"metrics {job.out / 'metrics.jsonl'}"
         )
     job.console.write(text)
