@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -1976,6 +1977,7 @@ WORKER = textwrap.dedent("""
     n, n_val = opts.pop("n", 96), opts.pop("n_val", 0)
     fault, record = opts.pop("fault", None), opts.pop("record", None)
     batch_norm, own_runtime = opts.pop("batch_norm", False), opts.pop("own_runtime", False)
+    width = opts.pop("width", 16)
     if opts.pop("cwd_per_rank", False):  # a file written by rank r lands under rank<r>/
         Path(f"rank{rank}").mkdir(exist_ok=True)
         os.chdir(f"rank{rank}")
@@ -1983,8 +1985,8 @@ WORKER = textwrap.dedent("""
     train = TensorDataset(torch.randn(n, 8, generator=g), torch.arange(n))
     val = TensorDataset(torch.randn(n_val, 8, generator=g), torch.arange(n_val)) if n_val else None
     torch.manual_seed(0)
-    norm = [nn.BatchNorm1d(16)] if batch_norm else []
-    model = nn.Sequential(nn.Linear(8, 16), *norm, nn.Tanh(), nn.Linear(16, 1))
+    norm = [nn.BatchNorm1d(width)] if batch_norm else []
+    model = nn.Sequential(nn.Linear(8, width), *norm, nn.Tanh(), nn.Linear(width, 1))
     steps = 0
 
     def note(kind, index):
@@ -3148,3 +3150,229 @@ def test_torchrun_killed_loader_worker_names_the_rank_and_the_rerun_continues(tm
     resumed = run_worker_after(KILLS_A_WORKER, tmp_path, dict(opts, out="run", kill_at=100))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "run" / "last.pt")
+
+
+# ---- sharded training: FSDP2 and torch.distributed.checkpoint (issue 16) --------------------
+
+
+def sharded_tensors(path: Path, model: nn.Module, **settings) -> dict:
+    """Every tensor of model, optimizer and EMA of a checkpoint (a directory of shards or a
+    file), restored into a plain, unsharded state built like fit's."""
+    state = tl._new_state(model, tl.Config(**settings), CPU, None, None, 1)
+    tl.load_checkpoint(path, state)
+    ema = state.ema.state_dict() if state.ema is not None else None
+    parts = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    return state_tensors({**parts, "ema": ema})
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+def test_fit_shard_on_one_process_writes_a_checksummed_directory(tmp_path):
+    history = fit_mlp(n=96, val=blobs(32, seed=1), epochs=2, shard=True, out=tmp_path, ema=0.9)
+    last = tmp_path / "last"
+    assert sorted(p.name for p in last.iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "checksums.json",
+        "trainloop.pt",
+    ]
+    crcs = json.loads((last / "checksums.json").read_text())
+    assert sorted(crcs) == [".metadata", "__0_0.distcp", "trainloop.pt"]
+    assert (tmp_path / "last.prev").is_dir()  # the first epoch's, kept
+    assert not list(tmp_path.glob(".*.tmp"))
+    ckpt = tl.load_checkpoint(last)
+    assert ckpt["sharded"] == ["ema", "model", "optimizer"] and ckpt["epoch"] == 2
+    assert ckpt["history"] == history
+
+
+def test_fit_shard_on_one_process_trains_as_the_plain_model(tmp_path):
+    plain = fit_mlp(n=96, val=blobs(32, seed=1), epochs=2)
+    sharded = fit_mlp(n=96, val=blobs(32, seed=1), epochs=2, shard=True)
+    for a, b in zip(plain, sharded):  # fused vs foreach kernels: equal to rounding
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_acc"] == b["val_acc"]
+
+
+def test_best_pt_of_a_sharded_run_loads_into_the_plain_model(tmp_path):
+    fit_mlp(n=96, val=blobs(32, seed=1), epochs=1, shard=True, out=tmp_path)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    model = mlp()
+    model.load_state_dict(best["model"])  # plain names and whole tensors
+    assert_same_tensors(
+        state_tensors({"model": model.state_dict()}),
+        {k: v for k, v in sharded_tensors(tmp_path / "last", mlp()).items() if "model" in k},
+    )
+
+
+def test_fit_shard_two_plus_two_epochs_equal_four_bit_for_bit(tmp_path):
+    settings = dict(n=96, val=blobs(32, seed=1), shard=True, ema=0.9, accumulate=2)
+    settings.update(schedule="constant")  # the cosine's length would follow `epochs`
+    fit_mlp(epochs=4, out=tmp_path / "straight", **settings)
+    fit_mlp(epochs=2, out=tmp_path / "resumed", **settings)
+    fit_mlp(epochs=4, out=tmp_path / "resumed", **settings)
+    a = sharded_tensors(tmp_path / "straight" / "last", mlp(), ema=0.9)
+    b = sharded_tensors(tmp_path / "resumed" / "last", mlp(), ema=0.9)
+    assert_same_tensors(a, b)
+
+
+def test_a_file_checkpoint_resumes_a_sharded_run_and_a_directory_a_plain_one(tmp_path):
+    constant = dict(n=96, schedule="constant")
+    fit_mlp(epochs=4, out=tmp_path / "straight", **constant)
+    fit_mlp(epochs=2, out=tmp_path / "a", **constant)
+    fit_mlp(epochs=3, out=tmp_path / "a", shard=True, **constant)  # last.pt -> last/
+    assert (tmp_path / "a" / "last").is_dir()
+    history = fit_mlp(epochs=4, out=tmp_path / "a", **constant)  # last/ (newer) -> last.pt
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    a = state_tensors(torch.load(tmp_path / "straight" / "last.pt", weights_only=True))
+    b = state_tensors(torch.load(tmp_path / "a" / "last.pt", weights_only=True))
+    assert a.keys() == b.keys()
+    for key in a:  # foreach (sharded) and fused (plain) kernels round differently
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_damaged_shard_is_reported_and_the_previous_directory_resumes(tmp_path):
+    fit_mlp(n=96, epochs=2, out=tmp_path, shard=True)
+    shard = tmp_path / "last" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(tl.CheckpointError, match="__0_0.distcp is missing or fails its checksum"):
+        tl.load_checkpoint(tmp_path / "last")
+    lines = []
+    history = fit_mlp(n=96, epochs=3, out=tmp_path, shard=True, log=lines.append)
+    assert any("fails its checksum; falling back to" in line for line in lines)
+    assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 2 redone from epoch 1's
+    assert (tmp_path / "last.corrupt").is_dir()
+
+
+def test_an_incomplete_sharded_checkpoint_is_reported(tmp_path):
+    fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
+    (tmp_path / "last" / "checksums.json").unlink()
+    with pytest.raises(tl.CheckpointError, match="is incomplete"):
+        tl.load_checkpoint(tmp_path / "last")
+
+
+def test_a_sharded_checkpoint_whose_metadata_could_run_code_is_refused(tmp_path):
+    fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
+    last = tmp_path / "last"
+    (last / ".metadata").write_bytes(pickle.dumps(print))  # a global outside DCP's records
+    crcs = json.loads((last / "checksums.json").read_text())
+    crcs[".metadata"] = tl._crc32(last / ".metadata")
+    (last / "checksums.json").write_text(json.dumps(crcs))
+    with pytest.raises(tl.CheckpointError, match="refused: its .metadata holds builtins.print"):
+        tl.load_checkpoint(last)
+
+
+def test_fit_shard_refuses_an_optimizer_object():
+    model = mlp()
+    with pytest.raises(tl.UsageError, match="pass its name"):
+        tl.fit(model, blobs(), shard=True, optimizer=torch.optim.SGD(model.parameters(), 0.1))
+
+
+def test_shard_blocks_names_the_modules_sharded_one_by_one():
+    model = nn.Sequential(tl._Normalize([0.5], [0.25]), mlp())
+    assert tl._blocks(model, None) == [model[1][0], model[1][2]]  # through the wrapper
+    blocks = tl._blocks(model, [nn.Linear])
+    assert blocks == [model[1][2], model[1][0]]  # innermost first
+
+
+SHARDED = dict(ELASTIC, shard=True, ema=0.9, epochs=2, batch_norm=True)
+
+
+@pytest.fixture(scope="module")
+def sharded_kill(tmp_path_factory):
+    """2 sharded processes: an unbroken run, and one whose rank 0 is SIGKILLed at step 10 (last
+    checkpoint: step 8), then rerun on 2."""
+    tmp_path = tmp_path_factory.mktemp("sharded_kill")
+    wide = dict(SHARDED, width=16384, lr=2e-5)  # shards large beside the files' own overhead
+    reference = run_worker(tmp_path, dict(wide, out="ref"))
+    started = time.monotonic()
+    killed = run_worker(tmp_path, dict(wide, fault=[0, 10, "kill"]))
+    elapsed = time.monotonic() - started
+    resumed = run_worker(tmp_path, wide)
+    return reference, killed, elapsed, resumed, tmp_path
+
+
+def worker_model(width=16):
+    return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.Tanh(), nn.Linear(width, 1))
+
+
+@pytest.mark.slow
+def test_sharded_run_killed_and_rerun_is_bit_identical(sharded_kill):
+    reference, killed, _, resumed, tmp_path = sharded_kill
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = sharded_tensors(tmp_path / "ref" / "last", worker_model(16384), ema=0.9)
+    b = sharded_tensors(tmp_path / "run" / "last", worker_model(16384), ema=0.9)
+    assert any(k.startswith("ema/") for k in a) and any("momentum" in k for k in a)
+    assert_same_tensors(a, b)
+    ref, run = (tl.load_checkpoint(tmp_path / d / "last") for d in ("ref", "run"))
+    assert history_of(ref) == history_of(run)
+
+
+def history_of(ckpt: dict) -> list:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in ckpt["history"]]
+
+
+@pytest.mark.slow
+def test_sharded_run_killed_rank_ends_the_job_quickly(sharded_kill):
+    _, killed, elapsed, _, tmp_path = sharded_kill
+    assert killed.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after rank 0 was killed"
+    assert processes_of(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_holds_a_shard_of_about_half_per_process(sharded_kill):
+    _, _, _, _, tmp_path = sharded_kill
+    sizes = [(tmp_path / "ref" / "last" / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
+    assert max(sizes) / min(sizes) < 1.15, sizes
+    whole = (tmp_path / "ref" / "best.pt").stat().st_size  # the model alone, unsharded
+    assert 2.5 * whole < sum(sizes) < 3.5 * whole  # model, momentum and EMA, each split in 2
+    best = torch.load(tmp_path / "ref" / "best.pt", weights_only=True)
+    worker_model(16384).load_state_dict(best["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_sharded_elastic_resume_sees_each_sample_of_the_epoch_once(tmp_path, first, then):
+    opts = dict(SHARDED, epochs=1, batch_norm=False)  # 101 - 64 samples leave a batch of 1
+    killed = run_worker(tmp_path, dict(opts, record="killed", fault=[0, 10, "kill"]), first)
+    assert killed.returncode != 0
+    resumed = run_worker(tmp_path, dict(opts, record="resumed"), nproc=then)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"world_size {first} -> {then} (elastic resume" in resumed.stdout
+    before, after = recorded(tmp_path, "killed"), recorded(tmp_path, "resumed")
+    kept = [i for rows in before.values() for step, idx in rows if step <= 8 for i in idx]
+    again = [i for rows in after.values() for _, idx in rows for i in idx]
+    assert len(kept) == 8 * 4 * first  # trained on before the step-8 checkpoint
+    seen = Counter(kept + again)
+    assert set(seen.values()) == {1}  # none twice
+    assert len(seen) >= 101 - (then - 1)  # at most the odd tail sample left out
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last")
+    assert ckpt["epoch"] == 1 and ckpt["world_size"] == then
+
+
+@pytest.mark.slow
+def test_sharded_two_processes_train_as_ddp_clipping_the_global_norm(tmp_path):
+    opts = dict(n=96, n_val=32, epochs=2, batch_size=4, accumulate=2, clip_grad=0.05, quiet=True)
+    ddp = run_worker(tmp_path, dict(opts, out="ddp"))
+    sharded = run_worker(tmp_path, dict(opts, out="sharded", shard=True))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a = sharded_tensors(tmp_path / "ddp" / "last.pt", worker_model_plain())
+    b = sharded_tensors(tmp_path / "sharded" / "last", worker_model_plain())
+    assert a.keys() == b.keys()
+    for key in a:  # the same sums in another order: equal to rounding
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    rows = [read_rows(tmp_path / d / "metrics.jsonl")[-1] for d in ("ddp", "sharded")]
+    assert rows[0]["val_loss"] == pytest.approx(rows[1]["val_loss"], rel=1e-4)
+
+
+def worker_model_plain():
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))

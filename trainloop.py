@@ -872,8 +872,10 @@ def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
     ema_state, live_state = ema.state_dict(), model.state_dict()
     floats = [k for k, v in ema_state.items() if v.is_floating_point()]
     others = [k for k, v in ema_state.items() if not v.is_floating_point()]
-    return tuple(
-        [state[k] for k in keys] for keys in (floats, others) for state in (ema_state, live_state)
+    return tuple(  # a sharded model's own shards, which share memory with it
+        [_local(state[k]) for k in keys]
+        for keys in (floats, others)
+        for state in (ema_state, live_state)
     )
 
 
@@ -1369,13 +1371,14 @@ def _load_shards(state: TrainState, parts: list, path: Path) -> None:
     from torch.distributed.checkpoint import state_dict as sd
 
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
-    dcp.load({"model": model, "optimizer": optimizer}, checkpoint_id=path)
+    alone = not dist.is_initialized()
+    dcp.load({"model": model, "optimizer": optimizer}, checkpoint_id=path, no_dist=alone)
     sd.set_state_dict(
         state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
     )
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
-        dcp.load({"ema" if "ema" in parts else "model": ema}, checkpoint_id=path)
+        dcp.load({"ema" if "ema" in parts else "model": ema}, checkpoint_id=path, no_dist=alone)
         sd.set_model_state_dict(state.ema, ema)
 
 
@@ -1421,7 +1424,7 @@ def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     weights = model.state_dict()
-    dcp.load({name: weights}, checkpoint_id=path)
+    dcp.load({name: weights}, checkpoint_id=path, no_dist=not dist.is_initialized())
     model.load_state_dict(weights)
 
 
