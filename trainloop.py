@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ class Config:
     out: str = _opt(
         "", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R, metavar="DIR"
     )
-    resume: str = _opt("auto", "auto (OUT/last.pt if there) | none | PATH.", R, metavar="PATH")
+    resume: str = _opt("auto", "auto (OUT/last.pt or last/) | none | PATH.", R, metavar="PATH")
     save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).", R)
     log_every: int = _opt(50, "Log (and, with several processes, agree to stop) every N steps.", R)
     patience: int = _opt(0, "Stop after N epochs without a better --monitor (0 = off).", R)
@@ -1100,8 +1101,9 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
 
     # Buffers (BatchNorm statistics) are not sharded and drift apart between processes; all
     # take rank 0's, which the checkpoint holds, so a resumed run goes on as an unbroken one.
-    for buffer in state.model.buffers() if runtime.world_size > 1 else ():
-        dist.broadcast(buffer, 0)
+    for module in (state.model, state.ema) if runtime.world_size > 1 else ():
+        for buffer in module.buffers() if module is not None else ():
+            dist.broadcast(buffer, 0)
     tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
     if state.ema is not None:
         tensors["ema"] = get_model_state_dict(state.ema)
@@ -1367,18 +1369,16 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
 def _load_shards(state: TrainState, parts: list, path: Path) -> None:
     """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
     reads the pieces of each tensor that this process holds, however it was sharded."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import state_dict as sd
 
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
-    alone = not dist.is_initialized()
-    dcp.load({"model": model, "optimizer": optimizer}, checkpoint_id=path, no_dist=alone)
+    _read_shards({"model": model, "optimizer": optimizer}, path)
     sd.set_state_dict(
         state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
     )
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
-        dcp.load({"ema" if "ema" in parts else "model": ema}, checkpoint_id=path, no_dist=alone)
+        _read_shards({"ema" if "ema" in parts else "model": ema}, path)
         sd.set_model_state_dict(state.ema, ema)
 
 
@@ -1421,11 +1421,23 @@ def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
     if not path.is_dir():
         model.load_state_dict(ckpt[name])
         return
-    import torch.distributed.checkpoint as dcp
-
     weights = model.state_dict()
-    dcp.load({name: weights}, checkpoint_id=path, no_dist=not dist.is_initialized())
+    _read_shards({name: weights}, path)
     model.load_state_dict(weights)
+
+
+def _read_shards(parts: dict, path: Path) -> None:
+    """Fill the tensors of `parts` in place from a sharded checkpoint (alone, without a process
+    group: torch would warn about that every time)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(parts, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a BaseException holding every process's traceback
+        raise ValueError(str(e).strip().splitlines()[-1]) from None  # the cause, as one line
 
 
 # ---- fit -------------------------------------------------------------------------------------
@@ -2776,8 +2788,8 @@ def _eval_path(config: Config) -> Path:
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():
-        path = out / "last.pt"
-    if not path.is_file():
+        path = out / ("last" if config.shard else "last.pt")
+    if not path.exists():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
     return path
 
@@ -2808,8 +2820,8 @@ def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -
 
 def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime, path: Path, ckpt: dict):
     try:
-        model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-    except RuntimeError as e:
+        _load_weights(model, ckpt, path)
+    except (RuntimeError, ValueError) as e:
         raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
     console = _console(None, False, runtime)
     val = _as_loader(val, config, runtime, False, console)
