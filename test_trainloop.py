@@ -3376,3 +3376,48 @@ def test_sharded_two_processes_train_as_ddp_clipping_the_global_norm(tmp_path):
 
 def worker_model_plain():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def test_fit_shard_casts_weights_for_compute_with_bf16_and_takes_a_scheduler_function():
+    model, dtypes = mlp(), []
+    model[0].register_forward_pre_hook(lambda module, args: dtypes.append(module.weight.dtype))
+    history = tl.fit(
+        model,
+        blobs(96),
+        epochs=3,
+        batch_size=16,
+        lr=0.1,
+        shard=True,
+        precision="bf16",
+        shard_blocks=[nn.Linear],
+        scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 6),
+        **quiet(),
+    )
+    assert set(dtypes) == {torch.bfloat16}  # FSDP's MixedPrecisionPolicy, not only autocast
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["lr"] == pytest.approx(0.1 * 0.1**2)  # 18 steps: two StepLR decays
+
+
+def test_resuming_a_sharded_checkpoint_into_another_model_names_the_mismatch(tmp_path):
+    fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
+    with pytest.raises(tl.UsageError, match=r"does not match this model.*model\.0\.weight"):
+        tl.fit(mlp(inputs=4), blobs(96, inputs=4), epochs=2, out=tmp_path, **quiet())
+
+
+@pytest.mark.slow
+def test_cli_shard_on_one_process_then_eval_only_of_the_directory(tmp_path):
+    args = ["--epochs", "1", "--image-size", "8", "--out", tmp_path / "run", "--quiet"]
+    trained = run_cli(*args, "--shard", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"checkpoint {tmp_path / 'run' / 'last'}," in trained.stdout
+    evaluated = run_cli(*args, "--eval-only", "--resume", tmp_path / "run" / "last", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert re.search(r"eval .*last: val_acc=0\.\d+ val_loss=", evaluated.stdout)
+
+
+@pytest.mark.slow
+def test_fit_shard_compile_compiles_each_block_in_place():
+    model = mlp()
+    history = tl.fit(model, blobs(64), epochs=2, batch_size=16, shard=True, compile=True, **quiet())
+    assert [m._compiled_call_impl is not None for m in model] == [True, False, True]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
