@@ -136,9 +136,7 @@ class Config:
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
-    weights: str = _opt(
-        "", "Pretrained: a torchvision name (DEFAULT, ...) or a state_dict file.", M
-    )
+    weights: str = _opt("", "Pretrained: a torchvision name (DEFAULT, ...) or state_dict file.", M)
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
@@ -157,9 +155,7 @@ class Config:
     precision: str = _opt("auto", "auto (bf16 on capable GPUs, else fp32)|fp32|bf16|fp16.")
     seed: int = _opt(0, "Seed of initialization, data order and augmentation.")
     gpus: str = _opt("", "GPU ids as nvidia-smi shows (0,1: a process each) | cpu | empty=best.", R)
-    out: str = _opt(
-        "", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R, metavar="DIR"
-    )
+    out: str = _opt("", "Run directory (CLI: runs/<data>-<model>; fit(): none).", R, metavar="DIR")
     resume: str = _opt("auto", "auto (OUT/last.pt if there) | none | PATH.", R, metavar="PATH")
     save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).", R)
     log_every: int = _opt(50, "Log (and, with several processes, agree to stop) every N steps.", R)
@@ -236,24 +232,23 @@ CHOICES = {
 _RANGES = (  # (fields, test, what the error says)
     ("epochs batch_size accumulate log_every", lambda v: v >= 1, "must be at least 1"),
     (
-        "weight_decay clip_grad save_every patience seed warmup momentum image_size",
+        "weight_decay clip_grad save_every patience seed warmup momentum",
         lambda v: v >= 0,
         "must be zero or more",
     ),
     ("lr", lambda v: 0 < v < math.inf, "must be a positive number, e.g. 0.05"),
     ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("ema", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999 (0 turns it off)"),
-    ("image_size", lambda v: not 0 < v < 4, "is too small; use 0 (keep) or 4+"),
+    ("image_size", lambda v: v == 0 or v >= 4, "is too small; use 0 (keep) or 4+"),
     ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1"),
 )
 
 
 def check_config(config: Config) -> Config:
     """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
-    paths = {k: getattr(config, k) for k in _PATHS}
-    config = dataclasses.replace(
-        config, **{k: os.fspath(v) for k, v in paths.items() if isinstance(v, os.PathLike)}
-    )
+    for name in _PATHS:
+        if isinstance(getattr(config, name), os.PathLike):
+            config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
@@ -353,8 +348,7 @@ def setup_device(
         # a wait at a collective that no agent watches.
         dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device_id)
     bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()  # CPU and MPS have bf16
-    amp = _amp_dtype(precision, device.type, bf16)
-    return Runtime(device, rank, local_rank, world, amp, owns)
+    return Runtime(device, rank, local_rank, world, _amp_dtype(precision, device.type, bf16), owns)
 
 
 def teardown(runtime: Runtime) -> None:
@@ -380,7 +374,7 @@ def _check_gpus_exist(ids: tuple) -> None:
     # Ids follow nvidia-smi (PCI bus order); CUDA reads the order when it starts, so set it
     # before the first CUDA call. An explicit user setting wins.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count()  # 0 without CUDA
     missing = [i for i in ids if i >= count]
     if missing:
         have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
