@@ -168,9 +168,6 @@ class Config:
     quiet: bool = _opt(False, "Print only the final summary.", R)
 
 
-_PATHS = ("data", "data_root", "out", "resume")
-
-
 @dataclass
 class TrainState:
     """Everything a checkpoint restores, in one object; train_step updates it in place.
@@ -246,7 +243,7 @@ _RANGES = (  # (fields, test, what the error says)
 
 def check_config(config: Config) -> Config:
     """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
-    for name in _PATHS:
+    for name in ("data", "data_root", "out", "resume"):
         if isinstance(getattr(config, name), os.PathLike):
             config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
     for f in dataclasses.fields(Config):
@@ -330,10 +327,9 @@ def setup_device(
     Reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun. `gpus` as in `parse_gpus`; under
     torchrun process LOCAL_RANK takes the LOCAL_RANK-th listed GPU (or GPU LOCAL_RANK).
     """
-    ids = parse_gpus(gpus)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _pick_device(ids, local_rank)
+    device = _pick_device(parse_gpus(gpus), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not deterministic
@@ -569,7 +565,7 @@ def make_loader(
     if isinstance(dataset, TensorDataset) and plain and collate_fn is None:
         tensors = dataset.tensors
         if rt.device.type == "cuda":  # onto the GPU when it takes at most a quarter of it
-            size = sum(t.numel() * t.element_size() for t in tensors)
+            size = sum(t.nbytes for t in tensors)
             if size <= torch.cuda.get_device_properties(rt.device).total_memory // 4:
                 tensors = tuple(t.to(rt.device) for t in tensors)
         pad = getattr(dataset, "augment_pad", 0) if train else 0
