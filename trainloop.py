@@ -354,14 +354,12 @@ def teardown(runtime: Runtime) -> None:
 
 
 def _pick_device(ids: Optional[tuple], local_rank: int) -> torch.device:
-    if ids == ():
-        return torch.device("cpu")
-    if ids is not None:
+    if ids:
         _check_gpus_exist(ids)
         return torch.device("cuda", ids[local_rank % len(ids)])
-    if torch.cuda.is_available():
+    if ids is None and torch.cuda.is_available():  # () is 'cpu'
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if torch.backends.mps.is_available():
+    if ids is None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
