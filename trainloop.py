@@ -589,7 +589,7 @@ class _SkipBatches:
     count: int
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.count, None)
+        return itertools.islice(self.loader, self.count, None)
 
     def __len__(self):
         return len(self.loader) - self.count
@@ -615,10 +615,8 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
         return loader
     streams = isinstance(getattr(loader, "dataset", None), IterableDataset)
     if isinstance(loader, DataLoader) and sampler is not None and not streams:
-        settings = (
-            "num_workers collate_fn pin_memory timeout worker_init_fn multiprocessing_context"
-        )
-        settings += " generator prefetch_factor persistent_workers pin_memory_device in_order"
+        settings = "multiprocessing_context persistent_workers pin_memory_device collate_fn timeout"
+        settings += " num_workers pin_memory worker_init_fn generator prefetch_factor in_order"
         kept = {k: getattr(loader, k) for k in settings.split() if hasattr(loader, k)}
         # The seen batches leave the index sampler only: none of them is loaded.
         return DataLoader(loader.dataset, batch_sampler=list(sampler)[batches:], **kept)
