@@ -382,9 +382,8 @@ def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torc
     if precision == "auto":
         return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
     if precision == "bf16" and not bf16_ok:
-        raise UsageError(
-            f"precision='bf16': this {device_type} device has no bfloat16 support; "
-            "use precision='fp16' or 'fp32'"
+        raise UsageError(  # only a GPU can lack it
+            "precision='bf16': this GPU has no bfloat16 support; use precision='fp16' or 'fp32'"
         )
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
