@@ -139,9 +139,7 @@ class Config:
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
-    weights: str = _opt(
-        "", "Pretrained: a torchvision name (DEFAULT, ...) or a state_dict file.", M
-    )
+    weights: str = _opt("", "Pretrained: a torchvision name (DEFAULT, ...) or state_dict file.", M)
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
@@ -163,9 +161,7 @@ class Config:
     precision: str = _opt("auto", "auto (bf16 on capable GPUs, else fp32)|fp32|bf16|fp16.")
     seed: int = _opt(0, "Seed of initialization, data order and augmentation.")
     gpus: str = _opt("", "GPU ids as nvidia-smi shows (0,1: a process each) | cpu | empty=best.", R)
-    out: str = _opt(
-        "", "Run directory (CLI default runs/<data>-<model>; fit(): none).", R, metavar="DIR"
-    )
+    out: str = _opt("", "Run directory (CLI: runs/<data>-<model>; fit(): none).", R, metavar="DIR")
     resume: str = _opt("auto", "auto (OUT/last.pt or last/) | none | PATH.", R, metavar="PATH")
     save_every: int = _opt(0, "Also checkpoint every N optimizer steps (0 = epoch ends only).", R)
     log_every: int = _opt(50, "Log (and, with several processes, agree to stop) every N steps.", R)
@@ -176,9 +172,6 @@ class Config:
     deterministic: bool = _opt(False, "Deterministic CUDA kernels (slower; CPU is always).", R)
     eval_only: bool = _opt(False, "Only evaluate the --resume checkpoint (auto: OUT/best.pt).", R)
     quiet: bool = _opt(False, "Print only the final summary.", R)
-
-
-_PATHS = ("data", "data_root", "out", "resume")
 
 
 @dataclass
@@ -242,24 +235,23 @@ CHOICES = {
 _RANGES = (  # (fields, test, what the error says)
     ("epochs batch_size accumulate log_every", lambda v: v >= 1, "must be at least 1"),
     (
-        "weight_decay clip_grad save_every patience seed warmup momentum image_size",
+        "weight_decay clip_grad save_every patience seed warmup momentum",
         lambda v: v >= 0,
         "must be zero or more",
     ),
     ("lr", lambda v: 0 < v < math.inf, "must be a positive number, e.g. 0.05"),
     ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("ema", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999 (0 turns it off)"),
-    ("image_size", lambda v: not 0 < v < 4, "is too small; use 0 (keep) or 4+"),
+    ("image_size", lambda v: v == 0 or v >= 4, "is too small; use 0 (keep) or 4+"),
     ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1"),
 )
 
 
 def check_config(config: Config) -> Config:
     """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
-    paths = {k: getattr(config, k) for k in _PATHS}
-    config = dataclasses.replace(
-        config, **{k: os.fspath(v) for k, v in paths.items() if isinstance(v, os.PathLike)}
-    )
+    for name in ("data", "data_root", "out", "resume"):
+        if isinstance(getattr(config, name), os.PathLike):
+            config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
@@ -341,10 +333,9 @@ def setup_device(
     Reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun. `gpus` as in `parse_gpus`; under
     torchrun process LOCAL_RANK takes the LOCAL_RANK-th listed GPU (or GPU LOCAL_RANK).
     """
-    ids = parse_gpus(gpus)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _pick_device(ids, local_rank)
+    device = _pick_device(parse_gpus(gpus), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not deterministic
@@ -359,8 +350,7 @@ def setup_device(
         # a wait at a collective that no agent watches.
         dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device_id)
     bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()  # CPU and MPS have bf16
-    amp = _amp_dtype(precision, device.type, bf16)
-    return Runtime(device, rank, local_rank, world, amp, owns)
+    return Runtime(device, rank, local_rank, world, _amp_dtype(precision, device.type, bf16), owns)
 
 
 def teardown(runtime: Runtime) -> None:
@@ -370,14 +360,12 @@ def teardown(runtime: Runtime) -> None:
 
 
 def _pick_device(ids: Optional[tuple], local_rank: int) -> torch.device:
-    if ids == ():
-        return torch.device("cpu")
-    if ids is not None:
+    if ids:
         _check_gpus_exist(ids)
         return torch.device("cuda", ids[local_rank % len(ids)])
-    if torch.cuda.is_available():
+    if ids is None and torch.cuda.is_available():  # () is 'cpu'
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if torch.backends.mps.is_available():
+    if ids is None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -386,7 +374,7 @@ def _check_gpus_exist(ids: tuple) -> None:
     # Ids follow nvidia-smi (PCI bus order); CUDA reads the order when it starts, so set it
     # before the first CUDA call. An explicit user setting wins.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count()  # 0 without CUDA
     missing = [i for i in ids if i >= count]
     if missing:
         have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
@@ -400,9 +388,8 @@ def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torc
     if precision == "auto":
         return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
     if precision == "bf16" and not bf16_ok:
-        raise UsageError(
-            f"precision='bf16': this {device_type} device has no bfloat16 support; "
-            "use precision='fp16' or 'fp32'"
+        raise UsageError(  # only a GPU can lack it
+            "precision='bf16': this GPU has no bfloat16 support; use precision='fp16' or 'fp32'"
         )
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -581,7 +568,7 @@ def make_loader(
     if isinstance(dataset, TensorDataset) and plain and collate_fn is None:
         tensors = dataset.tensors
         if rt.device.type == "cuda":  # onto the GPU when it takes at most a quarter of it
-            size = sum(t.numel() * t.element_size() for t in tensors)
+            size = sum(t.nbytes for t in tensors)
             if size <= torch.cuda.get_device_properties(rt.device).total_memory // 4:
                 tensors = tuple(t.to(rt.device) for t in tensors)
         pad = getattr(dataset, "augment_pad", 0) if train else 0
@@ -607,7 +594,7 @@ class _SkipBatches:
     count: int
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.count, None)
+        return itertools.islice(self.loader, self.count, None)
 
     def __len__(self):
         return len(self.loader) - self.count
@@ -633,10 +620,8 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
         return loader
     streams = isinstance(getattr(loader, "dataset", None), IterableDataset)
     if isinstance(loader, DataLoader) and sampler is not None and not streams:
-        settings = (
-            "num_workers collate_fn pin_memory timeout worker_init_fn multiprocessing_context"
-        )
-        settings += " generator prefetch_factor persistent_workers pin_memory_device in_order"
+        settings = "multiprocessing_context persistent_workers pin_memory_device collate_fn timeout"
+        settings += " num_workers pin_memory worker_init_fn generator prefetch_factor in_order"
         kept = {k: getattr(loader, k) for k in settings.split() if hasattr(loader, k)}
         # The seen batches leave the index sampler only: none of them is loaded.
         return DataLoader(loader.dataset, batch_sampler=list(sampler)[batches:], **kept)
