@@ -2103,9 +2103,9 @@ _VAL_CROP = 0.875
 class _ImageFiles(Dataset):
     """Image files decoded per sample into (uint8 RGB image (3, size, size), label).
 
-    With `augment`, a random resized crop (a share _CROP_AREA of the area, aspect 3:4 to 4:3)
-    and a horizontal flip; else a center crop of `ratio` of the shorter side. Nothing is
-    stretched. Random draws use torch's global RNG, which loader workers seed per sample.
+    With `augment`, torchvision's random resized crop (a share _CROP_AREA of the area, aspect
+    3:4 to 4:3) and a horizontal flip; else a center crop of `ratio` of the shorter side.
+    Random draws use torch's global RNG, which loader workers seed per sample.
     """
 
     def __init__(self, samples, size: int, augment: bool, ratio: float):
@@ -2127,15 +2127,13 @@ class _ImageFiles(Dataset):
 
     def _box(self, width: int, height: int) -> tuple:
         """(top, left, height, width) of the crop in the upright image, in pixels."""
-        for _ in range(10 if self.augment else 0):  # torchvision's RandomResizedCrop rule
-            area, aspect, y, x = torch.rand(4).tolist()
-            area = width * height * (_CROP_AREA[0] + (_CROP_AREA[1] - _CROP_AREA[0]) * area)
-            aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * aspect)
-            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
-            if w <= width and h <= height:
-                return (height - h) * y, (width - w) * x, h, w
-        side = min(width, height) * (1.0 if self.augment else self.ratio)
-        return (height - side) / 2, (width - side) / 2, side, side
+        if not self.augment:
+            side = min(width, height) * self.ratio
+            return (height - side) / 2, (width - side) / 2, side, side
+        from torchvision.transforms.v2 import RandomResizedCrop
+
+        size_only = torch.empty(0, height, width)  # before decoding: get_params reads the size
+        return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
 
 
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
