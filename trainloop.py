@@ -2194,23 +2194,26 @@ def _image_folder(config: Config):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
     from torchvision.datasets import ImageFolder
 
-    root = _data_dir(config)
+    root = Path(config.data)
+    data = f"data={str(root)!r}"
+    if not root.is_dir():
+        raise UsageError(
+            f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
+            + ", ".join(_BUILTIN_DATA)
+        )
     train_dir = root / "train" if (root / "train").is_dir() else root
     try:
         train = ImageFolder(str(train_dir))
         val = ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
     except OSError as e:
-        raise UsageError(f"data={str(root)!r}: {e}; expected DIR/<class>/<image files>") from None
+        raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(train.classes) < 2:
         raise UsageError(
-            f"data={str(root)!r}: found {len(train.classes)} class folder(s) in "
-            f"{train_dir}; classification needs at least 2"
+            f"{data}: found {len(train.classes)} class folder(s) in {train_dir}; classification "
+            "needs at least 2"
         )
     if val is not None and val.classes != train.classes:
-        raise UsageError(
-            f"data={str(root)!r}: val/ classes {val.classes} differ from train/ classes "
-            f"{train.classes}"
-        )
+        raise UsageError(f"{data}: val/ classes {val.classes} differ from train/ {train.classes}")
     samples = train.samples
     if val is None:
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
@@ -2227,16 +2230,6 @@ def _image_folder(config: Config):
         _ImageFiles(val_samples, size, False, ratio),
         info,
     )
-
-
-def _data_dir(config: Config) -> Path:
-    root = Path(config.data)
-    if not root.is_dir():
-        raise UsageError(
-            f"data={str(root)!r}: no such directory; give an ImageFolder (DIR/<class>/"
-            "*.png) or one of synthetic, mnist, fashionmnist, cifar10, cifar100"
-        )
-    return root
 
 
 def _image_settings(config: Config, samples) -> tuple:
