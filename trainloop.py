@@ -2073,8 +2073,7 @@ def _load_torchvision(config: Config):
 
 def _tensor_data(config: Config, rgb: bool):
     if config.data == "synthetic":
-        size = config.image_size or 32
-        splits = synthetic_images(config.seed, size=size)
+        splits = synthetic_images(config.seed, size=config.image_size or 32)
     else:
         splits = _load_torchvision(config)
     (x_train, y_train), (x_val, y_val) = splits
@@ -2093,9 +2092,7 @@ def _tensor_data(config: Config, rgb: bool):
 
 # Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
 # long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
-# validation crops the center _VAL_CROP of the shorter side (224 of 256). Without --image-size
-# or weights: 224 px, as torchvision models were designed, and 64 for the small CNN (~12x less
-# compute per image).
+# validation crops the center _VAL_CROP of the shorter side (224 of 256).
 _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
 
@@ -2234,8 +2231,9 @@ def _image_folder(config: Config):
 
 def _image_settings(config: Config, samples) -> tuple:
     """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
-    else 224 or 64 (smallcnn) and per-channel statistics of up to 256 training images (the
-    seed picks them; center crops at 64 px), rounded so that config.json states them exactly."""
+    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
+    and per-channel statistics of up to 256 training images (the seed picks them; center crops
+    at 64 px), rounded so that config.json states them exactly."""
     enum = _weights_enum(config.model, config.weights) if config.weights else None
     preset = enum.transforms() if enum else None
     default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
@@ -2376,17 +2374,15 @@ def _weights_enum(name: str, weights: str):
     import torchvision
 
     try:
-        options = list(torchvision.models.get_model_weights(name)) if name != "smallcnn" else []
-    except ValueError:  # torchvision has none for this model
+        options = list(torchvision.models.get_model_weights(name))
+    except ValueError:  # torchvision has none for this model (smallcnn, or one without)
         options = []
     key = weights.split(".")[-1]  # ResNet18_Weights.DEFAULT is DEFAULT
-    if key == "DEFAULT" and options:
-        return type(options[0]).DEFAULT
-    if key not in [w.name for w in options]:
-        names = ", ".join(["DEFAULT"] + [w.name for w in options]) if options else "none"
+    names = ["DEFAULT", *(w.name for w in options)] if options else []  # aliases not listed
+    if key not in names:
         raise UsageError(
             f"weights={weights!r}: no such file, nor torchvision weights for model={name!r} "
-            f"(it has: {names})"
+            f"(it has: {', '.join(names) or 'none'})"
         )
     return type(options[0])[key]
 
@@ -2638,9 +2634,7 @@ def _build_cli():
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The `trainloop` command. Returns the exit status (2: bad input, 3: bad checkpoint,
-    4: NaN loss, 5: a checkpoint not written, 6: a loader worker died, 7: out of memory,
-    75: time limit, 128+N: signal N)."""
+    """The `trainloop` command. Returns the exit status: 0, an EXIT_* code, or 128+N (signal N)."""
     import typer
 
     command = typer.main.get_command(_build_cli())
