@@ -2220,8 +2220,7 @@ def _image_folder(config: Config):
     else:
         val_samples = val.samples
     size, ratio, mean, std = _image_settings(config, samples)
-    info = {"channels": 3, "classes": len(train.classes), "image_size": size}
-    info.update(mean=mean, std=std)
+    info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
     return (
         _ImageFiles(samples, size, config.augment, ratio),
         _ImageFiles(val_samples, size, False, ratio),
@@ -2328,11 +2327,11 @@ def build_model(
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a shape differs
             missing, unexpected = [_first_line(e)], []
-        if set(missing) - head or unexpected:
+        missing = sorted(set(missing) - head)
+        if missing or unexpected:
             raise UsageError(
-                f"weights={weights!r} does not fit model={name!r} (missing "
-                f"{sorted(set(missing) - head)[:3]}, unexpected {sorted(unexpected)[:3]}); "
-                "pass weights saved from this model"
+                f"weights={weights!r} does not fit model={name!r} (missing {missing[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); pass weights saved from this model"
             )
     return model if mean is None else nn.Sequential(_Normalize(mean, std), model)
 
@@ -2531,8 +2530,7 @@ def _launch_local(config: Config, nproc: int) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        code = e.get_first_failure()[1].exitcode  # the first to fail is the cause
-        code = code if code > 0 else 1
+        code = max(1, e.get_first_failure()[1].exitcode)  # the first to fail is the cause
         why = f"a training process failed (exit status {code}); the others were stopped"
         print(f"trainloop: error: {why}", file=sys.stderr)
         return code
