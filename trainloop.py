@@ -2400,8 +2400,7 @@ def _load_torchvision(config: Config):
 
 def _tensor_data(config: Config, rgb: bool):
     if config.data == "synthetic":
-        size = config.image_size or 32
-        splits = synthetic_images(config.seed, size=size)
+        splits = synthetic_images(config.seed, size=config.image_size or 32)
     else:
         splits = _load_torchvision(config)
     (x_train, y_train), (x_val, y_val) = splits
@@ -2420,9 +2419,7 @@ def _tensor_data(config: Config, rgb: bool):
 
 # Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
 # long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
-# validation crops the center _VAL_CROP of the shorter side (224 of 256). Without --image-size
-# or weights: 224 px, as torchvision models were designed, and 64 for the small CNN (~12x less
-# compute per image).
+# validation crops the center _VAL_CROP of the shorter side (224 of 256).
 _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
 
@@ -2430,9 +2427,9 @@ _VAL_CROP = 0.875
 class _ImageFiles(Dataset):
     """Image files decoded per sample into (uint8 RGB image (3, size, size), label).
 
-    With `augment`, a random resized crop (a share _CROP_AREA of the area, aspect 3:4 to 4:3)
-    and a horizontal flip; else a center crop of `ratio` of the shorter side. Nothing is
-    stretched. Random draws use torch's global RNG, which loader workers seed per sample.
+    With `augment`, torchvision's random resized crop (a share _CROP_AREA of the area, aspect
+    3:4 to 4:3) and a horizontal flip; else a center crop of `ratio` of the shorter side.
+    Random draws use torch's global RNG, which loader workers seed per sample.
     """
 
     def __init__(self, samples, size: int, augment: bool, ratio: float):
@@ -2454,15 +2451,13 @@ class _ImageFiles(Dataset):
 
     def _box(self, width: int, height: int) -> tuple:
         """(top, left, height, width) of the crop in the upright image, in pixels."""
-        for _ in range(10 if self.augment else 0):  # torchvision's RandomResizedCrop rule
-            area, aspect, y, x = torch.rand(4).tolist()
-            area = width * height * (_CROP_AREA[0] + (_CROP_AREA[1] - _CROP_AREA[0]) * area)
-            aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * aspect)
-            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
-            if w <= width and h <= height:
-                return (height - h) * y, (width - w) * x, h, w
-        side = min(width, height) * (1.0 if self.augment else self.ratio)
-        return (height - side) / 2, (width - side) / 2, side, side
+        if not self.augment:
+            side = min(width, height) * self.ratio
+            return (height - side) / 2, (width - side) / 2, side, side
+        from torchvision.transforms.v2 import RandomResizedCrop
+
+        size_only = torch.empty(0, height, width)  # before decoding: get_params reads the size
+        return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
 
 
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
@@ -2523,23 +2518,26 @@ def _image_folder(config: Config):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
     from torchvision.datasets import ImageFolder
 
-    root = _data_dir(config)
+    root = Path(config.data)
+    data = f"data={str(root)!r}"
+    if not root.is_dir():
+        raise UsageError(
+            f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
+            + ", ".join(_BUILTIN_DATA)
+        )
     train_dir = root / "train" if (root / "train").is_dir() else root
     try:
         train = ImageFolder(str(train_dir))
         val = ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
     except OSError as e:
-        raise UsageError(f"data={str(root)!r}: {e}; expected DIR/<class>/<image files>") from None
+        raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(train.classes) < 2:
         raise UsageError(
-            f"data={str(root)!r}: found {len(train.classes)} class folder(s) in "
-            f"{train_dir}; classification needs at least 2"
+            f"{data}: found {len(train.classes)} class folder(s) in {train_dir}; classification "
+            "needs at least 2"
         )
     if val is not None and val.classes != train.classes:
-        raise UsageError(
-            f"data={str(root)!r}: val/ classes {val.classes} differ from train/ classes "
-            f"{train.classes}"
-        )
+        raise UsageError(f"{data}: val/ classes {val.classes} differ from train/ {train.classes}")
     samples = train.samples
     if val is None:
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
@@ -2549,8 +2547,7 @@ def _image_folder(config: Config):
     else:
         val_samples = val.samples
     size, ratio, mean, std = _image_settings(config, samples)
-    info = {"channels": 3, "classes": len(train.classes), "image_size": size}
-    info.update(mean=mean, std=std)
+    info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
     return (
         _ImageFiles(samples, size, config.augment, ratio),
         _ImageFiles(val_samples, size, False, ratio),
@@ -2558,20 +2555,11 @@ def _image_folder(config: Config):
     )
 
 
-def _data_dir(config: Config) -> Path:
-    root = Path(config.data)
-    if not root.is_dir():
-        raise UsageError(
-            f"data={str(root)!r}: no such directory; give an ImageFolder (DIR/<class>/"
-            "*.png) or one of synthetic, mnist, fashionmnist, cifar10, cifar100"
-        )
-    return root
-
-
 def _image_settings(config: Config, samples) -> tuple:
     """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
-    else 224 or 64 (smallcnn) and per-channel statistics of up to 256 training images (the
-    seed picks them; center crops at 64 px), rounded so that config.json states them exactly."""
+    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
+    and per-channel statistics of up to 256 training images (the seed picks them; center crops
+    at 64 px), rounded so that config.json states them exactly."""
     enum = _weights_enum(config.model, config.weights) if config.weights else None
     preset = enum.transforms() if enum else None
     default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
@@ -2666,11 +2654,11 @@ def build_model(
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a shape differs
             missing, unexpected = [_first_line(e)], []
-        if set(missing) - head or unexpected:
+        missing = sorted(set(missing) - head)
+        if missing or unexpected:
             raise UsageError(
-                f"weights={weights!r} does not fit model={name!r} (missing "
-                f"{sorted(set(missing) - head)[:3]}, unexpected {sorted(unexpected)[:3]}); "
-                "pass weights saved from this model"
+                f"weights={weights!r} does not fit model={name!r} (missing {missing[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); pass weights saved from this model"
             )
     return model if mean is None else nn.Sequential(_Normalize(mean, std), model)
 
@@ -2712,17 +2700,15 @@ def _weights_enum(name: str, weights: str):
     import torchvision
 
     try:
-        options = list(torchvision.models.get_model_weights(name)) if name != "smallcnn" else []
-    except ValueError:  # torchvision has none for this model
+        options = list(torchvision.models.get_model_weights(name))
+    except ValueError:  # torchvision has none for this model (smallcnn, or one without)
         options = []
     key = weights.split(".")[-1]  # ResNet18_Weights.DEFAULT is DEFAULT
-    if key == "DEFAULT" and options:
-        return type(options[0]).DEFAULT
-    if key not in [w.name for w in options]:
-        names = ", ".join(["DEFAULT"] + [w.name for w in options]) if options else "none"
+    names = ["DEFAULT", *(w.name for w in options)] if options else []  # aliases not listed
+    if key not in names:
         raise UsageError(
             f"weights={weights!r}: no such file, nor torchvision weights for model={name!r} "
-            f"(it has: {names})"
+            f"(it has: {', '.join(names) or 'none'})"
         )
     return type(options[0])[key]
 
@@ -2871,8 +2857,7 @@ def _launch_local(config: Config, nproc: int) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        code = e.get_first_failure()[1].exitcode  # the first to fail is the cause
-        code = code if code > 0 else 1
+        code = max(1, e.get_first_failure()[1].exitcode)  # the first to fail is the cause
         why = f"a training process failed (exit status {code}); the others were stopped"
         print(f"trainloop: error: {why}", file=sys.stderr)
         return code
@@ -2974,9 +2959,7 @@ def _build_cli():
 
 
 def main(argv: Optional[list] = None) -> int:
-    """The `trainloop` command. Returns the exit status (2: bad input, 3: bad checkpoint,
-    4: NaN loss, 5: a checkpoint not written, 6: a loader worker died, 7: out of memory,
-    75: time limit, 128+N: signal N)."""
+    """The `trainloop` command. Returns the exit status: 0, an EXIT_* code, or 128+N (signal N)."""
     import typer
 
     command = typer.main.get_command(_build_cli())
