@@ -3421,3 +3421,23 @@ def test_fit_shard_compile_compiles_each_block_in_place():
     history = tl.fit(model, blobs(64), epochs=2, batch_size=16, shard=True, compile=True, **quiet())
     assert [m._compiled_call_impl is not None for m in model] == [True, False, True]
     assert history[1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_building_blocks_save_a_sharded_state_that_a_plain_one_loads(tmp_path):
+    with tl._group_of_one(True, CPU):
+        model, ema = tl._shard(mlp(), tl.Config(ema=0.9), CPU, None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        with pytest.raises(tl.UsageError, match="needs ema="):  # FSDP cannot deepcopy
+            tl.TrainState(model, optimizer, ema_decay=0.9)
+        state = tl.TrainState(model, optimizer, ema_decay=0.9, ema=ema)
+        for batch in tl.make_loader(blobs(64), batch_size=16, workers=0):
+            tl.train_step(state, [batch])
+        tl.save_checkpoint(tmp_path / "ckpt", state)
+        weights, ema_weights = tl._weights(model), tl._weights(ema)
+    plain = mlp(seed=1)
+    restored = tl.TrainState(plain, torch.optim.AdamW(plain.parameters(), lr=0.01), ema_decay=0.9)
+    tl.load_checkpoint(tmp_path / "ckpt", restored)
+    assert restored.step == 4
+    assert_same_tensors(plain.state_dict(), weights)
+    assert_same_tensors(restored.ema.state_dict(), ema_weights)
+    assert len(restored.optimizer.state) == 4  # AdamW's moments of every tensor

@@ -211,6 +211,11 @@ class TrainState:
         self.scaler = self.scaler or torch.amp.GradScaler("cpu", enabled=False)
         if (self.ema is not None or self.ema_decay) and not 0 < self.ema_decay < 1:
             raise UsageError(f"ema_decay={self.ema_decay!r} must be in (0, 1), e.g. 0.999")
+        if self.ema_decay and self.ema is None and _is_sharded(self.model):
+            raise UsageError(  # FSDP refuses deepcopy
+                "ema_decay with a sharded model needs ema=: a copy of the model made before "
+                "sharding, sharded the same way"
+            )
         if self.ema_decay:
             if self.ema is None:
                 self.ema = copy.deepcopy(self.model).requires_grad_(False)
