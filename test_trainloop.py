@@ -3016,8 +3016,8 @@ def test_fit_out_of_memory_names_the_step_and_the_knobs_and_keeps_the_checkpoint
     assert str(failed.value).startswith(
         "out of memory in step 7 (epoch 1) on cpu at batch_size=16 per process; the step was "
         f"not counted and the last good checkpoint {out / 'last.pt'} is intact. Use "
-        "batch_size=8 accumulate=2 (the same global batch), precision='bf16', "
-        "channels_last=True or image_size=<pixels>"
+        "batch_size=8 accumulate=2 (the same global batch), precision='bf16' or "
+        "channels_last=True, then run again"
     ), failed.value
     assert tl.load_checkpoint(out / "last.pt")["step"] == 6
 
@@ -3033,6 +3033,12 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
         "out of memory in step 5 (epoch 1) on cuda:1 (80.0 GiB, peak use 79.5 GiB) at "
         "batch_size=64 per process; the step was not counted and there is no checkpoint yet"
     ), message
+    assert message.endswith("precision='bf16', channels_last=True or shard=True, then run again")
+    job.config = tl.Config(batch_size=64, channels_last=True, shard=True, image_size=96)
+    rt = dataclasses.replace(rt, amp_dtype=torch.bfloat16)
+    job.runtime = rt
+    message = str(tl._out_of_memory(torch.OutOfMemoryError(), state, job))
+    assert message.endswith("(the same global batch) or image_size=48, then run again"), message
 
 
 def test_exit_code_of_faults_has_a_status_each_and_names_the_rank(monkeypatch, capsys):

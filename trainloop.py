@@ -408,6 +408,15 @@ def _all_reduce(values: list, runtime: Runtime, op=None) -> list:
     return tensor.tolist()
 
 
+def _gather(value, runtime: Runtime) -> list:
+    """Every process's `value` (any picklable object), in rank order."""
+    if runtime.world_size == 1:
+        return [value]
+    values = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def _barrier(runtime: Runtime) -> None:
     if runtime.world_size > 1:
         dist.barrier()
@@ -923,11 +932,8 @@ def evaluate(
     for _ in range(extra):  # so that this process takes part in the others' last gathers
         _forward(model, batch, loss_fn, rt)
     model.train(was_training)
-    names = sorted(sums)
-    if rt.world_size > 1:  # a process that had no batch does not know the metric names
-        everyone = [None] * rt.world_size
-        dist.all_gather_object(everyone, names)
-        names = sorted(set().union(*everyone))
+    # A process that had no batch does not know the metric names.
+    names = sorted(set().union(*_gather(sorted(sums), rt)))
     totals = [sums.get(k, torch.zeros((), device=rt.device)).to(rt.device) for k in names]
     totals = torch.stack(totals).tolist() if names else []  # sync point: once per evaluation
     totals = _all_reduce(totals + [count], rt)
@@ -1045,10 +1051,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
             "the weights are no longer finite (NaN or inf); the last good checkpoint was kept. "
             "Lower lr or use clip_grad"
         )
-    rng = [_rng_state(runtime)]
-    if runtime.world_size > 1:
-        rng = [None] * runtime.world_size
-        dist.all_gather_object(rng, _rng_state(runtime))
+    rng = _gather(_rng_state(runtime), runtime)
     scheduler = state.scheduler
     header = {
         "scheduler": None if scheduler is None else _scheduler_state(scheduler),
@@ -1105,13 +1108,9 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
             _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt")
         _barrier(runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
-        mine = _checksums(tmp, runtime.rank, runtime.world_size)
-        sums = [mine]
-        if runtime.world_size > 1:
-            sums = [None] * runtime.world_size
-            dist.all_gather_object(sums, mine)
+        shares = _gather(_checksums(tmp, runtime.rank, runtime.world_size), runtime)
         if runtime.is_main:
-            crcs = {name: crc for share in sums for name, crc in sorted(share.items())}
+            crcs = {name: crc for share in shares for name, crc in sorted(share.items())}
             _write_synced(tmp / "checksums.json", json.dumps(crcs, indent=0))
             _swap_in(tmp, path)
     except (OSError, RuntimeError, CheckpointException) as e:
@@ -1279,11 +1278,8 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
             "another checkpoint"
         ) from None
     names = sorted(crcs)[runtime.rank :: runtime.world_size]
-    bad = [n for n in names if not (path / n).is_file() or _crc32(path / n) != crcs[n]]
-    if runtime.world_size > 1:
-        everyone = [None] * runtime.world_size
-        dist.all_gather_object(everyone, bad)
-        bad = sorted(n for share in everyone for n in share)
+    mine = [n for n in names if not (path / n).is_file() or _crc32(path / n) != crcs[n]]
+    bad = sorted(n for share in _gather(mine, runtime) for n in share)
     if bad:
         raise CheckpointError(f"{path} is corrupt: {bad[0]} is missing or fails its checksum")
     try:
@@ -1835,12 +1831,20 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
     if device.type == "cuda":  # the allocator's own counters: no sync
         total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
         memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
-    size, pixels = config.batch_size, config.image_size // 2 or "<pixels>"
+    size, twice = config.batch_size, 2 * config.accumulate
+    knobs = [  # those not in use already
+        f"batch_size={max(1, size // 2)} accumulate={twice} (the same global batch)",
+        "precision='bf16'" if job.runtime.amp_dtype is None else "",
+        "channels_last=True" if not config.channels_last else "",
+        f"image_size={config.image_size // 2}" if config.image_size else "",
+        "shard=True" if job.runtime.world_size > 1 and not config.shard else "",
+    ]
+    knobs = [k for k in knobs if k]
+    use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
     return OutOfMemoryError(
         f"out of memory in step {state.step + 1} (epoch {state.epoch + 1}) on {device}{memory} "
         f"at batch_size={size} per process; the step was not counted and {_kept(last)}. Use "
-        f"batch_size={max(1, size // 2)} accumulate={2 * config.accumulate} (the same global "
-        f"batch), precision='bf16', channels_last=True or image_size={pixels}, then run again"
+        f"{use}, then run again"
     )
 
 
