@@ -4,6 +4,7 @@ Distributed tests run real processes with torchrun and the gloo backend.
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -2003,8 +2004,8 @@ WORKER = textwrap.dedent("""
         hit = training and fault is not None and fault[:2] == [rank, steps]
         if hit and fault[2] == "raise":
             raise RuntimeError(f"injected failure on rank {rank} at step {steps}")
-        if hit and fault[2] == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if hit and fault[2] in ("kill", "term"):
+            os.kill(os.getpid(), signal.SIGKILL if fault[2] == "kill" else signal.SIGTERM)
         goal = torch.sin(index.float()) if training else torch.cos(index.float())
         loss = F.mse_loss(output.squeeze(1), goal)
         return loss * float("nan") if hit and fault[2] == "nan" else loss
@@ -3242,10 +3243,7 @@ def test_a_file_checkpoint_resumes_a_sharded_run_and_a_directory_a_plain_one(tmp
 
 def test_a_damaged_shard_is_reported_and_the_previous_directory_resumes(tmp_path):
     fit_mlp(n=96, epochs=2, out=tmp_path, shard=True)
-    shard = tmp_path / "last" / "__0_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    damage(tmp_path / "last" / "__0_0.distcp")
     with pytest.raises(tl.CheckpointError, match="__0_0.distcp is missing or fails its checksum"):
         tl.load_checkpoint(tmp_path / "last")
     lines = []
@@ -3253,6 +3251,15 @@ def test_a_damaged_shard_is_reported_and_the_previous_directory_resumes(tmp_path
     assert any("fails its checksum; falling back to" in line for line in lines)
     assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 2 redone from epoch 1's
     assert (tmp_path / "last.corrupt").is_dir()
+    damage(tmp_path / "last" / "__0_0.distcp")  # again: the directory set aside is replaced
+    history = fit_mlp(n=96, epochs=4, out=tmp_path, shard=True, log=lines.append)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+
+
+def damage(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def test_an_incomplete_sharded_checkpoint_is_reported(tmp_path):
@@ -3271,6 +3278,26 @@ def test_a_sharded_checkpoint_whose_metadata_could_run_code_is_refused(tmp_path)
     (last / "checksums.json").write_text(json.dumps(crcs))
     with pytest.raises(tl.CheckpointError, match="refused: its .metadata holds builtins.print"):
         tl.load_checkpoint(last)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("kept")
+    pretenders = [  # a module imported just by naming it; a class reached through a module
+        b"\x80\x04cthis\ns\n.",
+        b"\x80\x04" + short("torch.distributed.checkpoint.filesystem") + short("io.FileIO")
+        + b"\x93" + short(str(victim)) + short("w") + b"\x86R.",
+    ]  # fmt: skip
+    for payload in pretenders:
+        (last / ".metadata").write_bytes(payload)
+        crcs[".metadata"] = tl._crc32(last / ".metadata")
+        (last / "checksums.json").write_text(json.dumps(crcs))
+        sys.modules.pop("this", None)
+        with pytest.raises(tl.CheckpointError, match="which could run code"):
+            tl.load_checkpoint(last)
+        assert "this" not in sys.modules and victim.read_text() == "kept"
+
+
+def short(text: str) -> bytes:
+    """A pickle SHORT_BINUNICODE of `text`."""
+    return b"\x8c" + bytes([len(text)]) + text.encode()
 
 
 def test_fit_shard_refuses_an_optimizer_object():
@@ -3447,3 +3474,72 @@ def test_building_blocks_save_a_sharded_state_that_a_plain_one_loads(tmp_path):
     assert_same_tensors(plain.state_dict(), weights)
     assert_same_tensors(restored.ema.state_dict(), ema_weights)
     assert len(restored.optimizer.state) == 4  # AdamW's moments of every tensor
+
+
+def test_a_failed_sharded_save_leaves_no_partial_directory(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tl, "_checksums", disk_full)
+    with pytest.raises(tl.SaveError, match="no space left on device; there is no checkpoint yet"):
+        fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
+    assert not list(tmp_path.glob("*last*")) and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.slow
+def test_sharded_sigterm_stop_and_rerun_is_bit_identical_with_per_process_buffers(tmp_path):
+    opts = dict(SHARDED, epochs=1, save_every=0, log_every=4)
+    reference = run_worker(tmp_path, dict(opts, out="ref"))
+    stopped = run_worker(tmp_path, dict(opts, fault=[0, 6, "term"]))
+    assert stopped.returncode != 0 and "exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
+    assert tl.load_checkpoint(tmp_path / "run" / "last")["step"] == 8  # agreed at a log point
+    resumed = run_worker(tmp_path, opts)
+    assert reference.returncode == 0 and resumed.returncode == 0, resumed.stderr[-3000:]
+    a = sharded_tensors(tmp_path / "ref" / "last", worker_model(), ema=0.9)
+    b = sharded_tensors(tmp_path / "run" / "last", worker_model(), ema=0.9)
+    assert_same_tensors(a, b)  # the BatchNorm statistics of rank 1 were its own, not rank 0's
+
+
+@pytest.mark.slow
+def test_sharded_validation_with_fewer_batches_than_processes_is_refused_first(tmp_path):
+    result = run_worker(tmp_path, dict(SHARDED, n_val=1))
+    assert "exitcode  : 2 " in result.stderr, result.stderr[-3000:]  # torchrun's own is 1
+    assert result.stderr.count("trainloop: error: val_data has fewer batches than processes") == 1
+    assert not re.search(r"\[rank\d\]: Traceback", result.stderr)  # torchrun shows its own
+    assert not (tmp_path / "run" / "last").exists()  # before any training
+
+
+SHARDED_LOOP = textwrap.dedent("""
+    import sys, torch, torch.nn as nn
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import TensorDataset
+    import trainloop as tl
+
+    rt = tl.setup_device("cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    for block in (model[0], model[2], model):
+        fully_shard(block)
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    for batch in tl.make_loader(data, batch_size=8, runtime=rt, workers=0):
+        tl.train_step(state, [batch], runtime=rt)
+    for _ in range(3):
+        tl.save_checkpoint(sys.argv[1], state)  # no runtime: the process group's
+    again = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    tl.load_checkpoint(sys.argv[1], again)
+    print("step", again.step, flush=True)
+    tl.teardown(rt)
+""")
+
+
+@pytest.mark.slow
+def test_building_blocks_save_a_sharded_state_under_torchrun_without_a_runtime(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(SHARDED_LOOP)
+    cmd = torchrun_cmd("--standalone", "--nproc-per-node", 2, script, tmp_path / "ckpt")
+    result = run(cmd, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 4") == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["ckpt", "ckpt.prev"]

@@ -927,8 +927,6 @@ def evaluate(
         for name, value in _batch_metrics(output, target, loss, metrics or {}).items():
             sums[name] = sums.get(name, 0.0) + value.detach() * n
         count += n
-    if extra and batch is None:
-        raise UsageError("val_data has fewer batches than processes; give it more samples")
     for _ in range(extra):  # so that this process takes part in the others' last gathers
         _forward(model, batch, loss_fn, rt)
     model.train(was_training)
@@ -1039,7 +1037,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     sharded model (FSDP2's fully_shard at its root) is saved as a directory instead, every
     process writing its own shards (see _save_sharded).
     """
-    runtime = runtime or Runtime(_device_of(state.model))
+    runtime = runtime or _runtime_of(state.model)
     _check_extra(extra)
     sharded = _is_sharded(state.model)
     finite = [_local(p.detach()).isfinite().all() for p in state.model.parameters()]
@@ -1073,6 +1071,14 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     _barrier(runtime)
 
 
+def _runtime_of(model: nn.Module) -> Runtime:
+    """Where a checkpoint is saved or loaded when no runtime is given: the model's device, and
+    this process's place in its process group (if any: every process must call)."""
+    if not dist.is_initialized():
+        return Runtime(_device_of(model))
+    return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
+
+
 def _is_sharded(model: nn.Module) -> bool:
     """Whether fully_shard (FSDP2) was applied to `model` itself."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not even imported: nothing is sharded
@@ -1092,11 +1098,9 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    # Buffers (BatchNorm statistics) are not sharded and drift apart between processes; all
-    # take rank 0's, which the checkpoint holds, so a resumed run goes on as an unbroken one.
-    for module in (state.model, state.ema) if runtime.world_size > 1 else ():
-        for buffer in module.buffers() if module is not None else ():
-            dist.broadcast(buffer, 0)
+    # Buffers (BatchNorm statistics) are not sharded and differ between processes: each
+    # process's are kept, so that a resumed run goes on as an unbroken one.
+    header = {**header, "buffers": _gather(_buffers(state), runtime)}
     tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
     if state.ema is not None:
         tensors["ema"] = get_model_state_dict(state.ema)
@@ -1114,7 +1118,28 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
             _write_synced(tmp / "checksums.json", json.dumps(crcs, indent=0))
             _swap_in(tmp, path)
     except (OSError, RuntimeError, CheckpointException) as e:
+        if runtime.is_main:  # partial shards would keep the disk full
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SaveError):  # trainloop.pt's, already said
+            raise
         raise SaveError(_save_failure(e, path, keep_previous=True)) from e
+
+
+def _buffers(state: TrainState) -> dict:
+    modules = {"model": state.model, "ema": state.ema}
+    return {
+        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
+        for part, module in modules.items()
+        if module is not None
+    }
+
+
+def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
+    """Every process takes rank 0's buffers (BatchNorm statistics), which DDP broadcasts at
+    every step but FSDP does not."""
+    for module in (state.model, state.ema) if runtime.world_size > 1 else ():
+        for buffer in module.buffers() if module is not None else ():
+            dist.broadcast(buffer, 0)
 
 
 def _checksums(directory: Path, rank: int, world: int) -> dict:
@@ -1164,17 +1189,8 @@ def _scheduler_state(scheduler) -> dict:
     return {"type": type(scheduler).__name__, **scheduler.state_dict()}
 
 
-_RESERVED = {
-    "format",
-    "trainloop",
-    "model",
-    "optimizer",
-    "scheduler",
-    "scaler",
-    "ema",
-    "rng",
-    "sharded",
-}
+# The state's own checkpoint entries, beside _COUNTERS and world_size.
+_RESERVED = set("format trainloop model optimizer scheduler scaler ema rng sharded buffers".split())
 
 
 def _check_extra(extra: dict) -> None:
@@ -1232,7 +1248,7 @@ def load_checkpoint(
     of processes, and a file into either; with several processes every one must call it.
     """
     path = Path(path)
-    runtime = runtime or Runtime(_device_of(state.model) if state else torch.device("cpu"))
+    runtime = runtime or _runtime_of(state.model if state else nn.Module())
     if path.is_dir():
         _check_directory(path, runtime)
         ckpt = _read_checkpoint(path / "trainloop.pt")
@@ -1291,16 +1307,22 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
 
 class _CheckpointRecords(pickle.Unpickler):
     """Unpickles torch.distributed.checkpoint's metadata and nothing else: its own classes,
-    torch dtypes, sizes and layouts, and paths."""
+    torch dtypes, sizes and layouts, and paths. Names are checked before anything is imported
+    or looked up, and a class must be defined where the file says it is."""
 
     def find_class(self, module: str, name: str):
-        found = super().find_class(module, name)
-        own = module.startswith("torch.distributed.checkpoint.") and isinstance(found, type)
-        torch_values = found in (torch.Size, torch.serialization._get_layout)
-        path = isinstance(found, type) and issubclass(found, os.PathLike)
-        if own or torch_values or path or isinstance(found, torch.dtype):
-            return found
+        own = module.startswith("torch.distributed.checkpoint.") and "." not in name
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if own or dtype or (module, name) in _TORCH_RECORDS:
+            found = super().find_class(module, name)
+            if not own or isinstance(found, type) and found.__module__ == module:
+                return found
         raise pickle.UnpicklingError(f"holds {module}.{name}, which could run code")
+
+
+_TORCH_RECORDS = {("torch", "Size"), ("torch.serialization", "_get_layout")} | {
+    ("pathlib", kind) for kind in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")
+}
 
 
 def _mismatch(error: Exception) -> str:
@@ -1324,7 +1346,7 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
         )
     try:
         if path.is_dir():
-            _load_shards(state, ckpt["sharded"], path)
+            _load_shards(state, ckpt, path, runtime)
         elif _is_sharded(state.model):
             _load_whole(state, ckpt)
         else:
@@ -1352,11 +1374,13 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
         _seed_everything(_mix_seed(seed, state.step), runtime.rank)
 
 
-def _load_shards(state: TrainState, parts: list, path: Path) -> None:
+def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
     """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
-    reads the pieces of each tensor that this process holds, however it was sharded."""
+    reads the pieces of each tensor that this process holds, however it was sharded. Buffers
+    are this process's own (rank 0's on another number of processes)."""
     from torch.distributed.checkpoint import state_dict as sd
 
+    parts = ckpt["sharded"]
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
     _read_shards({"model": model, "optimizer": optimizer}, path)
     sd.set_state_dict(
@@ -1366,6 +1390,10 @@ def _load_shards(state: TrainState, parts: list, path: Path) -> None:
         ema = sd.get_model_state_dict(state.ema)
         _read_shards({"ema" if "ema" in parts else "model": ema}, path)
         sd.set_model_state_dict(state.ema, ema)
+    buffers = ckpt["buffers"][runtime.rank if ckpt["world_size"] == runtime.world_size else 0]
+    for part, module in (("model", state.model), ("ema", state.ema)):
+        for name, buffer in module.named_buffers() if module is not None else ():
+            buffer.copy_(buffers[part if part in buffers else "model"][name])
 
 
 def _load_whole(state: TrainState, ckpt: dict) -> None:
@@ -1967,6 +1995,7 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     config = job.config
     started = time.monotonic()
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
+    _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
     if val is not None:
         scores = evaluate(
             state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
@@ -2055,8 +2084,8 @@ _NOT_TRAJECTORY = set(
 def _resume_file(config: Config) -> Path:
     if not Path(config.resume).exists():
         raise UsageError(
-            f"resume={config.resume!r}: no such file; use resume='auto', resume='none' or an "
-            "existing checkpoint"
+            f"resume={config.resume!r}: no such file or directory; use resume='auto', "
+            "resume='none' or an existing checkpoint"
         )
     return Path(config.resume)
 
@@ -2099,7 +2128,10 @@ def _resume(state: TrainState, job: _Job) -> None:
     _barrier(rt)
     if rt.is_main:
         for path in corrupt:  # set aside, so that no save rotates it over a good file
-            os.replace(path, path.with_name(path.stem + ".corrupt" + path.suffix))
+            aside = path.with_name(path.stem + ".corrupt" + path.suffix)
+            if aside.is_dir():  # a directory is not replaced
+                shutil.rmtree(aside)
+            os.replace(path, aside)
 
 
 def _warn_changes(ckpt: dict, job: _Job) -> None:
@@ -2176,7 +2208,7 @@ def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Co
     )
 
 
-def _check_data(train_data, train, val_data) -> int:
+def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool) -> int:
     """The number of training samples (0: unknown); a UsageError for data that cannot train."""
     try:
         batches = len(train)
@@ -2191,6 +2223,14 @@ def _check_data(train_data, train, val_data) -> int:
         raise UsageError("train_data is empty: there is nothing to train on")
     if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
+    if (
+        shard
+        and hasattr(val, "__len__")
+        and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]
+    ):
+        raise UsageError(  # every sharded forward needs all processes
+            "val_data has fewer batches than processes; give it more samples or drop shard=True"
+        )
     return size
 
 
@@ -2260,7 +2300,7 @@ def fit(
         console = _console(log, config.quiet, rt)
         train = _as_loader(train_data, config, rt, True, console)
         val = _as_loader(val_data, config, rt, False, console)
-        size = _check_data(train_data, train, val_data)
+        size = _check_data(train_data, train, val_data, val, rt, config.shard)
         steps = math.ceil(len(train) / config.accumulate)
         with _group_of_one(config.shard, rt):
             model, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
@@ -2767,8 +2807,8 @@ def _check_model_name(name: str) -> None:
 def _eval_path(config: Config) -> Path:
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
-    if config.resume == "auto" and not path.is_file():
-        path = out / ("last" if config.shard else "last.pt")
+    if config.resume == "auto" and not path.is_file():  # the training checkpoint, either kind
+        path = out / "last.pt" if (out / "last.pt").is_file() else out / "last"
     if not path.exists():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
     return path
