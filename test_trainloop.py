@@ -3543,3 +3543,9 @@ def test_building_blocks_save_a_sharded_state_under_torchrun_without_a_runtime(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 4") == 2
     assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["ckpt", "ckpt.prev"]
+
+
+def test_fit_shard_fp16_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
+    history = fit_mlp(n=96, epochs=3, lr=0.1, shard=True, precision="fp16", out=tmp_path)
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert tl.load_checkpoint(tmp_path / "last")["scaler"]["scale"] > 0
