@@ -3549,3 +3549,48 @@ def test_fit_shard_fp16_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
     history = fit_mlp(n=96, epochs=3, lr=0.1, shard=True, precision="fp16", out=tmp_path)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert tl.load_checkpoint(tmp_path / "last")["scaler"]["scale"] > 0
+
+
+COUNT_COLLECTIVES = textwrap.dedent("""
+    import json, torch, torch.nn as nn
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as group
+    from torch.utils.data import TensorDataset
+    import trainloop as tl
+
+    calls = {"gather": 0, "reduce": 0}
+
+    def counted(kind, collective):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return collective(*args, **kwargs)
+        return call
+
+    group.foreach_all_gather = counted("gather", group.foreach_all_gather)
+    group.foreach_reduce = counted("reduce", group.foreach_reduce)
+    rt = tl.setup_device("cpu")
+    torch.manual_seed(0)
+    model, _ = tl._shard(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
+                         tl.Config(), rt, None)
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    data = TensorDataset(torch.randn(96, 8), torch.randint(0, 3, (96,)))
+    batches = list(tl.make_loader(data, batch_size=16, runtime=rt, workers=0))
+    counts = []
+    for group_of in (batches[:1], batches[:3]):
+        tl.train_step(state, group_of, runtime=rt)
+        counts.append(dict(calls))
+        calls.update(gather=0, reduce=0)
+    if rt.is_main:
+        print(json.dumps(counts), flush=True)
+    tl.teardown(rt)
+""")
+
+
+@pytest.mark.slow
+def test_sharded_accumulation_gathers_and_reduces_no_more_than_one_batch(tmp_path):
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_COLLECTIVES)
+    result = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, three = json.loads(result.stdout.strip().splitlines()[-1])
+    assert one == {"gather": 4, "reduce": 2}  # 2 blocks: gathered for forward and backward
+    assert three == one  # 3 micro-batches: nothing gathered or reduced in between

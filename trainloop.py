@@ -820,15 +820,21 @@ def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, 
 
 @contextlib.contextmanager
 def _no_sync_sharded(model):
-    """FSDP2's no_sync: gradients stay whole and unreduced on each process, and the weights
-    gathered for backward stay gathered for the next micro-batch."""
+    """FSDP2's no_sync: gradients stay whole and unreduced on each process and gathered weights
+    stay gathered until the last micro-batch, so nothing is gathered or reduced in between (at
+    the cost of whole weights and gradients in memory meanwhile)."""
+    blocks = [m for m in model.modules() if m is not model and _is_sharded(m)]
     model.set_requires_gradient_sync(False)
     model.set_reshard_after_backward(False)
+    for block in blocks:  # the root keeps its own setting
+        block.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
         model.set_requires_gradient_sync(True)
         model.set_reshard_after_backward(True)
+        for block in blocks:
+            block.set_reshard_after_forward(True, recurse=False)
 
 
 def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channels_last: bool):
