@@ -3594,3 +3594,13 @@ def test_sharded_accumulation_gathers_and_reduces_no_more_than_one_batch(tmp_pat
     one, three = json.loads(result.stdout.strip().splitlines()[-1])
     assert one == {"gather": 4, "reduce": 2}  # 2 blocks: gathered for forward and backward
     assert three == one  # 3 micro-batches: nothing gathered or reduced in between
+
+
+def test_downloads_once_lets_the_first_process_of_each_machine_go_first(monkeypatch):
+    events = []
+    monkeypatch.setattr(tl, "_barrier", lambda runtime: events.append("barrier"))
+    for local_rank in (0, 1):
+        rt = tl.Runtime(torch.device("cpu"), rank=local_rank, local_rank=local_rank, world_size=2)
+        with tl._downloads_once(rt):
+            events.append(f"download {local_rank}")
+    assert events == ["download 0", "barrier", "barrier", "download 1"]

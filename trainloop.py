@@ -2866,18 +2866,30 @@ def _train_process(config: Config) -> int:
             path = _eval_path(config)
             ckpt = load_checkpoint(path)
             config = _as_trained(config, ckpt)
-        train, val, info = load_data(config, rgb=config.model != "smallcnn")
-        config = _data_settings(config, info, runtime, (len(train), len(val)))
-        torch.manual_seed(config.seed)  # the same initial weights in every process
-        weights = "" if config.eval_only else config.weights  # the checkpoint has them
-        shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
-        model = build_model(config.model, weights=weights, **shape)
+        with _downloads_once(runtime):
+            train, val, info = load_data(config, rgb=config.model != "smallcnn")
+            config = _data_settings(config, info, runtime, (len(train), len(val)))
+            torch.manual_seed(config.seed)  # the same initial weights in every process
+            weights = "" if config.eval_only else config.weights  # the checkpoint has them
+            shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
+            model = build_model(config.model, weights=weights, **shape)
         if config.eval_only:
             return _eval_only(model, val, config, runtime, path, ckpt)
         fit(model, train, val, config=config, runtime=runtime)
         return 0
     finally:
         teardown(runtime)
+
+
+@contextlib.contextmanager
+def _downloads_once(runtime: Runtime):
+    """The first process of each machine runs the block (downloading data or weights into the
+    machine's cache) before the others, which then find it there."""
+    if runtime.local_rank != 0:
+        _barrier(runtime)
+    yield
+    if runtime.local_rank == 0:
+        _barrier(runtime)
 
 
 def _worker(options: dict) -> None:
