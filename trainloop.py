@@ -1079,8 +1079,9 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
 
 def _runtime_of(model: nn.Module) -> Runtime:
     """Where a checkpoint is saved or loaded when no runtime is given: the model's device, and
-    this process's place in its process group (if any: every process must call)."""
-    if not dist.is_initialized():
+    for a sharded model this process's place in the process group (every process must call;
+    a plain model's checkpoint can be saved or loaded by one process alone)."""
+    if not (_is_sharded(model) and dist.is_initialized()):
         return Runtime(_device_of(model))
     return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
 
@@ -1388,13 +1389,14 @@ def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) ->
 
     parts = ckpt["sharded"]
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
-    _read_shards({"model": model, "optimizer": optimizer}, path)
+    alone = not _is_sharded(state.model)  # whole tensors: no process needs another
+    _read_shards({"model": model, "optimizer": optimizer}, path, alone)
     sd.set_state_dict(
         state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
     )
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
-        _read_shards({"ema" if "ema" in parts else "model": ema}, path)
+        _read_shards({"ema" if "ema" in parts else "model": ema}, path, alone)
         sd.set_model_state_dict(state.ema, ema)
     buffers = ckpt["buffers"][runtime.rank if ckpt["world_size"] == runtime.world_size else 0]
     for part, module in (("model", state.model), ("ema", state.ema)):
@@ -1442,20 +1444,20 @@ def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
         model.load_state_dict(ckpt[name])
         return
     weights = model.state_dict()
-    _read_shards({name: weights}, path)
+    _read_shards({name: weights}, path, alone=True)
     model.load_state_dict(weights)
 
 
-def _read_shards(parts: dict, path: Path) -> None:
-    """Fill the tensors of `parts` in place from a sharded checkpoint (alone, without a process
-    group: torch would warn about that every time)."""
+def _read_shards(parts: dict, path: Path, alone: bool) -> None:
+    """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
+    other processes (torch would warn about that every time)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(parts, checkpoint_id=path, no_dist=not dist.is_initialized())
+            dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
     except CheckpointException as e:  # a BaseException holding every process's traceback
         raise ValueError(str(e).strip().splitlines()[-1]) from None  # the cause, as one line
 
