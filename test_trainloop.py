@@ -3244,7 +3244,7 @@ def test_a_file_checkpoint_resumes_a_sharded_run_and_a_directory_a_plain_one(tmp
 def test_a_damaged_shard_is_reported_and_the_previous_directory_resumes(tmp_path):
     fit_mlp(n=96, epochs=2, out=tmp_path, shard=True)
     damage(tmp_path / "last" / "__0_0.distcp")
-    with pytest.raises(tl.CheckpointError, match="__0_0.distcp is missing or fails its checksum"):
+    with pytest.raises(tl.CheckpointError, match="__0_0.distcp fails its checksum"):
         tl.load_checkpoint(tmp_path / "last")
     lines = []
     history = fit_mlp(n=96, epochs=3, out=tmp_path, shard=True, log=lines.append)
@@ -3300,10 +3300,44 @@ def short(text: str) -> bytes:
     return b"\x8c" + bytes([len(text)]) + text.encode()
 
 
-def test_fit_shard_refuses_an_optimizer_object():
+def test_fit_shard_refuses_an_optimizer_or_scheduler_object_and_bad_blocks():
     model = mlp()
-    with pytest.raises(tl.UsageError, match="pass its name"):
-        tl.fit(model, blobs(), shard=True, optimizer=torch.optim.SGD(model.parameters(), 0.1))
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    refused = [
+        (dict(shard=True, optimizer=optimizer), "pass its name"),
+        (dict(shard=True, scheduler=scheduler), "a scheduler as a function optimizer -> scheduler"),
+        (dict(shard_blocks=[nn.Linear]), "shard_blocks is for shard=True"),
+        (dict(shard=True, shard_blocks=nn.Linear), "must be a list of module classes"),
+        (dict(shard=True, shard_blocks=["Linear"]), "must be a list of module classes"),
+        (dict(shard=True, shard_blocks=[nn.Conv2d]), r"\['Conv2d'\]: the model holds no such"),
+    ]
+    for settings, message in refused:
+        with pytest.raises(tl.UsageError, match=message):
+            tl.fit(mlp(), blobs(), **quiet(**settings))
+
+
+def test_resume_auto_takes_last_before_last_prev_whatever_their_times(tmp_path):
+    fit_mlp(n=96, epochs=2, out=tmp_path, shard=True)
+    os.utime(tmp_path / "last.prev", (time.time() + 60, time.time() + 60))  # as a copy may leave
+    lines = []
+    fit_mlp(n=96, epochs=2, out=tmp_path, shard=True, log=lines.append, quiet=False)
+    assert any("last: already complete (2 of 2 epochs)" in line for line in lines), lines
+
+
+def test_a_file_inside_a_sharded_checkpoint_is_refused_naming_its_directory(tmp_path):
+    fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
+    with pytest.raises(
+        tl.UsageError, match=f"part of a sharded checkpoint; pass {tmp_path / 'last'}"
+    ):
+        tl.load_checkpoint(tmp_path / "last" / "trainloop.pt")
+
+
+def test_checksums_that_leave_out_a_file_are_refused(tmp_path):
+    fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
+    (tmp_path / "last" / "checksums.json").write_text("{}")
+    with pytest.raises(tl.CheckpointError, match="is not as checksums.json lists"):
+        tl.load_checkpoint(tmp_path / "last")
 
 
 def test_shard_blocks_names_the_modules_sharded_one_by_one():

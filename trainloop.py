@@ -1261,6 +1261,8 @@ def load_checkpoint(
         ckpt = _read_checkpoint(path / "trainloop.pt")
     elif path.is_file():
         ckpt = _read_checkpoint(path)
+        if "sharded" in ckpt:
+            raise UsageError(f"{path} is part of a sharded checkpoint; pass {path.parent}")
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if state is not None:
@@ -1300,11 +1302,16 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
             f"{path} is incomplete (no readable checksums.json: {_first_line(e)}); resume from "
             "another checkpoint"
         ) from None
-    names = sorted(crcs)[runtime.rank :: runtime.world_size]
-    mine = [n for n in names if not (path / n).is_file() or _crc32(path / n) != crcs[n]]
+    files = {p.name for p in path.iterdir()} - {"checksums.json"}
+    differ = sorted(files.symmetric_difference(crcs) | ({".metadata", "trainloop.pt"} - files))
+    if differ:  # a file missing, or one the checksums do not cover
+        raise CheckpointError(f"{path} is corrupt: {differ[0]} is not as checksums.json lists")
+    mine = [
+        n for n in sorted(files)[runtime.rank :: runtime.world_size] if _crc32(path / n) != crcs[n]
+    ]
     bad = sorted(n for share in _gather(mine, runtime) for n in share)
     if bad:
-        raise CheckpointError(f"{path} is corrupt: {bad[0]} is missing or fails its checksum")
+        raise CheckpointError(f"{path} is corrupt: {bad[0]} fails its checksum")
     try:
         with open(path / ".metadata", "rb") as f:
             _CheckpointRecords(f).load()
@@ -1596,6 +1603,9 @@ def _blocks(model: nn.Module, types) -> list:
     """The modules to shard one by one, innermost first."""
     if types:
         found = [m for m in model.modules() if isinstance(m, tuple(types)) and m is not model]
+        if not found:
+            names = [t.__name__ for t in types]
+            raise UsageError(f"shard_blocks={names}: the model holds no such module")
         return found[::-1]
     while True:  # go down through wrappers: a module whose parameters all sit in one child
         holders = [c for c in model.children() if next(c.parameters(), None) is not None]
@@ -2102,10 +2112,9 @@ def _resume(state: TrainState, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
     config, rt = job.config, job.runtime
     candidates = [_resume_file(config)] if config.resume not in ("auto", "none") else []
-    if config.resume == "auto" and job.out is not None:  # either kind: the newest first
+    if config.resume == "auto" and job.out is not None:  # a file or a directory of shards
         last = [job.out / "last.pt", job.out / "last"]
-        found = [p for p in last + [_previous(p) for p in last] if p.exists()]
-        candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = _newest_first(last) + _newest_first(map(_previous, last))
     corrupt = []
     for i, path in enumerate(candidates):
         try:
@@ -2140,6 +2149,12 @@ def _resume(state: TrainState, job: _Job) -> None:
             if aside.is_dir():  # a directory is not replaced
                 shutil.rmtree(aside)
             os.replace(path, aside)
+
+
+def _newest_first(paths) -> list:
+    """The paths that exist, newest first: both kinds are there only after --shard changed."""
+    found = [p for p in paths if p.exists()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _warn_changes(ckpt: dict, job: _Job) -> None:
@@ -2297,11 +2312,7 @@ def fit(
         _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
         if loss_fn is F.cross_entropy and config.label_smoothing:
             loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-        if config.shard and optimizer is not None:
-            raise UsageError(
-                "shard=True builds the optimizer after sharding the model; pass its name "
-                "(optimizer='sgd' or 'adamw') instead of an Optimizer"
-            )
+        _check_shard(config.shard, optimizer, scheduler, shard_blocks)
         model = _unwrap(model).to(rt.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -2320,6 +2331,22 @@ def fit(
     finally:
         if runtime is None:
             teardown(rt)
+
+
+def _check_shard(shard: bool, optimizer, scheduler, blocks) -> None:
+    """Refuse what sharding cannot take, before anything is built."""
+    if blocks is not None and not shard:
+        raise UsageError("shard_blocks is for shard=True; pass both, or neither")
+    classes = isinstance(blocks, (list, tuple)) and blocks
+    if blocks is not None and not all(isinstance(b, type) for b in classes or [None]):
+        raise UsageError(
+            f"shard_blocks={blocks!r} must be a list of module classes, e.g. [MyBlock]"
+        )
+    if shard and (optimizer is not None or scheduler is not None and not callable(scheduler)):
+        raise UsageError(  # the model's parameters change when it is sharded
+            "shard=True builds the optimizer after sharding the model; pass its name "
+            "(optimizer='sgd' or 'adamw'), and a scheduler as a function optimizer -> scheduler"
+        )
 
 
 @contextlib.contextmanager
