@@ -3483,10 +3483,16 @@ def test_cli_shard_on_one_process_then_eval_only_of_the_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_shard_compile_compiles_each_block_in_place():
-    model = mlp()
-    history = tl.fit(model, blobs(64), epochs=2, batch_size=16, shard=True, compile=True, **quiet())
-    assert [m._compiled_call_impl is not None for m in model] == [True, False, True]
+def test_fit_shard_compile_compiles_each_block_in_place(monkeypatch):
+    compiled, compile = [], nn.Module.compile
+
+    def spy(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", spy)
+    history = tl.fit(mlp(), blobs(64), epochs=2, batch_size=16, shard=True, compile=True, **quiet())
+    assert compiled == ["Linear", "Linear"]  # the two blocks, not the root
     assert history[1]["train_loss"] < history[0]["train_loss"]
 
 
@@ -3638,3 +3644,14 @@ def test_downloads_once_lets_the_first_process_of_each_machine_go_first(monkeypa
         with tl._downloads_once(rt):
             events.append(f"download {local_rank}")
     assert events == ["download 0", "barrier", "barrier", "download 1"]
+
+
+def test_fit_shard_leaves_the_trained_weights_whole_in_the_model_passed(tmp_path):
+    model = mlp()
+    tl.fit(model, blobs(96), epochs=2, batch_size=16, shard=True, out=tmp_path, **quiet())
+    assert all(type(p) is nn.Parameter for p in model.parameters())  # not DTensors
+    saved = sharded_tensors(tmp_path / "last", mlp())
+    assert_same_tensors(
+        state_tensors({"model": model.state_dict()}),
+        {k: v for k, v in saved.items() if k.startswith("model/")},
+    )

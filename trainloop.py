@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import gc
 import importlib.util
 import itertools
 import json
@@ -361,6 +362,9 @@ def setup_device(
 def teardown(runtime: Runtime) -> None:
     """Leave the process group if setup_device joined it."""
     if runtime.owns_process_group and dist.is_initialized():
+        # Sharded models left as garbage hold the group: free them while Python still runs,
+        # since gloo's threads abort the process if the group ends during interpreter exit.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -1576,14 +1580,17 @@ def _sync_bn(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
-    """(model, EMA or None), sharded with FSDP2 over all processes: each block (instances of
-    the classes `blocks`, else the direct children that hold parameters), then the root.
-    Parameters, gradients and optimizer state then take about 1/N of the memory per process;
-    a block's whole weights exist only while it computes. Autocast's dtype is also the
-    weights' compute dtype; gradients are reduced in fp32."""
+    """(a copy of `model`, its EMA or None), sharded with FSDP2 over all processes: each block
+    (instances of the classes `blocks`, else the direct children that hold parameters), then
+    the root. Only each process's shards move to its device, so parameters, gradients and
+    optimizer state take about 1/N of the memory there; a block's whole weights exist only
+    while it computes. Autocast's dtype is also the weights' compute dtype; gradients are
+    reduced in fp32. The model itself is left as it is: FSDP holds the process group in the
+    modules it shards, and gloo aborts the process when such a module outlives the group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    model = copy.deepcopy(model)
     if config.sync_bn and runtime.world_size > 1:
         model = _sync_bn(model, runtime)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None  # FSDP cannot copy
@@ -1597,6 +1604,15 @@ def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
         if module is not None:
             fully_shard(module, mesh=mesh, mp_policy=policy)
     return model, ema
+
+
+def _copy_whole(sharded: nn.Module, plain: nn.Module) -> None:
+    """Write the weights and buffers of `sharded` into `plain`, gathering one tensor at a time
+    (every process must call)."""
+    with torch.no_grad():
+        pairs = zip(plain.state_dict().values(), sharded.state_dict().values(), strict=True)
+        for target, source in pairs:
+            target.copy_(source.full_tensor() if hasattr(source, "full_tensor") else source)
 
 
 def _blocks(model: nn.Module, types) -> list:
@@ -2313,7 +2329,9 @@ def fit(
         if loss_fn is F.cross_entropy and config.label_smoothing:
             loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
         _check_shard(config.shard, optimizer, scheduler, shard_blocks)
-        model = _unwrap(model).to(rt.device)
+        model = _unwrap(model)
+        if not config.shard:  # sharding moves only each process's shards (see _shard)
+            model = model.to(rt.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         console = _console(log, config.quiet, rt)
@@ -2322,12 +2340,16 @@ def fit(
         size = _check_data(train_data, train, val_data, val, rt, config.shard)
         steps = math.ceil(len(train) / config.accumulate)
         with _group_of_one(config.shard, rt):
-            model, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
-            state = _new_state(model, config, rt, optimizer, scheduler, steps, ema)
+            net, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
+            state = _new_state(net, config, rt, optimizer, scheduler, steps, ema)
             out = _prepare_out(config, rt)
             own = scheduler is None
             job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
-            return _train(state, train, val, job)
+            history = _train(state, train, val, job)
+            if net is not model:
+                _copy_whole(net, model)
+            del state, net, ema  # the sharded copy ends before the process group (see teardown)
+            return history
     finally:
         if runtime is None:
             teardown(rt)
@@ -2360,6 +2382,7 @@ def _group_of_one(needed: bool, runtime: Runtime):
     try:
         yield
     finally:
+        gc.collect()  # see teardown
         dist.destroy_process_group()
 
 
@@ -2891,23 +2914,27 @@ def _train_process(config: Config) -> int:
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
-        if config.eval_only:  # read once: it also says how its model was trained
-            path = _eval_path(config)
-            ckpt = load_checkpoint(path)
-            config = _as_trained(config, ckpt)
-        with _downloads_once(runtime):
-            train, val, info = load_data(config, rgb=config.model != "smallcnn")
-            config = _data_settings(config, info, runtime, (len(train), len(val)))
-            torch.manual_seed(config.seed)  # the same initial weights in every process
-            weights = "" if config.eval_only else config.weights  # the checkpoint has them
-            shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
-            model = build_model(config.model, weights=weights, **shape)
-        if config.eval_only:
-            return _eval_only(model, val, config, runtime, path, ckpt)
-        fit(model, train, val, config=config, runtime=runtime)
-        return 0
+        return _train_or_evaluate(config, runtime)
     finally:
-        teardown(runtime)
+        teardown(runtime)  # after the model is gone (see teardown)
+
+
+def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
+    if config.eval_only:  # read once: it also says how its model was trained
+        path = _eval_path(config)
+        ckpt = load_checkpoint(path)
+        config = _as_trained(config, ckpt)
+    with _downloads_once(runtime):
+        train, val, info = load_data(config, rgb=config.model != "smallcnn")
+        config = _data_settings(config, info, runtime, (len(train), len(val)))
+        torch.manual_seed(config.seed)  # the same initial weights in every process
+        weights = "" if config.eval_only else config.weights  # the checkpoint has them
+        shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
+        model = build_model(config.model, weights=weights, **shape)
+    if config.eval_only:
+        return _eval_only(model, val, config, runtime, path, ckpt)
+    fit(model, train, val, config=config, runtime=runtime)
+    return 0
 
 
 @contextlib.contextmanager
