@@ -8,7 +8,8 @@ each on N processes started by torchrun:
   hand    a hand-written FSDP2 loop (fully_shard per layer and at the root, AdamW, no
           checkpoint), the reference for step time
 
-Per process it reports the weights that process holds (its local shards); the memory held in
+Per process it reports the weights that process trains (its local shards; fit(shard=True)
+trains a sharded copy and leaves the model passed, whole, on the CPU); the memory held in
 the last step's loss (weights, AdamW's state, DDP's gradient buckets, a step's activations: on
 a CPU the growth of the resident set since before the model was built, on a GPU
 torch.cuda.memory_allocated); the peak (on a CPU the peak resident set, torch
@@ -71,10 +72,18 @@ def worker(args) -> None:
         torch.randn(n, args.width, generator=g), torch.randint(0, 10, (n,), generator=g)
     )
     before = resident(runtime.device)
-    model = build(args.width, args.layers).to(runtime.device)
-    times = []
+    model = build(args.width, args.layers)  # fit(shard=True) moves only a sharded copy
+    if args.variant != "shard":
+        model = model.to(runtime.device)
+    trained = [model]  # the module that trains: for shard, fit's sharded copy
 
-    held = []
+    def keep_copy(*args, **kwargs):
+        copy, ema = shard(*args, **kwargs)
+        trained[0] = copy
+        return copy, ema
+
+    shard, tl._shard = tl._shard, keep_copy
+    times, held = [], []
 
     def timed_loss(output, target):  # called once a step: the time between calls is a step
         times.append(time.perf_counter())
@@ -103,8 +112,10 @@ def worker(args) -> None:
     figures = {"variant": args.variant, "rank": runtime.rank, "world": runtime.world_size}
     figures.update(peak=peak(runtime.device), step_ms=1000 * step)
     figures.update(held=held[0])
-    figures.update(params=sum(tl._local(p).nbytes for p in model.parameters()))
-    print("FIGURES " + json.dumps(figures), flush=True)
+    figures.update(params=sum(tl._local(p).nbytes for p in trained[0].parameters()))
+    rows = tl._gather(figures, runtime)  # printed by one process: no interleaved lines
+    for row in rows if runtime.is_main else ():
+        print("FIGURES " + json.dumps(row), flush=True)
     tl.teardown(runtime)
 
 
