@@ -2273,6 +2273,18 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
     return size
 
 
+def _settings(config: Optional[Config], overrides: dict) -> Config:
+    """`config` (default: Config()) with fit's keyword overrides, checked."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    for bad in (k for k in overrides if k not in names):
+        close = difflib.get_close_matches(bad, names, n=3)
+        raise UsageError(
+            f"fit() got an unknown setting {bad!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
+    return check_config(dataclasses.replace(config or Config(), **overrides))
+
+
 def fit(
     model: nn.Module,
     train_data,
@@ -2310,14 +2322,7 @@ def fit(
     """
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
-    names = [f.name for f in dataclasses.fields(Config)]
-    for bad in (k for k in overrides if k not in names):
-        close = difflib.get_close_matches(bad, names, n=3)
-        raise UsageError(
-            f"fit() got an unknown setting {bad!r}"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
-        )
-    config = check_config(dataclasses.replace(config or Config(), **overrides))
+    config = _settings(config, overrides)
     rt = runtime or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
