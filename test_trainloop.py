@@ -3570,8 +3570,13 @@ SHARDED_LOOP = textwrap.dedent("""
     again = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     tl.load_checkpoint(sys.argv[1], again)
     steps = tl._gather(again.step, rt)  # one process prints: lines are not interleaved
+    try:  # a process without a batch: every process is told, none hangs
+        tl.evaluate(model, [batch] if rt.rank == 0 else [], runtime=rt)
+    except tl.UsageError as e:
+        refused = tl._gather(str(e), rt)
     if rt.is_main:
         print("steps", steps, flush=True)
+        print("refused", refused, flush=True)
     tl.teardown(rt)
 """)
 
@@ -3584,6 +3589,7 @@ def test_building_blocks_save_a_sharded_state_under_torchrun_without_a_runtime(t
     result = run(cmd, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps [4, 4]" in result.stdout
+    assert result.stdout.count("needs a batch on every process") == 2, result.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["ckpt", "ckpt.prev"]
 
 

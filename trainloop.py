@@ -930,7 +930,10 @@ def evaluate(
     model.eval()
     sums, count, batch, extra = {}, 0, None, 0
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
-        extra = int(_all_reduce([len(data)], rt, dist.ReduceOp.MAX)[0]) - len(data)
+        most, fewest = _all_reduce([len(data), -len(data)], rt, dist.ReduceOp.MAX)
+        if fewest == 0:  # -0: a process without a batch has no input to take part with
+            raise UsageError("evaluate on a sharded model needs a batch on every process")
+        extra = int(most) - len(data)
     for batch in data:
         output, loss, target = _forward(model, batch, loss_fn, rt)
         n = _sizes([batch])[0]
@@ -1059,13 +1062,14 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
             "the weights are no longer finite (NaN or inf); the last good checkpoint was kept. "
             "Lower lr or use clip_grad"
         )
-    rng = _gather(_rng_state(runtime), runtime)
     scheduler = state.scheduler
     header = {
-        "scheduler": None if scheduler is None else _scheduler_state(scheduler),
+        "scheduler": {"type": type(scheduler).__name__, **scheduler.state_dict()}
+        if scheduler is not None
+        else None,
         "scaler": state.scaler.state_dict(),
         **{k: getattr(state, k) for k in _COUNTERS},
-        "rng": rng,
+        "rng": _gather(_rng_state(runtime), runtime),
         "world_size": runtime.world_size,
         **extra,
     }
@@ -1194,10 +1198,6 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)  # makes renames in it survive a power cut
     finally:
         os.close(fd)
-
-
-def _scheduler_state(scheduler) -> dict:
-    return {"type": type(scheduler).__name__, **scheduler.state_dict()}
 
 
 # The state's own checkpoint entries, beside _COUNTERS and world_size.
