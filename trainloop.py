@@ -2726,24 +2726,12 @@ class _Normalize(nn.Module):
 
 def small_cnn(channels: int, classes: int) -> nn.Sequential:
     """The default model: three conv-BN-ReLU blocks, global pooling and a linear head."""
-
-    def block(c_in, c_out):
-        return [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
-
-    return nn.Sequential(
-        *block(channels, 32),
-        nn.MaxPool2d(2),
-        *block(32, 64),
-        nn.MaxPool2d(2),
-        *block(64, 128),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, classes),
-    )
+    layers = []
+    for c_in, c_out in ((channels, 32), (32, 64), (64, 128)):
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    layers[-1] = nn.AdaptiveAvgPool2d(1)  # the last block pools globally
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128, classes))
 
 
 def build_model(
