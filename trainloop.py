@@ -2855,23 +2855,21 @@ def _check_model_name(name: str) -> None:
         )
 
 
-def _eval_path(config: Config) -> Path:
+def _eval_checkpoint(config: Config) -> tuple:
+    """(config, path, checkpoint) for --eval-only: the checkpoint is read once, and the config
+    takes the image size, normalization and weights it was trained with (its config) where the
+    command line leaves them at their defaults."""
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():  # the training checkpoint, either kind
         path = out / "last.pt" if (out / "last.pt").is_file() else out / "last"
     if not path.exists():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
-    return path
-
-
-def _as_trained(config: Config, ckpt: dict) -> Config:
-    """For --eval-only: the image size, normalization and weights the checkpoint was trained
-    with (its config), where the command line leaves them at their defaults."""
+    ckpt = load_checkpoint(path)
     saved = ckpt.get("config", {})
     names = [k for k in ("image_size", "mean", "std", "weights") if k in saved]
     unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
-    return dataclasses.replace(config, **{k: saved[k] for k in unset})
+    return dataclasses.replace(config, **{k: saved[k] for k in unset}), path, ckpt
 
 
 def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -> Config:
@@ -2913,10 +2911,8 @@ def _train_process(config: Config) -> int:
 
 
 def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
-    if config.eval_only:  # read once: it also says how its model was trained
-        path = _eval_path(config)
-        ckpt = load_checkpoint(path)
-        config = _as_trained(config, ckpt)
+    if config.eval_only:
+        config, path, ckpt = _eval_checkpoint(config)
     with _downloads_once(runtime):
         train, val, info = load_data(config, rgb=config.model != "smallcnn")
         config = _data_settings(config, info, runtime, (len(train), len(val)))
