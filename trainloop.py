@@ -2537,12 +2537,10 @@ _VAL_CROP = 0.875
 
 
 class _ImageFiles(Dataset):
-    """Image files decoded per sample into (uint8 RGB image (3, size, size), label).
-
-    With `augment`, torchvision's random resized crop (a share _CROP_AREA of the area, aspect
-    3:4 to 4:3) and a horizontal flip; else a center crop of `ratio` of the shorter side.
-    Random draws use torch's global RNG, which loader workers seed per sample.
-    """
+    """Image files decoded per sample into (uint8 RGB image (3, size, size), label): with
+    `augment` a random resized crop (_CROP_AREA, aspect 3:4 to 4:3) and a horizontal flip, drawn
+    from torch's global RNG, which loader workers seed per sample; else a center crop of `ratio`
+    of the shorter side."""
 
     def __init__(self, samples, size: int, augment: bool, ratio: float):
         self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
@@ -2573,11 +2571,9 @@ class _ImageFiles(Dataset):
 
 
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
-    """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized.
-
-    A JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's
-    draft mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io.
-    """
+    """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized. A
+    JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft
+    mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io."""
     from PIL import Image
     from torchvision.transforms.v2.functional import resized_crop
 
