@@ -2489,46 +2489,6 @@ _TORCHVISION_DATA = {
 _BUILTIN_DATA = ("synthetic", *_TORCHVISION_DATA)  # any other --data is a directory
 
 
-def _load_torchvision(config: Config):
-    import torchvision
-
-    cls = getattr(torchvision.datasets, _TORCHVISION_DATA[config.data])
-    try:
-        parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
-    except RuntimeError as e:
-        raise UsageError(
-            f"data={config.data!r}: not found under {config.data_root}/ ({e}); add "
-            "download=True to fetch it, or copy the files there"
-        ) from None
-    splits = []
-    for part in parts:
-        images = torch.as_tensor(np.asarray(part.data))
-        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-        splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
-    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)
-    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
-    return [((x - mean) / std, y) for x, y in splits]
-
-
-def _tensor_data(config: Config, rgb: bool):
-    if config.data == "synthetic":
-        splits = synthetic_images(config.seed, size=config.image_size or 32)
-    else:
-        splits = _load_torchvision(config)
-    (x_train, y_train), (x_val, y_val) = splits
-    if config.image_size and x_train.shape[-1] != config.image_size:
-        size = (config.image_size, config.image_size)
-        x_train, x_val = (
-            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
-        )
-    if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
-        x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
-    pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
-    info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
-    info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
-    return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
-
-
 # Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
 # long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
 # validation crops the center _VAL_CROP of the shorter side (224 of 256).
@@ -2697,13 +2657,49 @@ def _per_channel(name: str, text: str) -> Optional[tuple]:
     return values * 3 if values and len(values) == 1 else values
 
 
+def _load_torchvision(config: Config):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, _TORCHVISION_DATA[config.data])
+    try:
+        parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
+    except RuntimeError as e:
+        raise UsageError(
+            f"data={config.data!r}: not found under {config.data_root}/ ({e}); add "
+            "download=True to fetch it, or copy the files there"
+        ) from None
+    splits = []
+    for part in parts:
+        images = torch.as_tensor(np.asarray(part.data))
+        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
+    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)
+    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
+    return [((x - mean) / std, y) for x, y in splits]
+
+
 def load_data(config: Config, rgb: bool = False):
     """The CLI's data: (train, val, info) for --data; info = {"channels", "classes",
     "image_size", "mean", "std"}. Built-in sets are normalized float tensors (mean and std
     None); an image folder's uint8 RGB images need a model from build_model(..., mean, std)."""
-    if config.data in _BUILTIN_DATA:
-        return _tensor_data(config, rgb)
-    return _image_folder(config)
+    if config.data not in _BUILTIN_DATA:
+        return _image_folder(config)
+    if config.data == "synthetic":
+        splits = synthetic_images(config.seed, size=config.image_size or 32)
+    else:
+        splits = _load_torchvision(config)
+    (x_train, y_train), (x_val, y_val) = splits
+    if config.image_size and x_train.shape[-1] != config.image_size:
+        size = (config.image_size, config.image_size)
+        x_train, x_val = (
+            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
+        )
+    if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
+        x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
+    pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
+    info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
+    info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
+    return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
 class _Normalize(nn.Module):
