@@ -2891,6 +2891,17 @@ def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime, path: Pa
     return 0
 
 
+@contextlib.contextmanager
+def _downloads_once(runtime: Runtime):
+    """The first process of each machine runs the block (downloading data or weights into the
+    machine's cache) before the others, which then find it there."""
+    if runtime.local_rank != 0:
+        _barrier(runtime)
+    yield
+    if runtime.local_rank == 0:
+        _barrier(runtime)
+
+
 def _train_process(config: Config) -> int:
     """One training process: the whole job, or one worker of a torchrun / --gpus job."""
     runtime = setup_device(
@@ -2916,17 +2927,6 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
         return _eval_only(model, val, config, runtime, path, ckpt)
     fit(model, train, val, config=config, runtime=runtime)
     return 0
-
-
-@contextlib.contextmanager
-def _downloads_once(runtime: Runtime):
-    """The first process of each machine runs the block (downloading data or weights into the
-    machine's cache) before the others, which then find it there."""
-    if runtime.local_rank != 0:
-        _barrier(runtime)
-    yield
-    if runtime.local_rank == 0:
-        _barrier(runtime)
 
 
 def _worker(options: dict) -> None:
