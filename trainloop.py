@@ -2879,18 +2879,6 @@ def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -
     return dataclasses.replace(config, image_size=info["image_size"], **norm)
 
 
-def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime, path: Path, ckpt: dict):
-    try:
-        _load_weights(model, ckpt, path)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
-    console = _console(None, False, runtime)
-    val = _as_loader(val, config, runtime, False, console)
-    scores = evaluate(model.to(runtime.device), val, runtime=runtime)
-    console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
-    return 0
-
-
 @contextlib.contextmanager
 def _downloads_once(runtime: Runtime):
     """The first process of each machine runs the block (downloading data or weights into the
@@ -2923,9 +2911,17 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
         weights = "" if config.eval_only else config.weights  # the checkpoint has them
         shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
         model = build_model(config.model, weights=weights, **shape)
-    if config.eval_only:
-        return _eval_only(model, val, config, runtime, path, ckpt)
-    fit(model, train, val, config=config, runtime=runtime)
+    if not config.eval_only:
+        fit(model, train, val, config=config, runtime=runtime)
+        return 0
+    try:
+        _load_weights(model, ckpt, path)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
+    console = _console(None, False, runtime)
+    val = _as_loader(val, config, runtime, False, console)
+    scores = evaluate(model.to(runtime.device), val, runtime=runtime)
+    console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
     return 0
 
 
