@@ -2489,46 +2489,6 @@ _TORCHVISION_DATA = {
 _BUILTIN_DATA = ("synthetic", *_TORCHVISION_DATA)  # any other --data is a directory
 
 
-def _load_torchvision(config: Config):
-    import torchvision
-
-    cls = getattr(torchvision.datasets, _TORCHVISION_DATA[config.data])
-    try:
-        parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
-    except RuntimeError as e:
-        raise UsageError(
-            f"data={config.data!r}: not found under {config.data_root}/ ({e}); add "
-            "download=True to fetch it, or copy the files there"
-        ) from None
-    splits = []
-    for part in parts:
-        images = torch.as_tensor(np.asarray(part.data))
-        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-        splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
-    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)
-    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
-    return [((x - mean) / std, y) for x, y in splits]
-
-
-def _tensor_data(config: Config, rgb: bool):
-    if config.data == "synthetic":
-        splits = synthetic_images(config.seed, size=config.image_size or 32)
-    else:
-        splits = _load_torchvision(config)
-    (x_train, y_train), (x_val, y_val) = splits
-    if config.image_size and x_train.shape[-1] != config.image_size:
-        size = (config.image_size, config.image_size)
-        x_train, x_val = (
-            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
-        )
-    if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
-        x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
-    pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
-    info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
-    info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
-    return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
-
-
 # Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
 # long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
 # validation crops the center _VAL_CROP of the shorter side (224 of 256).
@@ -2537,12 +2497,10 @@ _VAL_CROP = 0.875
 
 
 class _ImageFiles(Dataset):
-    """Image files decoded per sample into (uint8 RGB image (3, size, size), label).
-
-    With `augment`, torchvision's random resized crop (a share _CROP_AREA of the area, aspect
-    3:4 to 4:3) and a horizontal flip; else a center crop of `ratio` of the shorter side.
-    Random draws use torch's global RNG, which loader workers seed per sample.
-    """
+    """Image files decoded per sample into (uint8 RGB image (3, size, size), label): with
+    `augment` a random resized crop (_CROP_AREA, aspect 3:4 to 4:3) and a horizontal flip, drawn
+    from torch's global RNG, which loader workers seed per sample; else a center crop of `ratio`
+    of the shorter side."""
 
     def __init__(self, samples, size: int, augment: bool, ratio: float):
         self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
@@ -2573,11 +2531,9 @@ class _ImageFiles(Dataset):
 
 
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
-    """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized.
-
-    A JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's
-    draft mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io.
-    """
+    """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized. A
+    JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft
+    mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io."""
     from PIL import Image
     from torchvision.transforms.v2.functional import resized_crop
 
@@ -2701,13 +2657,49 @@ def _per_channel(name: str, text: str) -> Optional[tuple]:
     return values * 3 if values and len(values) == 1 else values
 
 
+def _load_torchvision(config: Config):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, _TORCHVISION_DATA[config.data])
+    try:
+        parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
+    except RuntimeError as e:
+        raise UsageError(
+            f"data={config.data!r}: not found under {config.data_root}/ ({e}); add "
+            "download=True to fetch it, or copy the files there"
+        ) from None
+    splits = []
+    for part in parts:
+        images = torch.as_tensor(np.asarray(part.data))
+        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
+    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)
+    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
+    return [((x - mean) / std, y) for x, y in splits]
+
+
 def load_data(config: Config, rgb: bool = False):
     """The CLI's data: (train, val, info) for --data; info = {"channels", "classes",
     "image_size", "mean", "std"}. Built-in sets are normalized float tensors (mean and std
     None); an image folder's uint8 RGB images need a model from build_model(..., mean, std)."""
-    if config.data in _BUILTIN_DATA:
-        return _tensor_data(config, rgb)
-    return _image_folder(config)
+    if config.data not in _BUILTIN_DATA:
+        return _image_folder(config)
+    if config.data == "synthetic":
+        splits = synthetic_images(config.seed, size=config.image_size or 32)
+    else:
+        splits = _load_torchvision(config)
+    (x_train, y_train), (x_val, y_val) = splits
+    if config.image_size and x_train.shape[-1] != config.image_size:
+        size = (config.image_size, config.image_size)
+        x_train, x_val = (
+            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
+        )
+    if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
+        x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
+    pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
+    info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
+    info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
+    return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
 
 
 class _Normalize(nn.Module):
@@ -2726,24 +2718,12 @@ class _Normalize(nn.Module):
 
 def small_cnn(channels: int, classes: int) -> nn.Sequential:
     """The default model: three conv-BN-ReLU blocks, global pooling and a linear head."""
-
-    def block(c_in, c_out):
-        return [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
-
-    return nn.Sequential(
-        *block(channels, 32),
-        nn.MaxPool2d(2),
-        *block(32, 64),
-        nn.MaxPool2d(2),
-        *block(64, 128),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, classes),
-    )
+    layers = []
+    for c_in, c_out in ((channels, 32), (32, 64), (64, 128)):
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    layers[-1] = nn.AdaptiveAvgPool2d(1)  # the last block pools globally
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128, classes))
 
 
 def build_model(
@@ -2867,23 +2847,21 @@ def _check_model_name(name: str) -> None:
         )
 
 
-def _eval_path(config: Config) -> Path:
+def _eval_checkpoint(config: Config) -> tuple:
+    """(config, path, checkpoint) for --eval-only: the checkpoint is read once, and the config
+    takes the image size, normalization and weights it was trained with (its config) where the
+    command line leaves them at their defaults."""
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():  # the training checkpoint, either kind
         path = out / "last.pt" if (out / "last.pt").is_file() else out / "last"
     if not path.exists():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
-    return path
-
-
-def _as_trained(config: Config, ckpt: dict) -> Config:
-    """For --eval-only: the image size, normalization and weights the checkpoint was trained
-    with (its config), where the command line leaves them at their defaults."""
+    ckpt = load_checkpoint(path)
     saved = ckpt.get("config", {})
     names = [k for k in ("image_size", "mean", "std", "weights") if k in saved]
     unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
-    return dataclasses.replace(config, **{k: saved[k] for k in unset})
+    return dataclasses.replace(config, **{k: saved[k] for k in unset}), path, ckpt
 
 
 def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -> Config:
@@ -2901,16 +2879,15 @@ def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -
     return dataclasses.replace(config, image_size=info["image_size"], **norm)
 
 
-def _eval_only(model: nn.Module, val, config: Config, runtime: Runtime, path: Path, ckpt: dict):
-    try:
-        _load_weights(model, ckpt, path)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
-    console = _console(None, False, runtime)
-    val = _as_loader(val, config, runtime, False, console)
-    scores = evaluate(model.to(runtime.device), val, runtime=runtime)
-    console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
-    return 0
+@contextlib.contextmanager
+def _downloads_once(runtime: Runtime):
+    """The first process of each machine runs the block (downloading data or weights into the
+    machine's cache) before the others, which then find it there."""
+    if runtime.local_rank != 0:
+        _barrier(runtime)
+    yield
+    if runtime.local_rank == 0:
+        _barrier(runtime)
 
 
 def _train_process(config: Config) -> int:
@@ -2925,10 +2902,8 @@ def _train_process(config: Config) -> int:
 
 
 def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
-    if config.eval_only:  # read once: it also says how its model was trained
-        path = _eval_path(config)
-        ckpt = load_checkpoint(path)
-        config = _as_trained(config, ckpt)
+    if config.eval_only:
+        config, path, ckpt = _eval_checkpoint(config)
     with _downloads_once(runtime):
         train, val, info = load_data(config, rgb=config.model != "smallcnn")
         config = _data_settings(config, info, runtime, (len(train), len(val)))
@@ -2936,21 +2911,18 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
         weights = "" if config.eval_only else config.weights  # the checkpoint has them
         shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
         model = build_model(config.model, weights=weights, **shape)
-    if config.eval_only:
-        return _eval_only(model, val, config, runtime, path, ckpt)
-    fit(model, train, val, config=config, runtime=runtime)
+    if not config.eval_only:
+        fit(model, train, val, config=config, runtime=runtime)
+        return 0
+    try:
+        _load_weights(model, ckpt, path)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
+    console = _console(None, False, runtime)
+    val = _as_loader(val, config, runtime, False, console)
+    scores = evaluate(model.to(runtime.device), val, runtime=runtime)
+    console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
     return 0
-
-
-@contextlib.contextmanager
-def _downloads_once(runtime: Runtime):
-    """The first process of each machine runs the block (downloading data or weights into the
-    machine's cache) before the others, which then find it there."""
-    if runtime.local_rank != 0:
-        _barrier(runtime)
-    yield
-    if runtime.local_rank == 0:
-        _barrier(runtime)
 
 
 def _worker(options: dict) -> None:
