@@ -2781,6 +2781,14 @@ def test_build_model_rejects_weights_of_another_model(tmp_path):
         tl.build_model("resnet18", channels=3, classes=2, weights=str(tmp_path / "cnn.pt"))
 
 
+def test_build_model_refuses_weights_that_are_not_a_state_dict(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(tl.UsageError, match="not a readable state_dict .it holds a Tensor"):
+        tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path / "tensor.pt"))
+    with pytest.raises(tl.UsageError, match="is a directory; pass a weights file"):
+        tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path))
+
+
 def fake_hub_cache(torch_home: Path, seed=2):
     """TORCH_HOME with a randomly initialised resnet18 saved where torchvision's weights API
     looks for IMAGENET1K_V1 (hub/checkpoints/<the file name of its URL>)."""

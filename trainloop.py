@@ -2773,13 +2773,15 @@ def _pretrained(name: str, weights: str) -> dict:
         return torchvision.models.get_model(name, weights=enum).state_dict()
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # a trainloop checkpoint
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}")
     except Exception as e:  # torch.load raises many kinds
         raise UsageError(
             f"weights={weights!r}: not a readable state_dict ({_first_line(e)}); pass a file "
             "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a trainloop checkpoint
     if "0.mean" in state:  # build_model's normalization in front: keep the model inside
         state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
     return state
@@ -2789,6 +2791,10 @@ def _weights_enum(name: str, weights: str):
     """torchvision's weights enum member that `weights` names for `name`; None for a file."""
     if Path(weights).is_file():
         return None
+    if Path(weights).is_dir():
+        raise UsageError(
+            f"weights={weights!r} is a directory; pass a weights file, e.g. OUT/best.pt"
+        )
     import torchvision
 
     try:
