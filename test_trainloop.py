@@ -1882,8 +1882,39 @@ def test_set_epoch_skips_batches_of_a_users_loader_keeping_its_settings():
         data, batch_size=4, num_workers=1, persistent_workers=True, prefetch_factor=4
     )
     rest = tl.set_epoch(loader, 0, batches=3)
-    assert (rest.persistent_workers, rest.prefetch_factor, rest.num_workers) == (True, 4, 1)
+    settings = (rest.loader.persistent_workers, rest.loader.prefetch_factor)
+    assert settings + (rest.loader.num_workers, len(rest)) == (True, 4, 1, 7)
     assert torch.cat([b[0] for b in rest]).tolist() == list(range(12, 40))
+
+
+def test_building_blocks_resume_mid_epoch_with_a_users_loader_bit_for_bit(tmp_path):
+    """Dropout draws from torch's RNG, which the checkpoint restores: starting the rest of the
+    epoch must not draw from it (a DataLoader draws a seed for its workers)."""
+    from torch.utils.data import DistributedSampler
+
+    data = blobs(64)
+
+    def train(stop_at=None, resume=False):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+        state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        sampler = DistributedSampler(data, num_replicas=1, rank=0, seed=3)
+        loader = DataLoader(data, batch_size=8, sampler=sampler)
+        if resume:
+            tl.load_checkpoint(tmp_path / "last.pt", state)
+        while state.epoch < 2:
+            for batch in tl.set_epoch(loader, state.epoch, batches=state.batches):
+                tl.train_step(state, [batch])
+                state.batches += 1
+                if state.step == stop_at:
+                    tl.save_checkpoint(tmp_path / "last.pt", state)
+                    return None
+            state.epoch, state.batches = state.epoch + 1, 0
+        return model.state_dict()
+
+    unbroken = train()
+    assert train(stop_at=11) is None
+    assert_same_tensors(train(resume=True), unbroken)
 
 
 def test_train_step_refuses_fp16_without_a_loss_scaler():

@@ -606,13 +606,17 @@ def make_loader(
 
 @dataclass
 class _SkipBatches:
-    """A loader without its first `count` batches, which are read and dropped."""
+    """A loader without its first `count` batches, which are read and dropped. Starting it draws
+    nothing from torch's RNG (a DataLoader draws a seed): the run being resumed drew when the
+    epoch began, before its checkpoint saved the RNG state."""
 
     loader: Any
     count: int
 
     def __iter__(self):
-        return itertools.islice(self.loader, self.count, None)
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self.loader)
+        return itertools.islice(batches, self.count, None)
 
     def __len__(self):
         return len(self.loader) - self.count
@@ -641,8 +645,9 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
         settings = "multiprocessing_context persistent_workers pin_memory_device collate_fn timeout"
         settings += " num_workers pin_memory worker_init_fn generator prefetch_factor in_order"
         kept = {k: getattr(loader, k) for k in settings.split() if hasattr(loader, k)}
-        # The seen batches leave the index sampler only: none of them is loaded.
-        return DataLoader(loader.dataset, batch_sampler=list(sampler)[batches:], **kept)
+        with torch.random.fork_rng(devices=[]):  # a RandomSampler draws its seed
+            rest = list(sampler)[batches:]  # the seen batches leave the sampler: none is loaded
+        loader, batches = DataLoader(loader.dataset, batch_sampler=rest, **kept), 0
     return _SkipBatches(loader, batches)
 
 
