@@ -2860,8 +2860,9 @@ def _check_model_name(name: str) -> None:
 
 def _eval_checkpoint(config: Config) -> tuple:
     """(config, path, checkpoint) for --eval-only: the checkpoint is read once, and the config
-    takes the image size, normalization and weights it was trained with (its config) where the
-    command line leaves them at their defaults."""
+    takes the data, validation split, model, image size and normalization it was trained with
+    where the command line leaves them at their defaults (another split would score training
+    images)."""
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():  # the training checkpoint, either kind
@@ -2870,7 +2871,8 @@ def _eval_checkpoint(config: Config) -> tuple:
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
     ckpt = load_checkpoint(path)
     saved = ckpt.get("config", {})
-    names = [k for k in ("image_size", "mean", "std", "weights") if k in saved]
+    names = "data data_root val_fraction seed model image_size mean std weights".split()
+    names = [k for k in names if k in saved]
     unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
     return dataclasses.replace(config, **{k: saved[k] for k in unset}), path, ckpt
 
