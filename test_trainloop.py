@@ -2711,6 +2711,24 @@ def test_load_data_reads_every_mode_and_size_as_uint8_at_the_image_size(tmp_path
             assert label in (0, 1)
 
 
+def test_load_data_reads_gifs_first_frame_and_skips_hidden_files(tmp_path):
+    from PIL import Image
+
+    make_image_folder(tmp_path / "pets", per_class=3, size=12)
+    frames = [Image.new("RGB", (12, 12), color) for color in ("red", "blue")]
+    for name in ("cat/moving.gif", "dog/moving-gif.png"):  # a GIF, one with a PNG's name
+        frames[0].save(tmp_path / "pets" / name, format="GIF", save_all=True, append_images=frames)
+    (tmp_path / "pets" / "cat" / "._0.png").write_bytes(b"Mac metadata")
+    config = tl.Config(data=str(tmp_path / "pets"), image_size=8, val_fraction=0.25)
+    train, val, _ = tl.load_data(config)
+    where = lambda path: Path(path).parent.name + "/" + Path(path).name  # noqa: E731
+    images = {where(d.samples[i][0]): d[i][0] for d in (train, val) for i in range(len(d))}
+    assert "cat/moving.gif" in images and len(images) == 8  # no cat/._0.png
+    assert all(image.shape == (3, 8, 8) for image in images.values())
+    for name in ("cat/moving.gif", "dog/moving-gif.png"):  # the first frame: red
+        assert images[name][0].float().mean() > 200 and images[name][2].float().mean() < 50
+
+
 def test_load_data_keeps_the_range_of_16_bit_and_float_images(tmp_path):
     import numpy as np
     from PIL import Image

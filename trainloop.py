@@ -2570,6 +2570,7 @@ def _decode(path) -> torch.Tensor:
 
         with Image.open(path) as image:
             return _pil_pixels(image)
+    pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
     return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
 
 
@@ -2587,6 +2588,15 @@ def _pil_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
+def _is_image(path: str) -> bool:
+    """An image file by its name: torchvision's extensions and GIF, but no hidden file (such as
+    the ._name.jpg metadata a Mac leaves on other disks)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith((*IMG_EXTENSIONS, ".gif"))
+
+
 def _image_folder(config: Config):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
     from torchvision.datasets import ImageFolder
@@ -2600,8 +2610,10 @@ def _image_folder(config: Config):
         )
     train_dir = root / "train" if (root / "train").is_dir() else root
     try:
-        train = ImageFolder(str(train_dir))
-        val = ImageFolder(str(root / "val")) if (root / "val").is_dir() else None
+        train, val = (
+            ImageFolder(str(folder), is_valid_file=_is_image) if folder.is_dir() else None
+            for folder in (train_dir, root / "val")
+        )
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(train.classes) < 2:
