@@ -1961,6 +1961,29 @@ def test_fit_refuses_data_and_models_that_cannot_train(model, train, val, messag
         tl.fit(model(), train, val, **quiet())
 
 
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (dict(model=lambda x: x), "model must be a torch.nn.Module, not function"),
+        (dict(train_data=blobs(16).tensors), "pass TensorDataset(*train_data)"),
+        (dict(optimizer=torch.optim.AdamW), "is not an optimizer; pass one built on"),
+        (dict(optimizer=torch.optim.SGD(mlp().parameters())), "none of the model's parameters"),
+        (dict(metrics=[len]), "metrics must be a dict of functions"),
+        (dict(config={"epochs": 1}), "config= takes a trainloop.Config, not a dict"),
+        (dict(loss_fn=lambda out, y: out.sum(1)), "the loss has shape (16,); reduce it"),
+    ],
+)
+def test_fit_refuses_arguments_of_the_wrong_kind_in_one_line(arguments, message):
+    arguments = {"model": mlp(), "train_data": blobs(16), **arguments}
+    with pytest.raises(tl.UsageError, match=re.escape(message)):
+        tl.fit(**arguments, **quiet())
+
+
+def test_fit_takes_a_loss_of_one_number_in_any_shape():
+    history = fit_mlp(32, loss_fn=lambda out, y: F.cross_entropy(out, y).view(1, 1))
+    assert math.isfinite(history[0]["train_loss"])
+
+
 def test_fit_errors_name_the_keyword_and_the_mismatch(tmp_path):
     with pytest.raises(tl.UsageError, match="resume='missing.pt': no such file"):
         fit_mlp(16, resume="missing.pt")

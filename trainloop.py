@@ -746,14 +746,19 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
                 "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
                 f"dict / object with a 'loss' entry (got {type(output).__name__})"
             )
-        return output, loss
-    if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+    elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
         raise UsageError(
             "a dict batch goes whole to model(**batch), so the default "
             "cross-entropy has no target; pass loss_fn=None (the model "
             "returns its loss) or your own loss_fn(output, batch)"
         )
-    return output, loss_fn(output, batch if target is None else target)
+    else:
+        loss = loss_fn(output, batch if target is None else target)
+    if loss.ndim:  # one number in any shape is taken as it is; more, backward cannot start from
+        if loss.numel() != 1:
+            raise UsageError(f"the loss has shape {tuple(loss.shape)}; reduce it to one number")
+        loss = loss.reshape(())
+    return output, loss
 
 
 def train_step(
@@ -2280,6 +2285,11 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
 
 def _settings(config: Optional[Config], overrides: dict) -> Config:
     """`config` (default: Config()) with fit's keyword overrides, checked."""
+    if config is not None and not isinstance(config, Config):
+        raise UsageError(
+            f"config= takes a trainloop.Config, not a {type(config).__name__}; pass settings "
+            "as keywords, e.g. fit(..., epochs=5)"
+        )
     names = [f.name for f in dataclasses.fields(Config)]
     for bad in (k for k in overrides if k not in names):
         close = difflib.get_close_matches(bad, names, n=3)
@@ -2338,6 +2348,7 @@ def fit(
         _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
         if loss_fn is F.cross_entropy and config.label_smoothing:
             loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+        _check_arguments(model, train_data, val_data, optimizer, metrics)
         _check_shard(config.shard, optimizer, scheduler, shard_blocks)
         model = _unwrap(model)
         if not config.shard:  # sharding moves only each process's shards (see _shard)
@@ -2363,6 +2374,28 @@ def fit(
     finally:
         if runtime is None:
             teardown(rt)
+
+
+def _check_arguments(model, train_data, val_data, optimizer, metrics) -> None:
+    """Refuse arguments of the wrong kind in one line, before they fail deep inside torch."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if isinstance(data, tuple) and all(map(torch.is_tensor, data)):  # (x, y): a slip
+            raise UsageError(f"{name} is a tuple of tensors; pass TensorDataset(*{name})")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(
+            f"optimizer={optimizer!r} is not an optimizer; pass one built on the model's "
+            "parameters, or a name: 'sgd' or 'adamw'"
+        )
+    params = {id(p) for p in model.parameters()}  # (it may also hold a loss's own parameters)
+    groups = optimizer.param_groups if optimizer is not None else []
+    if groups and not any(id(p) in params for g in groups for p in g["params"]):
+        raise UsageError("optimizer holds none of the model's parameters; build it on them")
+    if metrics is not None and not (
+        isinstance(metrics, dict) and all(map(callable, metrics.values()))
+    ):
+        raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
 
 
 def _check_shard(shard: bool, optimizer, scheduler, blocks) -> None:
