@@ -2752,6 +2752,15 @@ def test_load_data_reads_gifs_first_frame_and_skips_hidden_files(tmp_path):
         assert images[name][0].float().mean() > 200 and images[name][2].float().mean() < 50
 
 
+def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_path):
+    make_image_folder(tmp_path / "pets", per_class=200, size=6)  # more than the 256 measured
+    infos = [
+        tl.load_data(tl.Config(data=str(tmp_path / "pets"), seed=seed, val_fraction=share))[2]
+        for seed, share in ((0, 0.1), (5, 0.5))
+    ]
+    assert infos[0]["mean"] == infos[1]["mean"] and infos[0]["std"] == infos[1]["std"]
+
+
 def test_load_data_keeps_the_range_of_16_bit_and_float_images(tmp_path):
     import numpy as np
     from PIL import Image

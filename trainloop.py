@@ -2664,7 +2664,7 @@ def _image_folder(config: Config):
         samples = [samples[i] for i in order[cut:].tolist()]
     else:
         val_samples = val.samples
-    size, ratio, mean, std = _image_settings(config, samples)
+    size, ratio, mean, std = _image_settings(config, train.samples)
     info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
     return (
         _ImageFiles(samples, size, config.augment, ratio),
@@ -2676,8 +2676,9 @@ def _image_folder(config: Config):
 def _image_settings(config: Config, samples) -> tuple:
     """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
     else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
-    and per-channel statistics of up to 256 training images (the seed picks them; center crops
-    at 64 px), rounded so that config.json states them exactly."""
+    and per-channel statistics of up to 256 `samples` (center crops at 64 px; the same pick for
+    every --seed and split, so that a run resumed with another normalizes as it began), rounded
+    so that config.json states them exactly."""
     enum = _weights_enum(config.model, config.weights) if config.weights else None
     preset = enum.transforms() if enum else None
     default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
@@ -2686,7 +2687,7 @@ def _image_settings(config: Config, samples) -> tuple:
     mean = _per_channel("mean", config.mean) or (preset and tuple(preset.mean))
     std = _per_channel("std", config.std) or (preset and tuple(preset.std))
     if not (mean and std):
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
         probe = _ImageFiles([samples[i] for i in order[:256].tolist()], 64, False, 1.0)
         pixels = torch.stack([image for image, _ in probe]).transpose(0, 1).reshape(3, -1) / 255
         mean = mean or tuple(round(v, 3) for v in pixels.mean(1).tolist())
