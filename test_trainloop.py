@@ -3404,7 +3404,7 @@ def test_fit_shard_refuses_an_optimizer_or_scheduler_object_and_bad_blocks():
     ]
     for settings, message in refused:
         with pytest.raises(tl.UsageError, match=message):
-            tl.fit(mlp(), blobs(), **quiet(**settings))
+            tl.fit(model, blobs(), **quiet(**settings))
 
 
 def test_resume_auto_takes_last_before_last_prev_whatever_their_times(tmp_path):
