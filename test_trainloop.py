@@ -3113,13 +3113,47 @@ def test_fit_out_of_memory_names_the_step_and_the_knobs_and_keeps_the_checkpoint
     assert tl.load_checkpoint(out / "last.pt")["step"] == 6
 
 
+class FailsInValidation(nn.Module):
+    """An MLP whose first evaluation forward raises `error` (then it evaluates as usual)."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.net, self.error = mlp(), error
+
+    def forward(self, x):
+        if not self.training and self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.net(x)
+
+
+def test_fit_out_of_memory_in_validation_saves_the_epochs_training_first(tmp_path):
+    data, val = blobs(64), blobs(32, seed=1)
+    tl.fit(
+        FailsInValidation(None), data, val, epochs=2, batch_size=16, out=tmp_path / "ref", **quiet()
+    )
+    model = FailsInValidation(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(tl.OutOfMemoryError) as failed:
+        tl.fit(model, data, val, epochs=2, batch_size=16, out=tmp_path / "run", **quiet())
+    assert str(failed.value).startswith(
+        "out of memory in the validation of epoch 1 on cpu at batch_size=16 per process; "
+        f"checkpoint {tmp_path / 'run' / 'last.pt'} written. Use batch_size=8 accumulate=2"
+    ), failed.value
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["seen"]) == (0, 4, 64)  # trained, not evaluated
+    tl.fit(
+        FailsInValidation(None), data, val, epochs=2, batch_size=16, out=tmp_path / "run", **quiet()
+    )
+    assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "run" / "last.pt")
+
+
 def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 79.5 * 2**30)
     rt = tl.Runtime(torch.device("cuda", 1), rank=1, world_size=2)
     job = types.SimpleNamespace(config=tl.Config(batch_size=64), runtime=rt, out=None, last=None)
     state = types.SimpleNamespace(step=4, epoch=0)
-    message = str(tl._out_of_memory(torch.OutOfMemoryError(), state, job))
+    message = str(tl._out_of_memory(state, job, "step 4 (epoch 1)", "there is no checkpoint yet"))
     assert message.startswith(
         "out of memory in step 5 (epoch 1) on cuda:1 (80.0 GiB, peak use 79.5 GiB) at "
         "batch_size=64 per process; the step was not counted and there is no checkpoint yet"
@@ -3128,7 +3162,7 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
     job.config = tl.Config(batch_size=64, channels_last=True, shard=True, image_size=96)
     rt = dataclasses.replace(rt, amp_dtype=torch.bfloat16)
     job.runtime = rt
-    message = str(tl._out_of_memory(torch.OutOfMemoryError(), state, job))
+    message = str(tl._out_of_memory(state, job, "step 4 (epoch 1)", "there is no checkpoint yet"))
     assert message.endswith("(the same global batch) or image_size=48, then run again"), message
 
 

@@ -1867,38 +1867,46 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     return 0
 
 
-def _fault(error, state: TrainState, job: _Job, *, window, seen: int, loader, deaths: list):
-    """The error to end training with for a fault met in the epoch loop (None: not one of
-    ours). A dead loader worker is raised by the fetch, not inside a step (see _worker_deaths),
-    so the state is whole: with one process it is saved at `seen`, the epoch's position."""
+def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=None, seen=0):
+    """The error to end training with for a fault met in the epoch loop, or in validation
+    (`window` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
+    inside a step (see _worker_deaths), and validation changes no state: then the state is
+    whole, and with one process it is saved (mid-epoch at `seen`, the epoch's position)."""
     # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
     # of memory"); the CUDA allocator a torch.OutOfMemoryError.
-    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError))
-    if (
-        oom
-        or isinstance(error, RuntimeError)
-        and re.search("allocate memory|out of mem", str(error))
-    ):
-        return _out_of_memory(error, state, job)
-    tb = error.__traceback__.tb_next
-    fetch = tb is not None and tb.tb_frame.f_code is _groups.__code__
+    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and re.search("allocate memory|out of mem", str(error))
+    )
+    tb, entered = error.__traceback__, None
+    while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
+        entered = tb.tb_frame.f_code.co_name if tb.tb_frame.f_globals is globals() else entered
+        tb = tb.tb_next
     # A worker that died holding a batch breaks the reading of that batch in any way.
     workers = getattr(loader, "num_workers", job.config.workers)
     broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
-    if not (fetch and (deaths or broken or "DataLoader worker (pid" in str(error))):
+    died = deaths or broken or "DataLoader worker (pid" in str(error)
+    died = died and entered in ("_groups", "evaluate")
+    if not (oom or died):
         return None
-    rt = job.runtime
-    saved = rt.world_size == 1 and job.out is not None  # several save together: not alone
-    if saved:
+    rt, when = job.runtime, f"step {state.step} (epoch {state.epoch + 1})"
+    if window is None:
+        when = f"the validation of epoch {state.epoch + 1}"
+    # Several processes save together, not one alone; a step that ran out of memory is half done.
+    saved = rt.world_size == 1 and job.out is not None and (died or window is None)
+    if saved and window is not None:
         state.seen = seen
         window.drain(state, rt)
+    if saved:
         _save(state, job)
-    return _worker_died(error, deaths, state, job, saved, workers)
+    done = f"checkpoint {job.last} written" if saved else _kept(job.last)
+    if oom:
+        return _out_of_memory(state, job, when, done)
+    return _worker_died(error, deaths, job, f"at {when}", done, workers)
 
 
-def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
-    """One line: the step, the batch size, the device's memory, and what uses less of it."""
-    config, device, last = job.config, job.runtime.device, job.last
+def _out_of_memory(state: TrainState, job: _Job, when: str, done: str) -> OutOfMemoryError:
+    """One line: when, the batch size, the device's memory, and what uses less of it."""
+    config, device = job.config, job.runtime.device
     memory = ""
     if device.type == "cuda":  # the allocator's own counters: no sync
         total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
@@ -1913,16 +1921,18 @@ def _out_of_memory(error, state: TrainState, job: _Job) -> OutOfMemoryError:
     ]
     knobs = [k for k in knobs if k]
     use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
+    if when.startswith("step"):  # the step that ran out is the next one
+        when = f"step {state.step + 1} (epoch {state.epoch + 1})"
+        done = f"the step was not counted and {done}"
     return OutOfMemoryError(
-        f"out of memory in step {state.step + 1} (epoch {state.epoch + 1}) on {device}{memory} "
-        f"at batch_size={size} per process; the step was not counted and {_kept(last)}. Use "
-        f"{use}, then run again"
+        f"out of memory in {when} on {device}{memory} at batch_size={size} per process; {done}. "
+        f"Use {use}, then run again"
     )
 
 
-def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool, workers: int):
-    """One line: which worker, how it died, what was saved, and what to do."""
-    config, last = job.config, job.last
+def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: int):
+    """One line: which worker, how it died, when, what was saved, and what to do."""
+    config = job.config
     deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
     while not deaths and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -1936,10 +1946,8 @@ def _worker_died(error, deaths: list, state: TrainState, job: _Job, saved: bool,
         else ", or with workers=0 to see the worker's own error"
     )
     return WorkerDiedError(
-        f"{what} at step {state.step} (epoch {state.epoch + 1})"
-        f"{', most likely by the out-of-memory killer' if killed else ''}; "
-        f"{f'checkpoint {last} written' if saved else _kept(last)}. Run the same command again "
-        f"to continue{fix}"
+        f"{what} {when}{', most likely by the out-of-memory killer' if killed else ''}; {done}. "
+        f"Run the same command again to continue{fix}"
     )
 
 
@@ -2041,9 +2049,7 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
     if val is not None:
-        scores = evaluate(
-            state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
-        )
+        scores = _validate(state, val, job)
         row.update({f"val_{name}": value for name, value in scores.items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
@@ -2068,6 +2074,21 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
     job.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
     return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
+
+
+def _validate(state: TrainState, val, job: _Job) -> dict:
+    """evaluate the epoch's model; a dead loader worker or out of memory ends the run as in
+    training, after saving the epoch's training (one process)."""
+    with _worker_deaths() as deaths:
+        try:
+            return evaluate(
+                state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
+            )
+        except Exception as e:
+            fault = _fault(e, state, job, loader=val, deaths=deaths)
+            if fault is None:
+                raise
+            raise fault from e
 
 
 def _write_metrics(history: list, out: Path, tensorboard) -> None:
