@@ -2991,13 +2991,16 @@ KILLS_A_WORKER = textwrap.dedent("""
             return self.data[i]
 
     _opts = json.loads(sys.argv[1])
-    _at = _opts.pop("kill_at", -1)
+    _at, _in_val = _opts.pop("kill_at", -1), _opts.pop("kill_in_val", False)
     sys.argv[1] = json.dumps(_opts)
     _fit = tl.fit
 
     def fit(model, train, val, **kw):  # as the CLI runs it: one line and an exit status
-        job = lambda: _fit(model, KillsItsWorker(train, _at), val, **kw) and 0
-        sys.exit(tl._exit_code_of(job))
+        if _in_val:
+            val = KillsItsWorker(val, _at)
+        else:
+            train = KillsItsWorker(train, _at)
+        sys.exit(tl._exit_code_of(lambda: _fit(model, train, val, **kw) and 0))
 
     tl.fit = fit
 """)
@@ -3153,7 +3156,9 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
     rt = tl.Runtime(torch.device("cuda", 1), rank=1, world_size=2)
     job = types.SimpleNamespace(config=tl.Config(batch_size=64), runtime=rt, out=None, last=None)
     state = types.SimpleNamespace(step=4, epoch=0)
-    message = str(tl._out_of_memory(state, job, "step 4 (epoch 1)", "there is no checkpoint yet"))
+    message = str(
+        tl._out_of_memory(state, job, "at step 4 (epoch 1)", "there is no checkpoint yet")
+    )
     assert message.startswith(
         "out of memory in step 5 (epoch 1) on cuda:1 (80.0 GiB, peak use 79.5 GiB) at "
         "batch_size=64 per process; the step was not counted and there is no checkpoint yet"
@@ -3162,7 +3167,9 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
     job.config = tl.Config(batch_size=64, channels_last=True, shard=True, image_size=96)
     rt = dataclasses.replace(rt, amp_dtype=torch.bfloat16)
     job.runtime = rt
-    message = str(tl._out_of_memory(state, job, "step 4 (epoch 1)", "there is no checkpoint yet"))
+    message = str(
+        tl._out_of_memory(state, job, "at step 4 (epoch 1)", "there is no checkpoint yet")
+    )
     assert message.endswith("(the same global batch) or image_size=48, then run again"), message
 
 
@@ -3216,6 +3223,27 @@ def test_killed_loader_worker_saves_the_last_step_and_the_rerun_is_bit_identical
     assert history_without_time(tmp_path / "ref" / "last.pt") == history_without_time(
         tmp_path / "run" / "last.pt"
     )
+
+
+@pytest.mark.slow
+def test_killed_loader_worker_in_validation_saves_the_epochs_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "JOB", KILLS_A_WORKER + JOB)  # what run_job starts
+    opts = dict(epochs=2, batch_size=8, workers=2, kill_in_val=True)  # 8 validation batches
+    reference = run_job(tmp_path, out="ref", **opts)
+    assert reference.returncode == 0, reference.stderr
+    killed = run_job(tmp_path, out="run", kill_at=40, **opts)
+    assert killed.returncode == tl.EXIT_WORKER, killed.stderr
+    assert re.fullmatch(
+        r"trainloop: error: DataLoader worker \(pid \d+\) is killed by signal: Killed in the "
+        r"validation of epoch 1, most likely by the out-of-memory killer; checkpoint "
+        r"run/last.pt written\. Run the same command again to continue; .*\n",
+        killed.stderr,
+    ), killed.stderr
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["history"]) == (0, 48, [])  # trained, not scored
+    resumed = run_job(tmp_path, out="run", kill_at=40, **opts)  # the marker: no second kill
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_state(tmp_path / "ref" / "last.pt", tmp_path / "run" / "last.pt")
 
 
 # Put before WORKER: rank 1's third training step runs out of memory.

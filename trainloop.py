@@ -1888,9 +1888,9 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=
     died = died and entered in ("_groups", "evaluate")
     if not (oom or died):
         return None
-    rt, when = job.runtime, f"step {state.step} (epoch {state.epoch + 1})"
+    rt, when = job.runtime, f"at step {state.step} (epoch {state.epoch + 1})"
     if window is None:
-        when = f"the validation of epoch {state.epoch + 1}"
+        when = f"in the validation of epoch {state.epoch + 1}"
     # Several processes save together, not one alone; a step that ran out of memory is half done.
     saved = rt.world_size == 1 and job.out is not None and (died or window is None)
     if saved and window is not None:
@@ -1901,7 +1901,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=
     done = f"checkpoint {job.last} written" if saved else _kept(job.last)
     if oom:
         return _out_of_memory(state, job, when, done)
-    return _worker_died(error, deaths, job, f"at {when}", done, workers)
+    return _worker_died(error, deaths, job, when, done, workers)
 
 
 def _out_of_memory(state: TrainState, job: _Job, when: str, done: str) -> OutOfMemoryError:
@@ -1921,11 +1921,11 @@ def _out_of_memory(state: TrainState, job: _Job, when: str, done: str) -> OutOfM
     ]
     knobs = [k for k in knobs if k]
     use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
-    if when.startswith("step"):  # the step that ran out is the next one
-        when = f"step {state.step + 1} (epoch {state.epoch + 1})"
+    if when.startswith("at step"):  # the step that ran out is the next one
+        when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
         done = f"the step was not counted and {done}"
     return OutOfMemoryError(
-        f"out of memory in {when} on {device}{memory} at batch_size={size} per process; {done}. "
+        f"out of memory {when} on {device}{memory} at batch_size={size} per process; {done}. "
         f"Use {use}, then run again"
     )
 
