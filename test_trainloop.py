@@ -397,6 +397,9 @@ def test_evaluate_weights_by_samples_and_restores_mode():
     assert scores["acc"] == pytest.approx(0.75)  # a per-batch mean would give 0.5
     assert "top5" not in scores
     assert model.training
+    with pytest.raises(RuntimeError):  # a batch that fails: the mode is restored all the same
+        tl.evaluate(model, [(torch.zeros(2, 3), y[:2])], runtime=CPU)
+    assert model.training
 
 
 def test_evaluate_reports_top5_only_with_more_than_five_classes():

@@ -936,23 +936,25 @@ def evaluate(
     """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`,
     weighted by samples and summed over all processes. Restores the model's mode."""
     rt = runtime or Runtime(_device_of(model))
-    was_training = model.training
-    model.eval()
     sums, count, batch, extra = {}, 0, None, 0
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
         most, fewest = _all_reduce([len(data), -len(data)], rt, dist.ReduceOp.MAX)
         if fewest == 0:  # -0: a process without a batch has no input to take part with
             raise UsageError("evaluate on a sharded model needs a batch on every process")
         extra = int(most) - len(data)
-    for batch in data:
-        output, loss, target = _forward(model, batch, loss_fn, rt)
-        n = _sizes([batch])[0]
-        for name, value in _batch_metrics(output, target, loss, metrics or {}).items():
-            sums[name] = sums.get(name, 0.0) + value.detach() * n
-        count += n
-    for _ in range(extra):  # so that this process takes part in the others' last gathers
-        _forward(model, batch, loss_fn, rt)
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data:
+            output, loss, target = _forward(model, batch, loss_fn, rt)
+            n = _sizes([batch])[0]
+            for name, value in _batch_metrics(output, target, loss, metrics or {}).items():
+                sums[name] = sums.get(name, 0.0) + value.detach() * n
+            count += n
+        for _ in range(extra):  # so that this process takes part in the others' last gathers
+            _forward(model, batch, loss_fn, rt)
+    finally:  # also when a batch fails
+        model.train(was_training)
     # A process that had no batch does not know the metric names.
     names = sorted(set().union(*_gather(sorted(sums), rt)))
     totals = [sums.get(k, torch.zeros((), device=rt.device)).to(rt.device) for k in names]
