@@ -1048,10 +1048,10 @@ def test_kill_between_best_and_last_leaves_a_consistent_run(tmp_path, monkeypatc
     out = tmp_path / "run"
     save = tl._atomic_save
 
-    def dies_at_the_last_epochs_checkpoint(payload, path, keep_previous=False):
+    def dies_at_the_last_epochs_checkpoint(payload, path, checkpoint=None):
         if path.name == "last.pt" and payload["epoch"] == 2:
             raise KeyboardInterrupt  # as if killed between best.pt and last.pt
-        return save(payload, path, keep_previous)
+        return save(payload, path, checkpoint)
 
     monkeypatch.setattr(tl, "_atomic_save", dies_at_the_last_epochs_checkpoint)
     with pytest.raises(KeyboardInterrupt):
@@ -3038,16 +3038,32 @@ def failing_save(monkeypatch, works: int, kind: str):
     monkeypatch.setattr(torch, "save", save)
 
 
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_fit_full_disk_while_writing_metrics_is_a_save_error(tmp_path, monkeypatch):
-    import errno
-
-    def full(self, text):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", full)
+    fit_mlp(32, epochs=1, out=tmp_path)
+    monkeypatch.setattr(Path, "write_text", disk_full)
     monkeypatch.setattr(tl, "_prepare_out", lambda config, runtime: tmp_path)
-    with pytest.raises(tl.SaveError, match="metrics.jsonl: no space left on device; .* as it was"):
-        fit_mlp(32, epochs=1, out=tmp_path)
+    kept = f"the last good checkpoint {tmp_path / 'last.pt'} is intact"
+    with pytest.raises(tl.SaveError, match=f"metrics.jsonl: no space left on device; {kept}"):
+        fit_mlp(32, epochs=2, out=tmp_path)
+
+
+def test_fit_full_disk_at_the_start_keeps_the_run_and_names_its_checkpoint(tmp_path, monkeypatch):
+    from torch.utils import tensorboard
+
+    fit_mlp(32, epochs=1, out=tmp_path)
+    kept = f"; the last good checkpoint {tmp_path / 'last.pt'} is intact. Free space on"
+    with monkeypatch.context() as m:  # the run directory's config.json
+        m.setattr(Path, "write_text", disk_full)
+        with pytest.raises(tl.SaveError, match=f"config.json: no space left on device{kept}"):
+            fit_mlp(32, epochs=2, out=tmp_path)
+    monkeypatch.setattr(tensorboard, "SummaryWriter", disk_full)  # its file's header
+    with pytest.raises(tl.SaveError, match=f"{tmp_path}: no space left on device{kept}"):
+        fit_mlp(32, epochs=2, out=tmp_path)
+    assert tl.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import errno
 import functools
 import gc
 import importlib.util
@@ -1006,10 +1007,11 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(_mix_seed(seed, rank, 5))
 
 
-def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None:
-    """Write a checkpoint holding `entries` so that a kill at any instant leaves a loadable file
-    at `path` (or its previous version at `<name>.prev.pt` while `path` is being swapped).
-    Raises SaveError when it cannot be written; what was there before stays as it was."""
+def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -> None:
+    """Write a file holding `entries` so that a kill at any instant leaves a loadable one at
+    `path`. Raises SaveError when it cannot be written, naming the last good `checkpoint`; what
+    was there before stays as it was. Without `checkpoint`, `path` is the checkpoint, and its
+    previous version is kept as `<name>.prev.pt`."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
     payload = _map_tensors(payload, lambda t: t.detach().cpu())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1018,28 +1020,28 @@ def _atomic_save(entries: dict, path: Path, keep_previous: bool = False) -> None
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        if keep_previous and path.exists():
+        if checkpoint is None and path.exists():
             os.replace(path, _previous(path))
         os.replace(tmp, path)
         _fsync_directory(path.parent)
     except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
-        raise SaveError(_save_failure(e, path, keep_previous)) from e
+        raise SaveError(_save_failure(e, path, checkpoint or path)) from e
     finally:
         with contextlib.suppress(OSError):  # read-only: even a missing file raises; next start
             tmp.unlink()  # clears what is left (_prepare_out)
 
 
-def _save_failure(error: Exception, path: Path, keep_previous: bool) -> str:
-    """One line on a checkpoint that could not be written: why, what is kept, what to do."""
+def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> str:
+    """One line on a file that could not be written: why, the run's last good checkpoint, and
+    what to do."""
     # An errno says why; torch's zip writer raises its own error with the OSError as context.
     cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
     free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
     why = "no space left on device" if free < 2**20 else f"write failed ({_first_line(error)})"
     why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
-    kept = _kept(path) if keep_previous else f"{path} is as it was"  # best.pt: not a checkpoint
     return (
-        f"could not write {path}: {why}; {kept}. Free space on {path.parent} (or make it "
-        "writable) and run the same command again"
+        f"could not write {path}: {why}; {_kept(checkpoint)}. Free space on {path.parent} (or "
+        "make it writable) and run the same command again"
     )
 
 
@@ -1093,7 +1095,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
             "optimizer": state.optimizer.state_dict(),
             "ema": state.ema.state_dict() if state.ema is not None else None,
         }
-        _atomic_save({**tensors, **header}, Path(path), keep_previous=True)
+        _atomic_save({**tensors, **header}, Path(path))
     _barrier(runtime)
 
 
@@ -1136,7 +1138,7 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
             tmp.mkdir()
-            _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt")
+            _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt", path)
         _barrier(runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
         shares = _gather(_checksums(tmp, runtime.rank, runtime.world_size), runtime)
@@ -1149,7 +1151,7 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, SaveError):  # trainloop.pt's, already said
             raise
-        raise SaveError(_save_failure(e, path, keep_previous=True)) from e
+        raise SaveError(_save_failure(e, path, path)) from e
 
 
 def _buffers(state: TrainState) -> dict:
@@ -2070,8 +2072,8 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
         if improved:  # best.pt: the weights to deploy, without training state
             record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
             best = {"model": weights, **record, "config": dataclasses.asdict(config)}
-            _atomic_save(best, job.out / "best.pt")
-        _write_metrics(state.history, job.out, tensorboard)
+            _atomic_save(best, job.out / "best.pt", job.last)
+        _write_metrics(state.history, job, tensorboard)
     _save(state, job)
     shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
     job.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
@@ -2093,29 +2095,32 @@ def _validate(state: TrainState, val, job: _Job) -> dict:
             raise fault from e
 
 
-def _write_metrics(history: list, out: Path, tensorboard) -> None:
+def _write_metrics(history: list, job: _Job, tensorboard) -> None:
     """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
-    tmp = out / ".metrics.jsonl.tmp"
+    tmp = job.out / ".metrics.jsonl.tmp"
     try:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, out / "metrics.jsonl")
-    except OSError as e:  # a full disk: the same one line as for a checkpoint
-        raise SaveError(_save_failure(e, out / "metrics.jsonl", keep_previous=False)) from e
-    if tensorboard is not None:
-        for key, value in history[-1].items():
+        os.replace(tmp, job.out / "metrics.jsonl")
+        for key, value in history[-1].items() if tensorboard is not None else ():
             if key not in ("epoch", "step"):
                 tensorboard.add_scalar(key, value, history[-1]["step"])
-        tensorboard.flush()
+        if tensorboard is not None:
+            tensorboard.flush()
+    except OSError as e:  # a full disk: the same one line as for a checkpoint
+        raise SaveError(_save_failure(e, job.out / "metrics.jsonl", job.last)) from e
 
 
-def _tensorboard(out: Optional[Path], runtime: Runtime):
-    if out is None or not runtime.is_main:
+def _tensorboard(job: _Job):
+    if job.out is None or not job.runtime.is_main:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional extra
         return None
-    return SummaryWriter(str(out), filename_suffix=".trainloop")
+    try:
+        return SummaryWriter(str(job.out), filename_suffix=".trainloop")
+    except OSError as e:  # it writes its file's header at once
+        raise SaveError(_save_failure(e, job.out, job.last)) from e
 
 
 def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
@@ -2133,7 +2138,10 @@ def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
             record = dict(dataclasses.asdict(config), world_size=runtime.world_size)
             record["trainloop"] = __version__
             (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        except OSError as e:
+        except OSError as e:  # a run to go on with, or a disk's fault: not the path's
+            last = out / ("last" if config.shard else "last.pt")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(out.glob("last*")):
+                raise SaveError(_save_failure(e, out / "config.json", last)) from e
             raise UsageError(
                 f"out={config.out!r} is not writable ({e.strerror}); pick another directory"
             ) from None
@@ -2466,7 +2474,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
         )
     state.net = _wrap(state.model, config, rt)
     stop, stop_early, reserve = _Stop(parse_duration(config.time_limit)), False, 1.0
-    tensorboard = _tensorboard(job.out, rt)
+    tensorboard = _tensorboard(job)
     try:
         with _catch_signals(stop):
             while state.epoch < config.epochs and not stop_early:
@@ -2481,7 +2489,8 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
                     raise Stopped(code)
     finally:
         if tensorboard is not None:
-            tensorboard.close()
+            with contextlib.suppress(OSError):  # a full disk was already reported
+                tensorboard.close()
     _summary(state, job, stop_early)
     return state.history
 
