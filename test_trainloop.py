@@ -3418,10 +3418,12 @@ def test_a_damaged_shard_is_reported_and_the_previous_directory_resumes(tmp_path
     with pytest.raises(tl.CheckpointError, match="__0_0.distcp fails its checksum"):
         tl.load_checkpoint(tmp_path / "last")
     lines = []
-    history = fit_mlp(n=96, epochs=3, out=tmp_path, shard=True, log=lines.append)
+    history = fit_mlp(n=96, epochs=2, out=tmp_path, shard=True, log=lines.append)
     assert any("fails its checksum; falling back to" in line for line in lines)
-    assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 2 redone from epoch 1's
+    assert [row["epoch"] for row in history] == [1, 2]  # epoch 2 redone from epoch 1's
     assert (tmp_path / "last.corrupt").is_dir()
+    assert tl.load_checkpoint(tmp_path / "last.prev")["epoch"] == 1  # kept: the last good one
+    history = fit_mlp(n=96, epochs=3, out=tmp_path, shard=True, log=lines.append)
     damage(tmp_path / "last" / "__0_0.distcp")  # again: the directory set aside is replaced
     history = fit_mlp(n=96, epochs=4, out=tmp_path, shard=True, log=lines.append)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
@@ -3506,9 +3508,22 @@ def test_a_file_inside_a_sharded_checkpoint_is_refused_naming_its_directory(tmp_
 
 def test_checksums_that_leave_out_a_file_are_refused(tmp_path):
     fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
-    (tmp_path / "last" / "checksums.json").write_text("{}")
-    with pytest.raises(tl.CheckpointError, match="is not as checksums.json lists"):
+    crcs = json.loads((tmp_path / "last" / "checksums.json").read_text())
+    (tmp_path / "last" / "checksums.json").write_text(json.dumps({".metadata": 0}))
+    with pytest.raises(tl.CheckpointError, match="corrupt: .*distcp is not in checksums.json"):
         tl.load_checkpoint(tmp_path / "last")
+    (tmp_path / "last" / "checksums.json").write_text(json.dumps({"more.distcp": 0, **crcs}))
+    with pytest.raises(tl.CheckpointError, match="incomplete: more.distcp is missing"):
+        tl.load_checkpoint(tmp_path / "last")
+
+
+def test_a_run_directory_passed_as_a_checkpoint_is_a_usage_error(tmp_path):
+    fit_mlp(n=32, epochs=1, out=tmp_path / "run")
+    message = (
+        f"run is a run directory; pass a checkpoint in it, e.g. {tmp_path / 'run' / 'last.pt'}"
+    )
+    with pytest.raises(tl.UsageError, match=re.escape(message)):
+        fit_mlp(n=32, epochs=2, out=tmp_path / "other", resume=tmp_path / "run")
 
 
 def test_shard_blocks_names_the_modules_sharded_one_by_one():

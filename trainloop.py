@@ -1196,10 +1196,10 @@ def _swap_in(new: Path, path: Path) -> None:
     """Move the complete directory `new` to `path`, the old one to <name>.prev: at every
     instant `path` or its previous version is a complete checkpoint."""
     prev, old = _previous(path), path.with_name(f".{path.name}.prev.tmp")
-    if prev.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(prev, old)
-    if path.exists():
+    if path.exists():  # (after a fallback there is none: the previous one is the last good one)
+        if prev.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(prev, old)
         os.replace(path, prev)
     os.replace(new, path)
     _fsync_directory(path.parent)
@@ -1274,6 +1274,10 @@ def load_checkpoint(
     """
     path = Path(path)
     runtime = runtime or _runtime_of(state.model if state else nn.Module())
+    if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
+        inside = [p for p in (path / "last.pt", path / "last", path / "best.pt") if p.exists()]
+        example = f", e.g. {inside[0]}" if inside else " (it holds none yet)"
+        raise UsageError(f"{path} is a run directory; pass a checkpoint in it{example}")
     if path.is_dir():
         _check_directory(path, runtime)
         ckpt = _read_checkpoint(path / "trainloop.pt")
@@ -1321,9 +1325,13 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
             "another checkpoint"
         ) from None
     files = {p.name for p in path.iterdir()} - {"checksums.json"}
-    differ = sorted(files.symmetric_difference(crcs) | ({".metadata", "trainloop.pt"} - files))
-    if differ:  # a file missing, or one the checksums do not cover
-        raise CheckpointError(f"{path} is corrupt: {differ[0]} is not as checksums.json lists")
+    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
+    if files - set(crcs):
+        raise CheckpointError(
+            f"{path} is corrupt: {min(files - set(crcs))} is not in checksums.json"
+        )
     mine = [
         n for n in sorted(files)[runtime.rank :: runtime.world_size] if _crc32(path / n) != crcs[n]
     ]
