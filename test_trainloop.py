@@ -1130,6 +1130,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_cli_nan_loss_gives_the_fix_in_flags(tmp_path, monkeypatch):
+    result = cli(["--epochs", "1", "--lr", "1e6", "--workers", "0"], tmp_path, monkeypatch)
+    assert result.exit_code == tl.EXIT_NONFINITE
+    assert re.search(
+        r"at step \d+ \(epoch 1\) and no checkpoint was written after it; lower the learning "
+        r"rate below --lr 1e\+06, use --clip-grad 1.0, or check the data",
+        result.output,
+    ), result.output
+
+
 def test_exit_statuses_for_each_kind_of_failure(capsys):
     def raising(error):
         def job():

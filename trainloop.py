@@ -820,6 +820,11 @@ def _device_of(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def _peak_lr(state: TrainState) -> float:
+    """The learning rate the optimizer was built with (trainloop's: config.lr)."""
+    return float(state.optimizer.defaults.get("lr", state.lr))
+
+
 def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, channels_last):
     """Sum the gradients of several micro-batches as if they were one batch -> the summed loss.
     Under DDP and sharded, gradients are reduced on the last micro-batch only."""
@@ -1073,8 +1078,8 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
         finite = _all_reduce([float(finite)], runtime, dist.ReduceOp.MIN)[0]
     if not finite:
         raise NonFiniteLossError(
-            "the weights are no longer finite (NaN or inf); the last good checkpoint was kept. "
-            "Lower lr or use clip_grad"
+            "the weights are no longer finite (NaN or inf), so they were not saved; lower the "
+            f"learning rate below lr={_peak_lr(state):g} or use clip_grad=1.0"
         )
     scheduler = state.scheduler
     header = {
@@ -1788,7 +1793,8 @@ class _LossWindow:
         if bad:
             raise NonFiniteLossError(
                 f"the loss became NaN or inf at step {self.first_step + bad[0]} (epoch "
-                f"{self.epoch}); the last good checkpoint was kept. Lower lr, use clip_grad, or "
+                f"{self.epoch}) and no checkpoint was written after it; lower the learning rate "
+                f"below lr={_peak_lr(state):g}, use clip_grad=1.0, or "
                 "check the data"
             )
         if sums[-1]:
