@@ -168,6 +168,8 @@ def test_parse_duration_units():
         ("optimizer", "adam", "optimizer='adam' is not one of sgd, adamw"),
         ("precision", "fp8", "precision='fp8'"),
         ("ema", 1.0, "ema=1.0 must be in"),
+        ("mean", "2", "mean='2' is not 1 or 3 comma-separated numbers in"),
+        ("std", "0.2,0.2", "std='0.2,0.2' is not 1 or 3"),
     ],
 )
 def test_check_config_names_field_value_and_fix(field, value, message):
@@ -2772,6 +2774,24 @@ def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_pa
         for seed, share in ((0, 0.1), (5, 0.5))
     ]
     assert infos[0]["mean"] == infos[1]["mean"] and infos[0]["std"] == infos[1]["std"]
+
+
+def test_load_data_says_why_a_torchvision_set_is_missing(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(root, train, download):
+        if download:
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        raise RuntimeError("Dataset not found or corrupted. You can use download=True")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    config = tl.Config(data="cifar10", data_root=str(tmp_path))
+    with pytest.raises(tl.UsageError, match="download is off .*; add download=True to fetch it"):
+        tl.load_data(config)
+    with pytest.raises(tl.UsageError, match="not downloaded .*Name or service.*check the network"):
+        tl.load_data(dataclasses.replace(config, download=True))
 
 
 def test_load_data_keeps_the_range_of_16_bit_and_float_images(tmp_path):

@@ -275,6 +275,8 @@ def check_config(config: Config) -> Config:
                 raise UsageError(f"{name}={getattr(config, name)!r} {must}")
     parse_duration(config.time_limit)
     parse_gpus(config.gpus)
+    _per_channel("mean", config.mean)
+    _per_channel("std", config.std)
     return config
 
 
@@ -295,6 +297,19 @@ def parse_gpus(text: str) -> Optional[tuple]:
 def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def _per_channel(name: str, text: str) -> Optional[tuple]:
+    try:
+        values = tuple(float(v) for v in text.split(",")) if text else None
+    except ValueError:
+        values = ()
+    if values is not None and (len(values) not in (1, 3) or not all(0 < v <= 1 for v in values)):
+        raise UsageError(
+            f"{name}={text!r} is not 1 or 3 comma-separated numbers in (0, 1] (of pixels "
+            f"scaled to 0-1), e.g. {name}='0.5' or {name}='0.45,0.45,0.4'"
+        )
+    return values * 3 if values and len(values) == 1 else values
 
 
 def parse_duration(text: str) -> Optional[float]:
@@ -2741,29 +2756,19 @@ def _image_settings(config: Config, samples) -> tuple:
     return size, ratio, mean, std
 
 
-def _per_channel(name: str, text: str) -> Optional[tuple]:
-    try:
-        values = tuple(float(v) for v in text.split(",")) if text else None
-    except ValueError:
-        values = ()
-    if values is not None and (len(values) not in (1, 3) or not all(0 < v <= 1 for v in values)):
-        raise UsageError(
-            f"{name}={text!r} is not 1 or 3 comma-separated numbers in (0, 1] (of pixels "
-            f"scaled to 0-1), e.g. {name}='0.5' or {name}='0.45,0.45,0.4'"
-        )
-    return values * 3 if values and len(values) == 1 else values
-
-
 def _load_torchvision(config: Config):
     import torchvision
 
     cls = getattr(torchvision.datasets, _TORCHVISION_DATA[config.data])
     try:
         parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # not there; or not downloaded (URLError: an OSError)
+        fix = "check the network" if config.download else "add download=True to fetch it"
         raise UsageError(
-            f"data={config.data!r}: not found under {config.data_root}/ ({e}); add "
-            "download=True to fetch it, or copy the files there"
+            f"data={config.data!r}: not found under {config.data_root}/ and "
+            f"{'not downloaded' if config.download else 'download is off'} "
+            f"({str(e).strip().splitlines()[-1]}); "
+            f"{fix}, or copy the files there"
         ) from None
     splits = []
     for part in parts:
