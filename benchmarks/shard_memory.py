@@ -148,6 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.variant:
         return worker(args)
+    if args.gpus and torch.cuda.device_count() < args.nproc:
+        sys.exit(f"shard_memory.py --gpus needs {args.nproc} CUDA GPUs")
     model = build(args.width, args.layers)
     whole = sum(p.nbytes for p in model.parameters())
     print(
