@@ -505,6 +505,8 @@ def test_resume_uses_this_machines_optimizer_kernels(tmp_path):
 def test_fit_unknown_setting_suggests_the_field():
     with pytest.raises(tl.UsageError, match="did you mean epochs"):
         tl.fit(mlp(), blobs(8), epoch=3)
+    with pytest.raises(tl.UsageError, match="'learning_rate'; did you mean lr"):
+        tl.fit(mlp(), blobs(8), learning_rate=0.1)
 
 
 def test_fit_writes_the_run_directory(tmp_path):

@@ -2343,6 +2343,20 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
     return size
 
 
+# Other libraries' names for settings, which no spelling distance finds.
+_OTHER_NAMES = {
+    "learning_rate": "lr",
+    "max_epochs": "epochs",
+    "num_epochs": "epochs",
+    "num_workers": "workers",
+    "gradient_accumulation_steps": "accumulate",
+    "max_grad_norm": "clip_grad",
+    "gradient_clip_val": "clip_grad",
+    "output_dir": "out",
+    "mixed_precision": "precision",
+}
+
+
 def _settings(config: Optional[Config], overrides: dict) -> Config:
     """`config` (default: Config()) with fit's keyword overrides, checked."""
     if config is not None and not isinstance(config, Config):
@@ -2352,7 +2366,9 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
         )
     names = [f.name for f in dataclasses.fields(Config)]
     for bad in (k for k in overrides if k not in names):
-        close = difflib.get_close_matches(bad, names, n=3)
+        close = (
+            [_OTHER_NAMES[bad]] if bad in _OTHER_NAMES else difflib.get_close_matches(bad, names)
+        )
         raise UsageError(
             f"fit() got an unknown setting {bad!r}"
             + (f"; did you mean {', '.join(close)}?" if close else "")
