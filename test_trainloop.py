@@ -1000,6 +1000,16 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
     assert "batch_size 16 -> 8" in warning
 
 
+@pytest.mark.parametrize("change", [dict(batch_size=32), dict(accumulate=2), dict(batch_size=8)])
+def test_resume_with_another_epoch_length_goes_on_with_the_schedule(tmp_path, change):
+    """The cosine schedule continues from the share of training done, as if the whole run had
+    had the new number of steps per epoch (it ran past its end, at lr 0, before)."""
+    fit_mlp(64, epochs=1, batch_size=16, out=tmp_path / "run")
+    resumed = fit_mlp(64, epochs=2, **{"batch_size": 16, **change}, out=tmp_path / "run")
+    fresh = fit_mlp(64, epochs=2, **{"batch_size": 16, **change})
+    assert resumed[1]["lr"] == pytest.approx(fresh[1]["lr"]) and resumed[1]["lr"] > 0
+
+
 def test_resume_applies_a_new_lr_and_warns(tmp_path):
     out = str(tmp_path / "run")
     tl.fit(

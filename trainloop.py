@@ -2219,7 +2219,7 @@ def _resume(state: TrainState, job: _Job) -> None:
             )
         _restore(state, ckpt, rt, path)
         _warn_changes(ckpt, job)
-        _apply_config(state, job, saved, elastic=ckpt["world_size"] != rt.world_size)
+        _apply_config(state, job, ckpt)
         if saved.get("monitor") != config.monitor:  # a new yardstick: find its best so far
             _rebest(state, config)
         said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
@@ -2261,11 +2261,15 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
         )
 
 
-def _apply_config(state: TrainState, job: _Job, saved: dict, elastic: bool) -> None:
-    """After a restore, the settings changed since the checkpoint (`saved`) win for trainloop's
-    own optimizer (lr, weight decay, momentum) and schedule; fused kernels are this machine's
-    choice. Under an elastic resume the schedule goes on from the same share of training."""
-    config, groups = job.config, state.optimizer.param_groups
+_EPOCH_SETTINGS = ("batch_size", "accumulate")  # with the processes and data: steps per epoch
+
+
+def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
+    """After a restore, the settings changed since the checkpoint win for trainloop's own
+    optimizer (lr, weight decay, momentum) and schedule; fused kernels are this machine's
+    choice. When an epoch has another number of steps (processes, batch size, accumulation or
+    data changed), the schedule goes on from the same share of training."""
+    config, groups, saved = job.config, state.optimizer.param_groups, ckpt.get("config", {})
     changed = {k for k in ("lr", "weight_decay", "momentum") if saved.get(k) != getattr(config, k)}
     if all("decay" in g for g in groups):  # built from the config, not the user's own
         for g in groups:
@@ -2280,7 +2284,10 @@ def _apply_config(state: TrainState, job: _Job, saved: dict, elastic: bool) -> N
         return
     scheduler = state.scheduler
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
-    if elastic:  # steps per epoch changed with the number of processes
+    resized = [saved.get(k, getattr(config, k)) != getattr(config, k) for k in _EPOCH_SETTINGS]
+    resized += [ckpt["world_size"] != job.runtime.world_size]
+    resized += [ckpt.get("train_size", job.train_size) != job.train_size]
+    if any(resized):  # another number of steps per epoch
         done = state.epoch + state.seen / max(job.train_size, 1)
         scheduler.last_epoch = round(done * job.steps_per_epoch)
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
