@@ -154,6 +154,7 @@ def test_parse_duration_units():
     assert tl.parse_duration("90s") == 90
     assert tl.parse_duration("1.5h") == 5400
     assert tl.parse_duration("") is None
+    assert tl.parse_duration("0") is None and tl.parse_duration("0m") is None  # no limit
     with pytest.raises(tl.UsageError, match="time_limit='soon'"):
         tl.parse_duration("soon")
 
@@ -169,6 +170,11 @@ def test_parse_duration_units():
         ("precision", "fp8", "precision='fp8'"),
         ("ema", 1.0, "ema=1.0 must be in"),
         ("mean", "2", "mean='2' is not 1 or 3 comma-separated numbers in"),
+        ("warmup", float("inf"), r"warmup=inf must be zero or more \(and finite\)"),
+        ("weight_decay", float("inf"), "weight_decay=inf must be zero or more"),
+        ("momentum", 5.0, r"momentum=5.0 must be in \[0, 1\)"),
+        ("workers", -5, "workers=-5 must be -1"),
+        ("time_limit", 5, "time_limit=5 must be of type str$"),
         ("std", "0.2,0.2", "std='0.2,0.2' is not 1 or 3"),
     ],
 )
@@ -1996,6 +2002,7 @@ def test_fit_refuses_data_and_models_that_cannot_train(model, train, val, messag
         (dict(optimizer=torch.optim.AdamW), "is not an optimizer; pass one built on"),
         (dict(optimizer=torch.optim.SGD(mlp().parameters())), "none of the model's parameters"),
         (dict(metrics=[len]), "metrics must be a dict of functions"),
+        (dict(scheduler="cosine"), "scheduler='cosine' is not a scheduler; pass a torch"),
         (dict(config={"epochs": 1}), "config= takes a trainloop.Config, not a dict"),
         (dict(loss_fn=lambda out, y: out.sum(1)), "the loss has shape (16,); reduce it"),
     ],

@@ -170,7 +170,7 @@ class Config:
     patience: int = _opt(0, "Stop after N epochs without a better --monitor (0 = off).", R)
     monitor: str = _opt("auto", "Metric for best.pt and early stop (auto: val_acc/val_loss).", R)
     monitor_mode: str = _opt("auto", "max | min | auto (max for accuracies, else min).", R)
-    time_limit: str = _opt("", "Checkpoint and exit 75 before this time, e.g. 2h30m, 45m, 90s.", R)
+    time_limit: str = _opt("", "Checkpoint and exit 75 before this time, e.g. 2h30m or 90s.", R)
     deterministic: bool = _opt(False, "Deterministic CUDA kernels (slower; CPU is always).", R)
     eval_only: bool = _opt(False, "Only evaluate the --resume checkpoint (auto: OUT/best.pt).", R)
     quiet: bool = _opt(False, "Print only the final summary.", R)
@@ -242,10 +242,12 @@ CHOICES = {
 _RANGES = (  # (fields, test, what the error says)
     ("epochs batch_size accumulate log_every", lambda v: v >= 1, "must be at least 1"),
     (
-        "weight_decay clip_grad save_every patience seed warmup momentum",
-        lambda v: v >= 0,
-        "must be zero or more",
+        "weight_decay clip_grad save_every patience seed warmup",
+        lambda v: 0 <= v < math.inf,
+        "must be zero or more (and finite)",
     ),
+    ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.9"),
+    ("workers", lambda v: v >= -1, "must be -1 (one per spare core) or 0 or more"),
     ("lr", lambda v: 0 < v < math.inf, "must be a positive number, e.g. 0.05"),
     ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("ema", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999 (0 turns it off)"),
@@ -263,9 +265,8 @@ def check_config(config: Config) -> Config:
         value = getattr(config, f.name)
         fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
         if not fits or (isinstance(value, bool) and f.type is not bool):
-            raise UsageError(
-                f"{f.name}={value!r} must be of type {f.type.__name__}, e.g. {f.default!r}"
-            )
+            example = f", e.g. {f.default!r}" if f.default != "" else ""
+            raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
@@ -313,7 +314,7 @@ def _per_channel(name: str, text: str) -> Optional[tuple]:
 
 
 def parse_duration(text: str) -> Optional[float]:
-    """'2h30m' / '45m' / '90s' / '3600' -> seconds; '' -> None."""
+    """'2h30m' / '45m' / '90s' / '3600' -> seconds; '' or '0' -> None (no limit)."""
     text = text.strip().lower()
     if not text:
         return None
@@ -321,7 +322,8 @@ def parse_duration(text: str) -> Optional[float]:
     if not match or not any(match.groups()):
         raise UsageError(f"time_limit={text!r} is not a duration; use e.g. '2h30m', '45m' or '90s'")
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    total = hours * 3600 + minutes * 60 + seconds
+    return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
 
 
 # ---- device and distributed ------------------------------------------------------------------
@@ -2431,7 +2433,7 @@ def fit(
         _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
         if loss_fn is F.cross_entropy and config.label_smoothing:
             loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-        _check_arguments(model, train_data, val_data, optimizer, metrics)
+        _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics)
         _check_shard(config.shard, optimizer, scheduler, shard_blocks)
         model = _unwrap(model)
         if not config.shard:  # sharding moves only each process's shards (see _shard)
@@ -2459,7 +2461,7 @@ def fit(
             teardown(rt)
 
 
-def _check_arguments(model, train_data, val_data, optimizer, metrics) -> None:
+def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics) -> None:
     """Refuse arguments of the wrong kind in one line, before they fail deep inside torch."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -2475,6 +2477,11 @@ def _check_arguments(model, train_data, val_data, optimizer, metrics) -> None:
     groups = optimizer.param_groups if optimizer is not None else []
     if groups and not any(id(p) in params for g in groups for p in g["params"]):
         raise UsageError("optimizer holds none of the model's parameters; build it on them")
+    if scheduler is not None and not (callable(scheduler) or hasattr(scheduler, "step")):
+        raise UsageError(
+            f"scheduler={scheduler!r} is not a scheduler; pass a torch LR scheduler, a function "
+            "optimizer -> scheduler, or a schedule name as schedule='cosine'"
+        )
     if metrics is not None and not (
         isinstance(metrics, dict) and all(map(callable, metrics.values()))
     ):
