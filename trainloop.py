@@ -352,7 +352,8 @@ class Runtime:
 def setup_device(
     gpus: str = "", *, precision: str = "auto", deterministic: bool = False
 ) -> Runtime:
-    """Pick the device, join the process group under torchrun, and fix precision once.
+    """Pick the device, join the process group under torchrun, and fix precision once. Sets the
+    process-wide switches of torch it needs: cuDNN autotuning, or deterministic kernels.
 
     Reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun. `gpus` as in `parse_gpus`; under
     torchrun process LOCAL_RANK takes the LOCAL_RANK-th listed GPU (or GPU LOCAL_RANK).
