@@ -1006,6 +1006,18 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
     assert "batch_size 16 -> 8" in warning
 
 
+def test_resume_of_a_users_scheduler_without_it_names_trainloops_own(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    onecycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=8)
+    tl.fit(model, blobs(64), epochs=1, optimizer=optimizer, scheduler=onecycle, out=tmp_path)
+    with pytest.raises(tl.UsageError, match=r"OneCycleLR, not LambdaLR \(trainloop's own sch"):
+        fit_mlp(64, epochs=2, out=tmp_path)
+    state = tl.TrainState(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1))  # none at all
+    with pytest.raises(tl.UsageError, match="OneCycleLR, not None; pass the same kind"):
+        tl.load_checkpoint(tmp_path / "last.pt", state)
+
+
 @pytest.mark.parametrize("change", [dict(batch_size=32), dict(accumulate=2), dict(batch_size=8)])
 def test_resume_with_another_epoch_length_goes_on_with_the_schedule(tmp_path, change):
     """The cosine schedule continues from the share of training done, as if the whole run had

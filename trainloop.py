@@ -1403,6 +1403,9 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
     kind = type(state.scheduler).__name__ if state.scheduler is not None else None
     saved_kind = saved.get("type", "LambdaLR") if saved is not None else None  # 0.1: LambdaLR
     if saved_kind != kind:  # checked before anything of the state changes
+        own = getattr(getattr(state.scheduler, "lr_lambdas", [None])[0], "func", None)
+        if own is _lr_factor:
+            kind += " (trainloop's own schedule)"
         raise UsageError(
             f"{path} was trained with scheduler {saved_kind}, not {kind}; pass the same kind "
             "of scheduler, or start over with resume='none'"
@@ -2566,7 +2569,7 @@ def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
     )
     if stopped_early:
         text += f" (early stop after epoch {state.epoch}: no better {name} for "
-        text += f"{job.config.patience} epochs)"
+        text += f"{job.config.patience} epoch{'s' if job.config.patience > 1 else ''})"
     if job.out is not None:
         text += (
             f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
