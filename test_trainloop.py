@@ -183,6 +183,14 @@ def test_check_config_names_field_value_and_fix(field, value, message):
         tl.check_config(dataclasses.replace(tl.Config(), **{field: value}))
 
 
+def test_check_config_takes_numpy_numbers_as_plain_ones():
+    import numpy as np
+
+    config = tl.check_config(tl.Config(lr=np.float32(0.5), epochs=np.int64(2), warmup=3))
+    assert (config.lr, config.epochs, config.warmup) == (0.5, 2, 3.0)
+    assert (type(config.lr), type(config.epochs), type(config.warmup)) == (float, int, float)
+
+
 def test_amp_dtype_is_decided_from_precision_and_device():
     assert tl._amp_dtype("auto", "cuda", True) is torch.bfloat16
     assert tl._amp_dtype("auto", "cuda", False) is None

@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -263,10 +264,12 @@ def check_config(config: Config) -> Config:
             config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
-        fits = isinstance(value, f.type) or (f.type is float and isinstance(value, int))
-        if not fits or (isinstance(value, bool) and f.type is not bool):
+        kind = {int: numbers.Integral, float: numbers.Real}.get(f.type, f.type)  # NumPy's too
+        if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
             example = f", e.g. {f.default!r}" if f.default != "" else ""
             raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
+        if type(value) is not f.type:  # 3 -> 3.0, np.float32(0.1) -> 0.1: plain values to save
+            config = dataclasses.replace(config, **{f.name: f.type(value)})
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
