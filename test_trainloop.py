@@ -176,11 +176,38 @@ def test_parse_duration_units():
         ("workers", -5, "workers=-5 must be -1"),
         ("time_limit", 5, "time_limit=5 must be of type str$"),
         ("std", "0.2,0.2", "std='0.2,0.2' is not 1 or 3"),
+        ("std", "0.2,0.2,0", r"std='0.2,0.2,0' is not 1 or 3 comma-separated numbers in \(0, 1\]"),
     ],
 )
 def test_check_config_names_field_value_and_fix(field, value, message):
     with pytest.raises(tl.UsageError, match=message):
         tl.check_config(dataclasses.replace(tl.Config(), **{field: value}))
+
+
+def test_check_config_takes_a_mean_of_zero_for_a_channel_dark_throughout():
+    config = tl.check_config(tl.Config(mean="0.45,0.4,0", std="0.2,0.2,0.001"))
+    assert config.mean == "0.45,0.4,0"
+
+
+def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
+    class BrokenRead:  # as a read that a dead worker broke, with no SIGCHLD noted
+        num_workers = 2
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise EOFError
+
+    skipped = tl._SkipBatches(BrokenRead(), 0)  # what set_epoch gives for a resumed epoch
+    with pytest.raises(EOFError) as read:
+        next(tl._groups(skipped, 1))
+    job = types.SimpleNamespace(config=tl.Config(), runtime=CPU, out=None, last=None)
+    state = types.SimpleNamespace(step=3, epoch=0)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], window=None)
+    assert isinstance(fault, tl.WorkerDiedError), fault
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], window=None)
+    assert isinstance(fault, tl.WorkerDiedError), fault  # known broken: 2 workers
 
 
 def test_check_config_takes_numpy_numbers_as_plain_ones():

@@ -308,9 +308,11 @@ def _per_channel(name: str, text: str) -> Optional[tuple]:
         values = tuple(float(v) for v in text.split(",")) if text else None
     except ValueError:
         values = ()
-    if values is not None and (len(values) not in (1, 3) or not all(0 < v <= 1 for v in values)):
+    low = 0.0 if name == "mean" else math.ulp(0.0)  # a channel may be dark throughout; std divides
+    if values is not None and (len(values) not in (1, 3) or not all(low <= v <= 1 for v in values)):
+        interval = "[0, 1]" if name == "mean" else "(0, 1]"
         raise UsageError(
-            f"{name}={text!r} is not 1 or 3 comma-separated numbers in (0, 1] (of pixels "
+            f"{name}={text!r} is not 1 or 3 comma-separated numbers in {interval} (of pixels "
             f"scaled to 0-1), e.g. {name}='0.5' or {name}='0.45,0.45,0.4'"
         )
     return values * 3 if values and len(values) == 1 else values
@@ -1924,7 +1926,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=
         entered = tb.tb_frame.f_code.co_name if tb.tb_frame.f_globals is globals() else entered
         tb = tb.tb_next
     # A worker that died holding a batch breaks the reading of that batch in any way.
-    workers = getattr(loader, "num_workers", job.config.workers)
+    workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
     broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
     died = deaths or broken or "DataLoader worker (pid" in str(error)
     died = died and entered in ("_groups", "evaluate")
