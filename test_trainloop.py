@@ -3270,10 +3270,8 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 79.5 * 2**30)
     rt = tl.Runtime(torch.device("cuda", 1), rank=1, world_size=2)
     job = types.SimpleNamespace(config=tl.Config(batch_size=64), runtime=rt, out=None, last=None)
-    state = types.SimpleNamespace(step=4, epoch=0)
-    message = str(
-        tl._out_of_memory(state, job, "at step 4 (epoch 1)", "there is no checkpoint yet")
-    )
+    not_counted = "the step was not counted and there is no checkpoint yet"  # as _fault says
+    message = str(tl._out_of_memory(job, "in step 5 (epoch 1)", not_counted))
     assert message.startswith(
         "out of memory in step 5 (epoch 1) on cuda:1 (80.0 GiB, peak use 79.5 GiB) at "
         "batch_size=64 per process; the step was not counted and there is no checkpoint yet"
@@ -3282,9 +3280,7 @@ def test_out_of_memory_on_cuda_gives_the_device_memory_and_peak_use(monkeypatch)
     job.config = tl.Config(batch_size=64, channels_last=True, shard=True, image_size=96)
     rt = dataclasses.replace(rt, amp_dtype=torch.bfloat16)
     job.runtime = rt
-    message = str(
-        tl._out_of_memory(state, job, "at step 4 (epoch 1)", "there is no checkpoint yet")
-    )
+    message = str(tl._out_of_memory(job, "in step 5 (epoch 1)", not_counted))
     assert message.endswith("(the same global batch) or image_size=48, then run again"), message
 
 

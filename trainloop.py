@@ -308,8 +308,9 @@ def _per_channel(name: str, text: str) -> Optional[tuple]:
         values = tuple(float(v) for v in text.split(",")) if text else None
     except ValueError:
         values = ()
-    low = 0.0 if name == "mean" else math.ulp(0.0)  # a channel may be dark throughout; std divides
-    if values is not None and (len(values) not in (1, 3) or not all(low <= v <= 1 for v in values)):
+    # A channel may be dark throughout (mean 0); the std divides, so it must not be 0.
+    fits = [0 < v <= 1 or (v == 0 and name == "mean") for v in values or ()]
+    if values is not None and (len(values) not in (1, 3) or not all(fits)):
         interval = "[0, 1]" if name == "mean" else "(0, 1]"
         raise UsageError(
             f"{name}={text!r} is not 1 or 3 comma-separated numbers in {interval} (of pixels "
@@ -1356,10 +1357,9 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
     missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
     if missing:
         raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
-    if files - set(crcs):
-        raise CheckpointError(
-            f"{path} is corrupt: {min(files - set(crcs))} is not in checksums.json"
-        )
+    unlisted = sorted(files - set(crcs))
+    if unlisted:
+        raise CheckpointError(f"{path} is corrupt: {unlisted[0]} is not in checksums.json")
     mine = [
         n for n in sorted(files)[runtime.rank :: runtime.world_size] if _crc32(path / n) != crcs[n]
     ]
@@ -1794,8 +1794,12 @@ class _Job:
 
     @property
     def last(self) -> Optional[Path]:
-        """Where the training checkpoint goes: a directory of shards when sharded."""
-        return self.out and self.out / ("last" if self.config.shard else "last.pt")
+        return self.out and _last_checkpoint(self.out, self.config)
+
+
+def _last_checkpoint(out: Path, config: Config) -> Path:
+    """Where the training checkpoint goes: a directory of shards when sharded."""
+    return out / ("last" if config.shard else "last.pt")
 
 
 @dataclass
@@ -1943,12 +1947,15 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=
     if saved:
         _save(state, job)
     done = f"checkpoint {job.last} written" if saved else _kept(job.last)
+    if oom and window is not None:  # the step that ran out is the next one, and half done
+        when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
+        done = f"the step was not counted and {done}"
     if oom:
-        return _out_of_memory(state, job, when, done)
+        return _out_of_memory(job, when, done)
     return _worker_died(error, deaths, job, when, done, workers)
 
 
-def _out_of_memory(state: TrainState, job: _Job, when: str, done: str) -> OutOfMemoryError:
+def _out_of_memory(job: _Job, when: str, done: str) -> OutOfMemoryError:
     """One line: when, the batch size, the device's memory, and what uses less of it."""
     config, device = job.config, job.runtime.device
     memory = ""
@@ -1965,9 +1972,6 @@ def _out_of_memory(state: TrainState, job: _Job, when: str, done: str) -> OutOfM
     ]
     knobs = [k for k in knobs if k]
     use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
-    if when.startswith("at step"):  # the step that ran out is the next one
-        when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
-        done = f"the step was not counted and {done}"
     return OutOfMemoryError(
         f"out of memory {when} on {device}{memory} at batch_size={size} per process; {done}. "
         f"Use {use}, then run again"
@@ -2141,10 +2145,10 @@ def _write_metrics(history: list, job: _Job, tensorboard) -> None:
     try:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
         os.replace(tmp, job.out / "metrics.jsonl")
-        for key, value in history[-1].items() if tensorboard is not None else ():
-            if key not in ("epoch", "step"):
-                tensorboard.add_scalar(key, value, history[-1]["step"])
         if tensorboard is not None:
+            for key, value in history[-1].items():
+                if key not in ("epoch", "step"):
+                    tensorboard.add_scalar(key, value, history[-1]["step"])
             tensorboard.flush()
     except OSError as e:  # a full disk: the same one line as for a checkpoint
         raise SaveError(_save_failure(e, job.out / "metrics.jsonl", job.last)) from e
@@ -2179,8 +2183,8 @@ def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
             record["trainloop"] = __version__
             (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         except OSError as e:  # a run to go on with, or a disk's fault: not the path's
-            last = out / ("last" if config.shard else "last.pt")
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(out.glob("last*")):
+                last = _last_checkpoint(out, config)
                 raise SaveError(_save_failure(e, out / "config.json", last)) from e
             raise UsageError(
                 f"out={config.out!r} is not writable ({e.strerror}); pick another directory"
@@ -2272,9 +2276,6 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
         )
 
 
-_EPOCH_SETTINGS = ("batch_size", "accumulate")  # with the processes and data: steps per epoch
-
-
 def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
     """After a restore, the settings changed since the checkpoint win for trainloop's own
     optimizer (lr, weight decay, momentum) and schedule; fused kernels are this machine's
@@ -2295,7 +2296,9 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
         return
     scheduler = state.scheduler
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
-    resized = [saved.get(k, getattr(config, k)) != getattr(config, k) for k in _EPOCH_SETTINGS]
+    resized = [
+        saved.get(k, getattr(config, k)) != getattr(config, k) for k in ("batch_size", "accumulate")
+    ]
     resized += [ckpt["world_size"] != job.runtime.world_size]
     resized += [ckpt.get("train_size", job.train_size) != job.train_size]
     if any(resized):  # another number of steps per epoch
