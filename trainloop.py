@@ -146,9 +146,7 @@ class Config:
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
-    shard: bool = _opt(
-        False, "Shard weights, gradients, optimizer state over processes (FSDP2).", M
-    )
+    shard: bool = _opt(False, "Shard weights, gradients and optimizer state (FSDP2).", M)
     epochs: int = _opt(3, "Passes over the training data.")
     batch_size: int = _opt(64, "Samples per step per process (global: x processes x accumulate).")
     lr: float = _opt(0.05, "Peak learning rate (about 1e-3 suits adamw).")
@@ -461,14 +459,12 @@ def _mix_seed(*parts: int) -> int:
 
 
 class _EpochBatches(Sampler):
-    """Per-process batches of one epoch, resumable at any sample.
-
-    The epoch's global order is a function of (seed, epoch) alone. The not-yet-seen part of it,
-    from `seen` on, is dealt out round-robin to however many processes exist, so a run resumed on
-    a different number of processes still sees every sample of the epoch exactly once.
-    Training (`shuffle`) drops at most world_size - 1 tail samples so every process takes equal
-    steps. With `sample_seeds`, a DataLoader gets keys (index, per-sample seed), not indices.
-    """
+    """Per-process batches of one epoch, resumable at any sample. The epoch's global order is a
+    function of (seed, epoch) alone; its unseen part, from `seen` on, is dealt round-robin to
+    however many processes exist, so a run resumed on another number of processes still sees
+    every sample of the epoch exactly once. Training (`shuffle`) drops at most world - 1 tail
+    samples so every process takes equal steps. With `sample_seeds`, batches hold keys
+    (index, per-sample seed), not indices."""
 
     def __init__(self, size, batch_size, shuffle, seed, rank=0, world=1, sample_seeds=False):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
@@ -484,14 +480,12 @@ class _EpochBatches(Sampler):
             order = torch.arange(self.size)
         return order[self.seen :][self.rank :: self.world][: self._per_rank()]
 
-    def index_batches(self):
-        mine = self.indices()
-        return mine.split(self.batch_size) if len(mine) else ()  # split() of nothing gives [[]]
-
     def __iter__(self):
         base = _mix_seed(self.seed, self.epoch, 1) >> 8
-        for idx in self.index_batches():
-            yield [(i, base + i) for i in idx.tolist()] if self.sample_seeds else idx.tolist()
+        mine = self.indices().tolist()
+        for start in range(0, len(mine), self.batch_size):
+            idx = mine[start : start + self.batch_size]
+            yield [(i, base + i) for i in idx] if self.sample_seeds else idx
 
     def _per_rank(self) -> int:
         rest = self.size - min(self.seen, self.size)
@@ -508,12 +502,10 @@ class _EpochBatches(Sampler):
 
 
 class _SeededSample(Dataset):
-    """Seeds a loader worker's RNGs from each sample's key before reading the sample.
-
-    Random augmentation then depends on (seed, epoch, index), not on which worker read it, so a
-    resumed run augments exactly as an uninterrupted one. Without workers, samples are read in
-    the main process, whose RNG streams the checkpoint stores whole: no seeding needed there.
-    """
+    """Seeds a loader worker's RNGs from each sample's key before reading it, so augmentation
+    depends on (seed, epoch, index), not on the worker: a resumed run augments exactly as an
+    uninterrupted one. Without workers, the main process reads the samples, and the checkpoint
+    stores its RNG streams whole: no seeding needed there."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -536,12 +528,9 @@ _GATHER_BYTES = 16 * 2**20
 
 @dataclass
 class _TensorBatches:
-    """The in-memory fast path: batches gathered by indexing whole tensors, no collate.
-
-    Same batches, in the same order, as a DataLoader over the same sampler. `augment_pad` > 0
-    applies random crop and flip to the first tensor, with parameters drawn per sample index
-    for each epoch.
-    """
+    """The in-memory fast path: a DataLoader's batches over the same sampler, in its order, but
+    gathered by indexing whole tensors (no collate). `augment_pad` > 0 random-crops and flips the
+    first tensor, with parameters drawn per sample index and epoch."""
 
     tensors: tuple
     batch_sampler: _EpochBatches
@@ -681,13 +670,10 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
 
 def _split_batch(batch):
     """(inputs, target[, weight]) or a dict for model(**batch) -> (inputs, target, weight)."""
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 2:
-            return batch[0], batch[1], None
-        if len(batch) == 3:
-            return batch[0], batch[1], batch[2]
-    elif isinstance(batch, dict):
+    if isinstance(batch, dict):
         return batch, None, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     raise UsageError(
         f"a batch must be (inputs, target), (inputs, target, weight) or a dict, "
         f"not {type(batch).__name__}; wrap your data or pass a collate_fn"
@@ -708,11 +694,9 @@ def _count(obj) -> int:
 
 
 def _sizes(batches: list) -> tuple:
-    """(samples, weights) of the micro-batches of one step, from host metadata only (no sync).
-
-    A micro-batch's weight is how much it counts in its step: an explicit third element of the
-    batch (a number or CPU tensor, e.g. a token count), else its number of samples.
-    """
+    """(samples, weights) of one step's micro-batches, from host metadata (no sync). A weight is
+    how much a micro-batch counts in its step: its explicit third element (a number or CPU
+    tensor, e.g. a token count), else its number of samples."""
     samples, weights = 0, []
     for batch in batches:
         inputs, target, weight = _split_batch(batch)
@@ -745,45 +729,41 @@ def _to_device(batch, device: torch.device, channels_last: bool):
 
 
 def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False):
-    """Move a batch to the device, run the model under autocast -> (output, loss, target)."""
+    """Move a batch to the device, run the model and loss under autocast -> (output, loss, target).
+    Full precision enters no autocast context at all, not even a disabled one."""
     if not runtime.on_cpu:
         batch = _to_device(batch, runtime.device, channels_last)
     inputs, target, _ = _split_batch(batch)
-    if runtime.amp_dtype is None:  # full precision: not even a disabled autocast context
-        return (*_output_and_loss(net, inputs, target, batch, loss_fn), target)
-    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype):
-        return (*_output_and_loss(net, inputs, target, batch, loss_fn), target)
-
-
-def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
-    if isinstance(inputs, dict):
-        output = net(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        output = net(*inputs)
-    else:
-        output = net(inputs)
-    if loss_fn is None:  # the model's own: a scalar output, or output["loss"] / output.loss
-        if isinstance(output, torch.Tensor) and output.numel() == 1:
-            return output, output.reshape(())
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if loss is None:
+    amp = runtime.amp_dtype
+    with torch.autocast(runtime.device.type, dtype=amp) if amp else contextlib.nullcontext():
+        if isinstance(inputs, dict):
+            output = net(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            output = net(*inputs)
+        else:
+            output = net(inputs)
+        if loss_fn is None and isinstance(output, torch.Tensor) and output.numel() == 1:
+            loss = output  # the model's own loss: a scalar output, or output["loss"] / output.loss
+        elif loss_fn is None:
+            loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+            if loss is None:
+                raise UsageError(
+                    "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
+                    f"dict / object with a 'loss' entry (got {type(output).__name__})"
+                )
+        elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
             raise UsageError(
-                "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
-                f"dict / object with a 'loss' entry (got {type(output).__name__})"
+                "a dict batch goes whole to model(**batch), so the default "
+                "cross-entropy has no target; pass loss_fn=None (the model "
+                "returns its loss) or your own loss_fn(output, batch)"
             )
-    elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
-        raise UsageError(
-            "a dict batch goes whole to model(**batch), so the default "
-            "cross-entropy has no target; pass loss_fn=None (the model "
-            "returns its loss) or your own loss_fn(output, batch)"
-        )
-    else:
-        loss = loss_fn(output, batch if target is None else target)
+        else:
+            loss = loss_fn(output, batch if target is None else target)
     if loss.ndim:  # one number in any shape is taken as it is; more, backward cannot start from
         if loss.numel() != 1:
             raise UsageError(f"the loss has shape {tuple(loss.shape)}; reduce it to one number")
         loss = loss.reshape(())
-    return output, loss
+    return output, loss, target
 
 
 def train_step(
