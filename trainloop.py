@@ -1011,12 +1011,11 @@ def _rng_state(runtime: Runtime) -> dict:
     # NumPy's state holds an ndarray, which weights_only loading refuses: store it as a tensor.
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     keys = torch.from_numpy(keys.astype(np.int64))
-    cuda = runtime.device.type == "cuda"
     return {
         "python": random.getstate(),
         "numpy": (name, keys, int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(runtime.device) if cuda else None,
+        "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None,
     }
 
 
@@ -1153,12 +1152,17 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
     shards (each process writes its own), `header` as trainloop.pt, and checksums.json, the CRC-32
     of every file, last. It is written as .<name>.tmp and swapped in when complete (_swap_in)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     # Buffers (BatchNorm statistics) are not sharded and differ between processes: each
     # process's are kept, so that a resumed run goes on as an unbroken one.
-    header = {**header, "buffers": _gather(_buffers(state), runtime)}
+    modules = (("model", state.model), ("ema", state.ema))
+    buffers = {
+        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
+        for part, module in modules
+        if module is not None
+    }
+    header = {**header, "buffers": _gather(buffers, runtime)}
     tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
     if state.ema is not None:
         tensors["ema"] = get_model_state_dict(state.ema)
@@ -1170,26 +1174,19 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
             _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt", path)
         _barrier(runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
-        shares = _gather(_checksums(tmp, runtime.rank, runtime.world_size), runtime)
+        crcs = _checksums(tmp, runtime)
         if runtime.is_main:
-            crcs = {name: crc for share in shares for name, crc in sorted(share.items())}
-            _write_synced(tmp / "checksums.json", json.dumps(crcs, indent=0))
+            with open(tmp / "checksums.json", "w") as f:
+                json.dump(crcs, f, indent=0)
+                f.flush()
+                os.fsync(f.fileno())
             _swap_in(tmp, path)
-    except (OSError, RuntimeError, CheckpointException) as e:
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
         if runtime.is_main:  # partial shards would keep the disk full
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, SaveError):  # trainloop.pt's, already said
             raise
         raise SaveError(_save_failure(e, path, path)) from e
-
-
-def _buffers(state: TrainState) -> dict:
-    modules = {"model": state.model, "ema": state.ema}
-    return {
-        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
-        for part, module in modules.items()
-        if module is not None
-    }
 
 
 def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
@@ -1200,10 +1197,11 @@ def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
             dist.broadcast(buffer, 0)
 
 
-def _checksums(directory: Path, rank: int, world: int) -> dict:
-    """{file name: CRC-32} of this process's share of the files in `directory`."""
+def _checksums(directory: Path, runtime: Runtime) -> dict:
+    """{file name: CRC-32} of the files in `directory`; each process reads a share of them."""
     names = sorted(p.name for p in directory.iterdir() if p.name != "checksums.json")
-    return {name: _crc32(directory / name) for name in names[rank::world]}
+    mine = {name: _crc32(directory / name) for name in names[runtime.rank :: runtime.world_size]}
+    return {name: crc for share in _gather(mine, runtime) for name, crc in share.items()}
 
 
 def _crc32(path: Path) -> int:
@@ -1212,13 +1210,6 @@ def _crc32(path: Path) -> int:
         while chunk := f.read(2**24):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _swap_in(new: Path, path: Path) -> None:
@@ -1273,12 +1264,11 @@ def _check_archive(path: Path) -> None:
     before unpickling a byte of it."""
     try:
         with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-            compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
-            if compressed:  # torch.save never compresses: a possible zip bomb
+            compressed = [e for e in archive.infolist() if e.compress_type != zipfile.ZIP_STORED]
+            if compressed:
                 raise CheckpointError(
-                    f"{path} refused: entry {compressed[0]!r} is compressed, which torch.save "
-                    "never writes (a possible zip bomb)"
+                    f"{path} refused: entry {compressed[0].filename!r} is compressed, which "
+                    "torch.save never writes (a possible zip bomb)"
                 )
             damaged = archive.testzip()  # reads every entry and checks its CRC-32
     except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -1353,17 +1343,14 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
             f"{path} is incomplete (no readable checksums.json: {_first_line(e)}); resume from "
             "another checkpoint"
         ) from None
-    files = {p.name for p in path.iterdir()} - {"checksums.json"}
-    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
+    found = _checksums(path, runtime)
+    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - set(found))
     if missing:
         raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
-    unlisted = sorted(files - set(crcs))
+    unlisted = sorted(set(found) - set(crcs))
     if unlisted:
         raise CheckpointError(f"{path} is corrupt: {unlisted[0]} is not in checksums.json")
-    mine = [
-        n for n in sorted(files)[runtime.rank :: runtime.world_size] if _crc32(path / n) != crcs[n]
-    ]
-    bad = sorted(n for share in _gather(mine, runtime) for n in share)
+    bad = sorted(name for name, crc in found.items() if crc != crcs[name])
     if bad:
         raise CheckpointError(f"{path} is corrupt: {bad[0]} fails its checksum")
     try:
@@ -1451,7 +1438,6 @@ def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) ->
     are this process's own (rank 0's on another number of processes)."""
     from torch.distributed.checkpoint import state_dict as sd
 
-    parts = ckpt["sharded"]
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
     alone = not _is_sharded(state.model)  # whole tensors: no process needs another
     _read_shards({"model": model, "optimizer": optimizer}, path, alone)
@@ -1460,7 +1446,7 @@ def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) ->
     )
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
-        _read_shards({"ema" if "ema" in parts else "model": ema}, path, alone)
+        _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": ema}, path, alone)
         sd.set_model_state_dict(state.ema, ema)
     buffers = ckpt["buffers"][runtime.rank if ckpt["world_size"] == runtime.world_size else 0]
     for part, module in (("model", state.model), ("ema", state.ema)):
@@ -1516,13 +1502,12 @@ def _read_shards(parts: dict, path: Path, alone: bool) -> None:
     """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
     other processes (torch would warn about that every time)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
-    except CheckpointException as e:  # a BaseException holding every process's traceback
+    except dcp.CheckpointException as e:  # a BaseException holding every process's traceback
         raise ValueError(str(e).strip().splitlines()[-1]) from None  # the cause, as one line
 
 
