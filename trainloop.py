@@ -1036,10 +1036,9 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -> None:
-    """Write a file holding `entries` so that a kill at any instant leaves a loadable one at
-    `path`. Raises SaveError when it cannot be written, naming the last good `checkpoint`; what
-    was there before stays as it was. Without `checkpoint`, `path` is the checkpoint, and its
-    previous version is kept as `<name>.prev.pt`."""
+    """Write `entries` to `path` so that a kill at any instant leaves a loadable file there. A
+    failure raises SaveError naming the run's last good `checkpoint` and leaves what was there;
+    without `checkpoint`, `path` is it, and its previous version is kept as `<name>.prev.pt`."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
     payload = _map_tensors(payload, lambda t: t.detach().cpu())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1060,8 +1059,7 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
 
 
 def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> str:
-    """One line on a file that could not be written: why, the run's last good checkpoint, and
-    what to do."""
+    """One line on a file that could not be written: why, the last good checkpoint, what to do."""
     # An errno says why; torch's zip writer raises its own error with the OSError as context.
     cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
     free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
@@ -1118,12 +1116,9 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     if sharded:
         _save_sharded(Path(path), state, header, runtime)
     elif runtime.is_main:
-        tensors = {
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "ema": state.ema.state_dict() if state.ema is not None else None,
-        }
-        _atomic_save({**tensors, **header}, Path(path))
+        tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+        ema = state.ema.state_dict() if state.ema is not None else None
+        _atomic_save({**tensors, "ema": ema, **header}, Path(path))
     _barrier(runtime)
 
 
@@ -1487,14 +1482,12 @@ def _weights(model: nn.Module) -> dict:
 
 
 def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
-    """Load the weights to evaluate (the EMA if there is one) from either kind of checkpoint
-    into a plain `model`."""
-    name = "ema" if ckpt.get("ema") is not None or "ema" in ckpt.get("sharded", ()) else "model"
-    if not path.is_dir():
-        model.load_state_dict(ckpt[name])
-        return
-    weights = model.state_dict()
-    _read_shards({name: weights}, path, alone=True)
+    """Load a plain `model` with the weights to evaluate (the EMA if any) from either checkpoint."""
+    if path.is_dir():
+        weights = model.state_dict()
+        _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": weights}, path, alone=True)
+    else:  # best.pt holds no "ema": its "model" is the weights evaluated
+        weights = ckpt.get("ema") or ckpt["model"]
     model.load_state_dict(weights)
 
 
