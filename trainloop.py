@@ -1123,9 +1123,8 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
 
 
 def _runtime_of(model: nn.Module) -> Runtime:
-    """Where a checkpoint is saved or loaded when no runtime is given: the model's device, and
-    for a sharded model this process's place in the process group (every process must call;
-    a plain model's checkpoint can be saved or loaded by one process alone)."""
+    """The model's device and, for a sharded model, this process's rank and world size: the
+    runtime of a checkpoint saved or loaded without one (sharded: every process must call)."""
     if not (_is_sharded(model) and dist.is_initialized()):
         return Runtime(_device_of(model))
     return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
@@ -1311,13 +1310,12 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip reader errors, truncation: all untrusted input
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-        blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        blocked = re.search(r".*(GLOBAL|Unsupported).*", str(e))  # the line naming the class
         if not (isinstance(e, pickle.UnpicklingError) and blocked):
-            raise CheckpointError(f"{path} is corrupt or truncated ({lines[0]})") from None
+            raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
         raise CheckpointError(
             f"{path} refused: it holds Python objects, not only tensors and numbers, and "
-            f"loading it could run code ({blocked[0]}); nothing from it was run"
+            f"loading it could run code ({blocked[0].strip()}); nothing from it was run"
         ) from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(
@@ -1328,9 +1326,8 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _check_directory(path: Path, runtime: Runtime) -> None:
-    """Refuse a sharded checkpoint with a missing or damaged file (each process checks a share
-    of them) and one whose .metadata, which torch.distributed.checkpoint unpickles, would build
-    anything but its own records."""
+    """Refuse a sharded checkpoint with a missing or damaged file, or whose .metadata (which
+    torch.distributed.checkpoint unpickles) would build anything but its own records."""
     try:
         crcs = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError) as e:
@@ -1429,8 +1426,7 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
 
 def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
     """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
-    reads the pieces of each tensor that this process holds, however it was sharded. Buffers
-    are this process's own (rank 0's on another number of processes)."""
+    reads the pieces of each tensor that this process holds, however it was sharded."""
     from torch.distributed.checkpoint import state_dict as sd
 
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
