@@ -1335,14 +1335,14 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
             f"{path} is incomplete (no readable checksums.json: {_first_line(e)}); resume from "
             "another checkpoint"
         ) from None
-    found = _checksums(path, runtime)
-    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - set(found))
+    files = {p.name for p in path.iterdir()} - {"checksums.json"}
+    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
     if missing:
         raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
-    unlisted = sorted(set(found) - set(crcs))
+    unlisted = sorted(files - set(crcs))  # refused before reading a byte of it
     if unlisted:
         raise CheckpointError(f"{path} is corrupt: {unlisted[0]} is not in checksums.json")
-    bad = sorted(name for name, crc in found.items() if crc != crcs[name])
+    bad = sorted(name for name, crc in _checksums(path, runtime).items() if crc != crcs[name])
     if bad:
         raise CheckpointError(f"{path} is corrupt: {bad[0]} fails its checksum")
     try:
