@@ -991,12 +991,11 @@ def _rng_state(runtime: Runtime) -> dict:
     # NumPy's state holds an ndarray, which weights_only loading refuses: store it as a tensor.
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     keys = torch.from_numpy(keys.astype(np.int64))
-    cuda = runtime.device.type == "cuda"
     return {
         "python": random.getstate(),
         "numpy": (name, keys, int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(runtime.device) if cuda else None,
+        "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None,
     }
 
 
@@ -1017,10 +1016,9 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -> None:
-    """Write a file holding `entries` so that a kill at any instant leaves a loadable one at
-    `path`. Raises SaveError when it cannot be written, naming the last good `checkpoint`; what
-    was there before stays as it was. Without `checkpoint`, `path` is the checkpoint, and its
-    previous version is kept as `<name>.prev.pt`."""
+    """Write `entries` to `path` so that a kill at any instant leaves a loadable file there. A
+    failure raises SaveError naming the run's last good `checkpoint` and leaves what was there;
+    without `checkpoint`, `path` is it, and its previous version is kept as `<name>.prev.pt`."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
     payload = _map_tensors(payload, lambda t: t.detach().cpu())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1041,8 +1039,7 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
 
 
 def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> str:
-    """One line on a file that could not be written: why, the run's last good checkpoint, and
-    what to do."""
+    """One line on a file that could not be written: why, the last good checkpoint, what to do."""
     # An errno says why; torch's zip writer raises its own error with the OSError as context.
     cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
     free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
@@ -1099,19 +1096,15 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     if sharded:
         _save_sharded(Path(path), state, header, runtime)
     elif runtime.is_main:
-        tensors = {
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "ema": state.ema.state_dict() if state.ema is not None else None,
-        }
-        _atomic_save({**tensors, **header}, Path(path))
+        tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+        ema = state.ema.state_dict() if state.ema is not None else None
+        _atomic_save({**tensors, "ema": ema, **header}, Path(path))
     _barrier(runtime)
 
 
 def _runtime_of(model: nn.Module) -> Runtime:
-    """Where a checkpoint is saved or loaded when no runtime is given: the model's device, and
-    for a sharded model this process's place in the process group (every process must call;
-    a plain model's checkpoint can be saved or loaded by one process alone)."""
+    """The model's device and, for a sharded model, this process's rank and world size: the
+    runtime of a checkpoint saved or loaded without one (sharded: every process must call)."""
     if not (_is_sharded(model) and dist.is_initialized()):
         return Runtime(_device_of(model))
     return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
@@ -1133,12 +1126,17 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
     shards (each process writes its own), `header` as trainloop.pt, and checksums.json, the CRC-32
     of every file, last. It is written as .<name>.tmp and swapped in when complete (_swap_in)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     # Buffers (BatchNorm statistics) are not sharded and differ between processes: each
     # process's are kept, so that a resumed run goes on as an unbroken one.
-    header = {**header, "buffers": _gather(_buffers(state), runtime)}
+    modules = (("model", state.model), ("ema", state.ema))
+    buffers = {
+        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
+        for part, module in modules
+        if module is not None
+    }
+    header = {**header, "buffers": _gather(buffers, runtime)}
     tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
     if state.ema is not None:
         tensors["ema"] = get_model_state_dict(state.ema)
@@ -1150,26 +1148,19 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
             _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt", path)
         _barrier(runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
-        shares = _gather(_checksums(tmp, runtime.rank, runtime.world_size), runtime)
+        crcs = _checksums(tmp, runtime)
         if runtime.is_main:
-            crcs = {name: crc for share in shares for name, crc in sorted(share.items())}
-            _write_synced(tmp / "checksums.json", json.dumps(crcs, indent=0))
+            with open(tmp / "checksums.json", "w") as f:
+                json.dump(crcs, f, indent=0)
+                f.flush()
+                os.fsync(f.fileno())
             _swap_in(tmp, path)
-    except (OSError, RuntimeError, CheckpointException) as e:
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
         if runtime.is_main:  # partial shards would keep the disk full
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, SaveError):  # trainloop.pt's, already said
             raise
         raise SaveError(_save_failure(e, path, path)) from e
-
-
-def _buffers(state: TrainState) -> dict:
-    modules = {"model": state.model, "ema": state.ema}
-    return {
-        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
-        for part, module in modules.items()
-        if module is not None
-    }
 
 
 def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
@@ -1180,10 +1171,11 @@ def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
             dist.broadcast(buffer, 0)
 
 
-def _checksums(directory: Path, rank: int, world: int) -> dict:
-    """{file name: CRC-32} of this process's share of the files in `directory`."""
+def _checksums(directory: Path, runtime: Runtime) -> dict:
+    """{file name: CRC-32} of the files in `directory`; each process reads a share of them."""
     names = sorted(p.name for p in directory.iterdir() if p.name != "checksums.json")
-    return {name: _crc32(directory / name) for name in names[rank::world]}
+    mine = {name: _crc32(directory / name) for name in names[runtime.rank :: runtime.world_size]}
+    return {name: crc for share in _gather(mine, runtime) for name, crc in share.items()}
 
 
 def _crc32(path: Path) -> int:
@@ -1192,13 +1184,6 @@ def _crc32(path: Path) -> int:
         while chunk := f.read(2**24):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _swap_in(new: Path, path: Path) -> None:
@@ -1253,12 +1238,11 @@ def _check_archive(path: Path) -> None:
     before unpickling a byte of it."""
     try:
         with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-            compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
-            if compressed:  # torch.save never compresses: a possible zip bomb
+            compressed = [e for e in archive.infolist() if e.compress_type != zipfile.ZIP_STORED]
+            if compressed:
                 raise CheckpointError(
-                    f"{path} refused: entry {compressed[0]!r} is compressed, which torch.save "
-                    "never writes (a possible zip bomb)"
+                    f"{path} refused: entry {compressed[0].filename!r} is compressed, which "
+                    "torch.save never writes (a possible zip bomb)"
                 )
             damaged = archive.testzip()  # reads every entry and checks its CRC-32
     except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -1306,13 +1290,12 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip reader errors, truncation: all untrusted input
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-        blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        blocked = re.search(r".*(GLOBAL|Unsupported).*", str(e))  # the line naming the class
         if not (isinstance(e, pickle.UnpicklingError) and blocked):
-            raise CheckpointError(f"{path} is corrupt or truncated ({lines[0]})") from None
+            raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
         raise CheckpointError(
             f"{path} refused: it holds Python objects, not only tensors and numbers, and "
-            f"loading it could run code ({blocked[0]}); nothing from it was run"
+            f"loading it could run code ({blocked[0].strip()}); nothing from it was run"
         ) from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(
@@ -1323,9 +1306,8 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _check_directory(path: Path, runtime: Runtime) -> None:
-    """Refuse a sharded checkpoint with a missing or damaged file (each process checks a share
-    of them) and one whose .metadata, which torch.distributed.checkpoint unpickles, would build
-    anything but its own records."""
+    """Refuse a sharded checkpoint with a missing or damaged file, or whose .metadata (which
+    torch.distributed.checkpoint unpickles) would build anything but its own records."""
     try:
         crcs = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError) as e:
@@ -1337,13 +1319,10 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
     missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
     if missing:
         raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
-    unlisted = sorted(files - set(crcs))
+    unlisted = sorted(files - set(crcs))  # refused before reading a byte of it
     if unlisted:
         raise CheckpointError(f"{path} is corrupt: {unlisted[0]} is not in checksums.json")
-    mine = [
-        n for n in sorted(files)[runtime.rank :: runtime.world_size] if _crc32(path / n) != crcs[n]
-    ]
-    bad = sorted(n for share in _gather(mine, runtime) for n in share)
+    bad = sorted(name for name, crc in _checksums(path, runtime).items() if crc != crcs[name])
     if bad:
         raise CheckpointError(f"{path} is corrupt: {bad[0]} fails its checksum")
     try:
@@ -1427,11 +1406,9 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
 
 def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
     """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
-    reads the pieces of each tensor that this process holds, however it was sharded. Buffers
-    are this process's own (rank 0's on another number of processes)."""
+    reads the pieces of each tensor that this process holds, however it was sharded."""
     from torch.distributed.checkpoint import state_dict as sd
 
-    parts = ckpt["sharded"]
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
     alone = not _is_sharded(state.model)  # whole tensors: no process needs another
     _read_shards({"model": model, "optimizer": optimizer}, path, alone)
@@ -1440,7 +1417,7 @@ def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) ->
     )
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
-        _read_shards({"ema" if "ema" in parts else "model": ema}, path, alone)
+        _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": ema}, path, alone)
         sd.set_model_state_dict(state.ema, ema)
     buffers = ckpt["buffers"][runtime.rank if ckpt["world_size"] == runtime.world_size else 0]
     for part, module in (("model", state.model), ("ema", state.ema)):
@@ -1481,14 +1458,12 @@ def _weights(model: nn.Module) -> dict:
 
 
 def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
-    """Load the weights to evaluate (the EMA if there is one) from either kind of checkpoint
-    into a plain `model`."""
-    name = "ema" if ckpt.get("ema") is not None or "ema" in ckpt.get("sharded", ()) else "model"
-    if not path.is_dir():
-        model.load_state_dict(ckpt[name])
-        return
-    weights = model.state_dict()
-    _read_shards({name: weights}, path, alone=True)
+    """Load a plain `model` with the weights to evaluate (the EMA if any) from either checkpoint."""
+    if path.is_dir():
+        weights = model.state_dict()
+        _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": weights}, path, alone=True)
+    else:  # best.pt holds no "ema": its "model" is the weights evaluated
+        weights = ckpt.get("ema") or ckpt["model"]
     model.load_state_dict(weights)
 
 
@@ -1496,13 +1471,12 @@ def _read_shards(parts: dict, path: Path, alone: bool) -> None:
     """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
     other processes (torch would warn about that every time)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
-    except CheckpointException as e:  # a BaseException holding every process's traceback
+    except dcp.CheckpointException as e:  # a BaseException holding every process's traceback
         raise ValueError(str(e).strip().splitlines()[-1]) from None  # the cause, as one line
 
 
