@@ -2051,11 +2051,7 @@ def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
         save_checkpoint(
-            job.last,
-            state,
-            runtime=job.runtime,
-            config=config,
-            train_size=job.train_size,
+            job.last, state, runtime=job.runtime, config=config, train_size=job.train_size
         )
 
 
@@ -2097,8 +2093,7 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
     if val is not None:
-        scores = _validate(state, val, job)
-        row.update({f"val_{name}": value for name, value in scores.items()})
+        row.update({f"val_{name}": value for name, value in _validate(state, val, job).items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
     name = _monitor_name(config, row)
@@ -2221,7 +2216,7 @@ def _resume(state: TrainState, job: _Job) -> None:
         try:
             ckpt = load_checkpoint(path, runtime=rt)
         except CheckpointError as e:
-            if i + 1 == len(candidates) or config.resume != "auto":
+            if i + 1 == len(candidates):  # the last, or the one file named
                 raise
             job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
             corrupt.append(path)
@@ -2235,8 +2230,7 @@ def _resume(state: TrainState, job: _Job) -> None:
         _restore(state, ckpt, rt, path)
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
-        if saved.get("monitor") != config.monitor:  # a new yardstick: find its best so far
-            _rebest(state, config)
+        _rebest(state, config)  # by today's monitor and monitor_mode
         said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
         if state.epoch >= config.epochs:
             said = f"{path}: already complete ({state.epoch} of {config.epochs} epochs); "
@@ -2296,12 +2290,10 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
         return
     scheduler = state.scheduler
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
-    resized = [
-        saved.get(k, getattr(config, k)) != getattr(config, k) for k in ("batch_size", "accumulate")
-    ]
-    resized += [ckpt["world_size"] != job.runtime.world_size]
-    resized += [ckpt.get("train_size", job.train_size) != job.train_size]
-    if any(resized):  # another number of steps per epoch
+    then = [saved.get(k, getattr(config, k)) for k in ("batch_size", "accumulate")]
+    then += [ckpt["world_size"], ckpt.get("train_size", job.train_size)]
+    now = [config.batch_size, config.accumulate, job.runtime.world_size, job.train_size]
+    if then != now:  # another number of steps per epoch
         done = state.epoch + state.seen / max(job.train_size, 1)
         scheduler.last_epoch = round(done * job.steps_per_epoch)
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
@@ -2353,12 +2345,9 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
         raise UsageError("train_data is empty: there is nothing to train on")
     if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
-    if (
-        shard
-        and hasattr(val, "__len__")
-        and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]
-    ):
-        raise UsageError(  # every sharded forward needs all processes
+    counted = shard and hasattr(val, "__len__")  # every sharded forward needs all processes
+    if counted and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]:
+        raise UsageError(
             "val_data has fewer batches than processes; give it more samples or drop shard=True"
         )
     return size
@@ -2387,13 +2376,9 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
         )
     names = [f.name for f in dataclasses.fields(Config)]
     for bad in (k for k in overrides if k not in names):
-        close = (
-            [_OTHER_NAMES[bad]] if bad in _OTHER_NAMES else difflib.get_close_matches(bad, names)
-        )
-        raise UsageError(
-            f"fit() got an unknown setting {bad!r}"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
-        )
+        close = _OTHER_NAMES.get(bad) or ", ".join(difflib.get_close_matches(bad, names))
+        hint = f"; did you mean {close}?" if close else ""
+        raise UsageError(f"fit() got an unknown setting {bad!r}{hint}")
     return check_config(dataclasses.replace(config or Config(), **overrides))
 
 
@@ -2570,19 +2555,15 @@ def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
     if not state.history:
         return
     name = _monitor_name(job.config, state.history[-1])
-    text = (
-        f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
-        if state.best is not None
-        else f"done: {name} was never a finite number"
-    )
+    text = f"done: {name} was never a finite number"
+    if state.best is not None:
+        text = f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
     if stopped_early:
         text += f" (early stop after epoch {state.epoch}: no better {name} for "
         text += f"{job.config.patience} epoch{'s' if job.config.patience > 1 else ''})"
     if job.out is not None:
-        text += (
-            f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
-            f"metrics {job.out / 'metrics.jsonl'}"
-        )
+        text += f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
+        text += f"metrics {job.out / 'metrics.jsonl'}"
     job.console.write(text)
 
 
