@@ -2420,18 +2420,15 @@ def fit(
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
+    _check_arguments(
+        model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
+    )
+    if loss_fn is F.cross_entropy and config.label_smoothing:
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     rt = runtime or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
-        if config.patience and val_data is None:
-            raise UsageError("patience needs validation data to watch; pass val_data or drop it")
-        metric_names = ("loss", "acc", "top5", *(metrics or {}))
-        _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
-        if loss_fn is F.cross_entropy and config.label_smoothing:
-            loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-        _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics)
-        _check_shard(config.shard, optimizer, scheduler, shard_blocks)
         model = _unwrap(model)
         if not config.shard:  # sharding moves only each process's shards (see _shard)
             model = model.to(rt.device)
@@ -2458,8 +2455,12 @@ def fit(
             teardown(rt)
 
 
-def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics) -> None:
-    """Refuse arguments of the wrong kind in one line, before they fail deep inside torch."""
+def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics, blocks, config):
+    """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
+    if config.patience and val_data is None:
+        raise UsageError("patience needs validation data to watch; pass val_data or drop it")
+    reported = ("loss", "acc", "top5", *(metrics or {}))
+    _monitor_name(config, ["train_loss", *(f"val_{m}" for m in reported if val_data)])
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
@@ -2479,23 +2480,19 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics)
             f"scheduler={scheduler!r} is not a scheduler; pass a torch LR scheduler, a function "
             "optimizer -> scheduler, or a schedule name as schedule='cosine'"
         )
-    if metrics is not None and not (
-        isinstance(metrics, dict) and all(map(callable, metrics.values()))
-    ):
+    functions = isinstance(metrics, dict) and all(map(callable, metrics.values()))
+    if metrics is not None and not functions:
         raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
-
-
-def _check_shard(shard: bool, optimizer, scheduler, blocks) -> None:
-    """Refuse what sharding cannot take, before anything is built."""
-    if blocks is not None and not shard:
+    if blocks is not None and not config.shard:
         raise UsageError("shard_blocks is for shard=True; pass both, or neither")
     classes = isinstance(blocks, (list, tuple)) and blocks
     if blocks is not None and not all(isinstance(b, type) for b in classes or [None]):
         raise UsageError(
             f"shard_blocks={blocks!r} must be a list of module classes, e.g. [MyBlock]"
         )
-    if shard and (optimizer is not None or scheduler is not None and not callable(scheduler)):
-        raise UsageError(  # the model's parameters change when it is sharded
+    objects = optimizer is not None or scheduler is not None and not callable(scheduler)
+    if config.shard and objects:  # the model's parameters change when it is sharded
+        raise UsageError(
             "shard=True builds the optimizer after sharding the model; pass its name "
             "(optimizer='sgd' or 'adamw'), and a scheduler as a function optimizer -> scheduler"
         )
