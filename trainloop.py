@@ -2086,6 +2086,15 @@ def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool
     return value > best if mode == "max" else value < best
 
 
+def _rebest(state: TrainState, config: Config) -> None:
+    """state.best and best_epoch: the history's first best row by the monitored metric."""
+    state.best, state.best_epoch = None, 0
+    for row in state.history:
+        name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
+        if name in row and _improved(row[name], state.best, name, config.monitor_mode):
+            state.best, state.best_epoch = row[name], row["epoch"]
+
+
 def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
     config = job.config
@@ -2099,10 +2108,9 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     name = _monitor_name(config, row)
     if isinstance(state.scheduler, ReduceLROnPlateau):
         state.scheduler.step(row[name])
-    improved = _improved(row[name], state.best, name, config.monitor_mode)
-    if improved:
-        state.best, state.best_epoch = row[name], row["epoch"]
     state.history.append(row)
+    _rebest(state, config)
+    improved = state.best_epoch == row["epoch"]
     state.epoch, state.seen, state.batches = state.epoch + 1, 0, 0
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
     # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
@@ -2230,7 +2238,7 @@ def _resume(state: TrainState, job: _Job) -> None:
         _restore(state, ckpt, rt, path)
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
-        _rebest(state, config)  # by today's monitor and monitor_mode
+        _rebest(state, config)  # by this run's monitor and monitor_mode
         said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
         if state.epoch >= config.epochs:
             said = f"{path}: already complete ({state.epoch} of {config.epochs} epochs); "
@@ -2299,14 +2307,6 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for g, base in zip(groups, scheduler.base_lrs):
         g["lr"] = base * factor
-
-
-def _rebest(state: TrainState, config: Config) -> None:
-    state.best, state.best_epoch = None, 0
-    for row in state.history:
-        name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
-        if name in row and _improved(row[name], state.best, name, config.monitor_mode):
-            state.best, state.best_epoch = row[name], row["epoch"]
 
 
 def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Console):
