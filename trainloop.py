@@ -2343,7 +2343,7 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
     size = len(samples) if hasattr(samples, "__len__") else 0
     if batches == 0 or hasattr(samples, "__len__") and size == 0:
         raise UsageError("train_data is empty: there is nothing to train on")
-    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
+    if hasattr(val_data, "__len__") and len(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
     counted = shard and hasattr(val, "__len__")  # every sharded forward needs all processes
     if counted and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]:
@@ -2460,7 +2460,7 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
     if config.patience and val_data is None:
         raise UsageError("patience needs validation data to watch; pass val_data or drop it")
     reported = ("loss", "acc", "top5", *(metrics or {}))
-    _monitor_name(config, ["train_loss", *(f"val_{m}" for m in reported if val_data)])
+    _monitor_name(config, ["train_loss", *(f"val_{m}" for m in reported if val_data is not None)])
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
