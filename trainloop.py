@@ -2005,11 +2005,7 @@ def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
         save_checkpoint(
-            job.last,
-            state,
-            runtime=job.runtime,
-            config=config,
-            train_size=job.train_size,
+            job.last, state, runtime=job.runtime, config=config, train_size=job.train_size
         )
 
 
@@ -2044,6 +2040,15 @@ def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool
     return value > best if mode == "max" else value < best
 
 
+def _rebest(state: TrainState, config: Config) -> None:
+    """state.best and best_epoch: the history's first best row by the monitored metric."""
+    state.best, state.best_epoch = None, 0
+    for row in state.history:
+        name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
+        if name in row and _improved(row[name], state.best, name, config.monitor_mode):
+            state.best, state.best_epoch = row[name], row["epoch"]
+
+
 def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
     config = job.config
@@ -2051,17 +2056,15 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
     if val is not None:
-        scores = _validate(state, val, job)
-        row.update({f"val_{name}": value for name, value in scores.items()})
+        row.update({f"val_{name}": value for name, value in _validate(state, val, job).items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
     name = _monitor_name(config, row)
     if isinstance(state.scheduler, ReduceLROnPlateau):
         state.scheduler.step(row[name])
-    improved = _improved(row[name], state.best, name, config.monitor_mode)
-    if improved:
-        state.best, state.best_epoch = row[name], row["epoch"]
     state.history.append(row)
+    _rebest(state, config)
+    improved = state.best_epoch == row["epoch"]
     state.epoch, state.seen, state.batches = state.epoch + 1, 0, 0
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
     # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
@@ -2175,7 +2178,7 @@ def _resume(state: TrainState, job: _Job) -> None:
         try:
             ckpt = load_checkpoint(path, runtime=rt)
         except CheckpointError as e:
-            if i + 1 == len(candidates) or config.resume != "auto":
+            if i + 1 == len(candidates):  # the last, or the one file named
                 raise
             job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
             corrupt.append(path)
@@ -2189,8 +2192,7 @@ def _resume(state: TrainState, job: _Job) -> None:
         _restore(state, ckpt, rt, path)
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
-        if saved.get("monitor") != config.monitor:  # a new yardstick: find its best so far
-            _rebest(state, config)
+        _rebest(state, config)  # by this run's monitor and monitor_mode
         said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
         if state.epoch >= config.epochs:
             said = f"{path}: already complete ({state.epoch} of {config.epochs} epochs); "
@@ -2250,25 +2252,15 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
         return
     scheduler = state.scheduler
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
-    resized = [
-        saved.get(k, getattr(config, k)) != getattr(config, k) for k in ("batch_size", "accumulate")
-    ]
-    resized += [ckpt["world_size"] != job.runtime.world_size]
-    resized += [ckpt.get("train_size", job.train_size) != job.train_size]
-    if any(resized):  # another number of steps per epoch
+    then = [saved.get(k, getattr(config, k)) for k in ("batch_size", "accumulate")]
+    then += [ckpt["world_size"], ckpt.get("train_size", job.train_size)]
+    now = [config.batch_size, config.accumulate, job.runtime.world_size, job.train_size]
+    if then != now:  # another number of steps per epoch
         done = state.epoch + state.seen / max(job.train_size, 1)
         scheduler.last_epoch = round(done * job.steps_per_epoch)
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for g, base in zip(groups, scheduler.base_lrs):
         g["lr"] = base * factor
-
-
-def _rebest(state: TrainState, config: Config) -> None:
-    state.best, state.best_epoch = None, 0
-    for row in state.history:
-        name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
-        if name in row and _improved(row[name], state.best, name, config.monitor_mode):
-            state.best, state.best_epoch = row[name], row["epoch"]
 
 
 def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Console):
@@ -2305,14 +2297,11 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
     size = len(samples) if hasattr(samples, "__len__") else 0
     if batches == 0 or hasattr(samples, "__len__") and size == 0:
         raise UsageError("train_data is empty: there is nothing to train on")
-    if val_data is not None and hasattr(val_data, "__len__") and len(val_data) == 0:
+    if hasattr(val_data, "__len__") and len(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
-    if (
-        shard
-        and hasattr(val, "__len__")
-        and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]
-    ):
-        raise UsageError(  # every sharded forward needs all processes
+    counted = shard and hasattr(val, "__len__")  # every sharded forward needs all processes
+    if counted and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]:
+        raise UsageError(
             "val_data has fewer batches than processes; give it more samples or drop shard=True"
         )
     return size
@@ -2341,13 +2330,9 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
         )
     names = [f.name for f in dataclasses.fields(Config)]
     for bad in (k for k in overrides if k not in names):
-        close = (
-            [_OTHER_NAMES[bad]] if bad in _OTHER_NAMES else difflib.get_close_matches(bad, names)
-        )
-        raise UsageError(
-            f"fit() got an unknown setting {bad!r}"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
-        )
+        close = _OTHER_NAMES.get(bad) or ", ".join(difflib.get_close_matches(bad, names))
+        hint = f"; did you mean {close}?" if close else ""
+        raise UsageError(f"fit() got an unknown setting {bad!r}{hint}")
     return check_config(dataclasses.replace(config or Config(), **overrides))
 
 
@@ -2389,18 +2374,15 @@ def fit(
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
+    _check_arguments(
+        model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
+    )
+    if loss_fn is F.cross_entropy and config.label_smoothing:
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     rt = runtime or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
-        if config.patience and val_data is None:
-            raise UsageError("patience needs validation data to watch; pass val_data or drop it")
-        metric_names = ("loss", "acc", "top5", *(metrics or {}))
-        _monitor_name(config, ["train_loss", *(f"val_{m}" for m in metric_names if val_data)])
-        if loss_fn is F.cross_entropy and config.label_smoothing:
-            loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-        _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics)
-        _check_shard(config.shard, optimizer, scheduler, shard_blocks)
         model = _unwrap(model)
         if not config.shard:  # sharding moves only each process's shards (see _shard)
             model = model.to(rt.device)
@@ -2427,8 +2409,12 @@ def fit(
             teardown(rt)
 
 
-def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics) -> None:
-    """Refuse arguments of the wrong kind in one line, before they fail deep inside torch."""
+def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics, blocks, config):
+    """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
+    if config.patience and val_data is None:
+        raise UsageError("patience needs validation data to watch; pass val_data or drop it")
+    reported = ("loss", "acc", "top5", *(metrics or {}))
+    _monitor_name(config, ["train_loss", *(f"val_{m}" for m in reported if val_data is not None)])
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
@@ -2448,23 +2434,19 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics)
             f"scheduler={scheduler!r} is not a scheduler; pass a torch LR scheduler, a function "
             "optimizer -> scheduler, or a schedule name as schedule='cosine'"
         )
-    if metrics is not None and not (
-        isinstance(metrics, dict) and all(map(callable, metrics.values()))
-    ):
+    functions = isinstance(metrics, dict) and all(map(callable, metrics.values()))
+    if metrics is not None and not functions:
         raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
-
-
-def _check_shard(shard: bool, optimizer, scheduler, blocks) -> None:
-    """Refuse what sharding cannot take, before anything is built."""
-    if blocks is not None and not shard:
+    if blocks is not None and not config.shard:
         raise UsageError("shard_blocks is for shard=True; pass both, or neither")
     classes = isinstance(blocks, (list, tuple)) and blocks
     if blocks is not None and not all(isinstance(b, type) for b in classes or [None]):
         raise UsageError(
             f"shard_blocks={blocks!r} must be a list of module classes, e.g. [MyBlock]"
         )
-    if shard and (optimizer is not None or scheduler is not None and not callable(scheduler)):
-        raise UsageError(  # the model's parameters change when it is sharded
+    objects = optimizer is not None or scheduler is not None and not callable(scheduler)
+    if config.shard and objects:  # the model's parameters change when it is sharded
+        raise UsageError(
             "shard=True builds the optimizer after sharding the model; pass its name "
             "(optimizer='sgd' or 'adamw'), and a scheduler as a function optimizer -> scheduler"
         )
@@ -2524,19 +2506,15 @@ def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
     if not state.history:
         return
     name = _monitor_name(job.config, state.history[-1])
-    text = (
-        f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
-        if state.best is not None
-        else f"done: {name} was never a finite number"
-    )
+    text = f"done: {name} was never a finite number"
+    if state.best is not None:
+        text = f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
     if stopped_early:
         text += f" (early stop after epoch {state.epoch}: no better {name} for "
         text += f"{job.config.patience} epoch{'s' if job.config.patience > 1 else ''})"
     if job.out is not None:
-        text += (
-            f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
-            f"metrics {job.out / 'metrics.jsonl'}"
-        )
+        text += f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
+        text += f"metrics {job.out / 'metrics.jsonl'}"
     job.console.write(text)
 
 
