@@ -2817,8 +2817,7 @@ def _load_torchvision(config: Config):
         images = torch.as_tensor(np.asarray(part.data))
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
-    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)
-    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
+    std, mean = torch.std_mean(splits[0][0], dim=(0, 2, 3), keepdim=True)
     return [((x - mean) / std, y) for x, y in splits]
 
 
@@ -3011,8 +3010,7 @@ def _eval_checkpoint(config: Config) -> tuple:
     ckpt = load_checkpoint(path)
     saved = ckpt.get("config", {})
     names = "data data_root val_fraction seed model image_size mean std weights".split()
-    names = [k for k in names if k in saved]
-    unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
+    unset = [k for k in names if k in saved and getattr(config, k) == getattr(Config(), k)]
     return dataclasses.replace(config, **{k: saved[k] for k in unset}), path, ckpt
 
 
@@ -3042,18 +3040,7 @@ def _downloads_once(runtime: Runtime):
         _barrier(runtime)
 
 
-def _train_process(config: Config) -> int:
-    """One training process: the whole job, or one worker of a torchrun / --gpus job."""
-    runtime = setup_device(
-        config.gpus, precision=config.precision, deterministic=config.deterministic
-    )
-    try:
-        return _train_or_evaluate(config, runtime)
-    finally:
-        teardown(runtime)  # after the model is gone (see teardown)
-
-
-def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
+def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
     if config.eval_only:
         config, path, ckpt = _eval_checkpoint(config)
     with _downloads_once(runtime):
@@ -3065,7 +3052,7 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
         model = build_model(config.model, weights=weights, **shape)
     if not config.eval_only:
         fit(model, train, val, config=config, runtime=runtime)
-        return 0
+        return
     try:
         _load_weights(model, ckpt, path)
     except (RuntimeError, ValueError) as e:
@@ -3074,12 +3061,11 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
     val = _as_loader(val, config, runtime, False, console)
     scores = evaluate(model.to(runtime.device), val, runtime=runtime)
     console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
-    return 0
 
 
 def _worker(options: dict) -> None:
     """Entry point of each process started by _launch_local."""
-    code = _exit_code_of(lambda: _train_process(Config(**options)))
+    code = _exit_code_of(lambda: _run_command(Config(**options)))
     if code:
         sys.exit(code)
 
@@ -3118,20 +3104,26 @@ def _launch_local(config: Config, nproc: int) -> int:
 
 def _run_command(config: Config) -> int:
     """The command line's job: check what can be checked before any process starts, then
-    train in this process or in one process per listed GPU."""
+    train or evaluate here, or start one process per listed GPU, which each run this again."""
     config = check_config(config)
-    if not config.out:  # runs/<data>-<model>
-        data = config.data if config.data in _BUILTIN_DATA else Path(config.data).name or "data"
+    if not config.out:  # runs/<data>-<model>; a built-in set's name is its own
+        data = Path(config.data).name or "data"
         config = dataclasses.replace(config, out=f"runs/{data}-{config.model}")
     _check_model_name(config.model)
     if config.resume not in ("auto", "none"):
         _resume_file(config)
     ids = parse_gpus(config.gpus)
-    if ids:
-        _check_gpus_exist(ids)
     if ids and len(ids) > 1 and "LOCAL_RANK" not in os.environ:
+        _check_gpus_exist(ids)  # setup_device checks them in the other cases
         return _launch_local(config, len(ids))
-    return _train_process(config)
+    runtime = setup_device(
+        config.gpus, precision=config.precision, deterministic=config.deterministic
+    )
+    try:
+        _train_or_evaluate(config, runtime)
+    finally:
+        teardown(runtime)  # after the model is gone (see teardown)
+    return 0
 
 
 def _as_flags(message: str) -> str:
@@ -3148,16 +3140,13 @@ def _as_flags(message: str) -> str:
 
 def _exit_code_of(job: Callable[[], int]) -> int:
     """Run `job`; turn the errors a user can fix into one line on stderr and an exit status."""
+    codes = {**_FAULTS, CheckpointError: EXIT_CHECKPOINT, NonFiniteLossError: EXIT_NONFINITE}
     try:
         return job()
-    except UsageError as e:
-        code, message, everywhere = EXIT_USAGE, str(e), isinstance(e, _DataError)
-    except (SaveError, WorkerDiedError, OutOfMemoryError) as e:  # met by one process: it says so
-        code, message, everywhere = _FAULTS[type(e)], str(e), True
-    except CheckpointError as e:
-        code, message, everywhere = EXIT_CHECKPOINT, str(e), True
-    except NonFiniteLossError as e:
-        code, message, everywhere = EXIT_NONFINITE, str(e), False
+    except (*codes, UsageError) as e:
+        code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
+        everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
+        message = str(e)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
     # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
