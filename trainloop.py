@@ -2638,10 +2638,9 @@ _VAL_CROP = 0.875
 
 
 class _ImageFiles(Dataset):
-    """Image files decoded per sample into (uint8 RGB image (3, size, size), label): with
-    `augment` a random resized crop (_CROP_AREA, aspect 3:4 to 4:3) and a horizontal flip, drawn
-    from torch's global RNG, which loader workers seed per sample; else a center crop of `ratio`
-    of the shorter side."""
+    """(uint8 RGB image (3, size, size), label) per file, decoded when read: with `augment` a
+    random resized crop and flip from torch's global RNG (which loader workers seed per
+    sample), else a center crop of `ratio` of the shorter side."""
 
     def __init__(self, samples, size: int, augment: bool, ratio: float):
         self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
@@ -2769,11 +2768,8 @@ def _image_folder(config: Config):
         val_samples = val.samples
     size, ratio, mean, std = _image_settings(config, train.samples)
     info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
-    return (
-        _ImageFiles(samples, size, config.augment, ratio),
-        _ImageFiles(val_samples, size, False, ratio),
-        info,
-    )
+    val_files = _ImageFiles(val_samples, size, False, ratio)
+    return _ImageFiles(samples, size, config.augment, ratio), val_files, info
 
 
 def _image_settings(config: Config, samples) -> tuple:
@@ -2997,10 +2993,9 @@ def _check_model_name(name: str) -> None:
 
 
 def _eval_checkpoint(config: Config) -> tuple:
-    """(config, path, checkpoint) for --eval-only: the checkpoint is read once, and the config
-    takes the data, validation split, model, image size and normalization it was trained with
-    where the command line leaves them at their defaults (another split would score training
-    images)."""
+    """(config, path, checkpoint) for --eval-only; settings left at their defaults take the
+    data, split, model, image size and normalization it was trained with (another split would
+    score training images)."""
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():  # the training checkpoint, either kind
