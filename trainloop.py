@@ -2687,24 +2687,21 @@ def _read_image(path, size: int, box_fn) -> torch.Tensor:
             if shrink >= 2:
                 image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
                 pixels = _pil_pixels(image)
-    pixels = _decode(path) if pixels is None else pixels
+        pixels = _decode(path, image) if pixels is None else pixels
     if box is None:
         width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
     top, left, h, w = (round(v * pixels.shape[2] / width) for v in box)  # in decoded pixels
     return resized_crop(pixels, top, left, max(1, h), max(1, w), [size, size], antialias=True)
 
 
-def _decode(path) -> torch.Tensor:
-    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest."""
+def _decode(path, image) -> torch.Tensor:
+    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, else `image` (PIL's)."""
     from torchvision.io import ImageReadMode, decode_image
 
     try:
         pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # a format it does not read (BMP, TIFF, ...), or not an image
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return _pil_pixels(image)
+    except RuntimeError:  # a format it does not read (BMP, TIFF, ...)
+        return _pil_pixels(image)
     pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
     return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
 
@@ -2801,12 +2798,11 @@ def _load_torchvision(config: Config):
     try:
         parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
     except (RuntimeError, OSError) as e:  # not there; or not downloaded (URLError: an OSError)
-        fix = "check the network" if config.download else "add download=True to fetch it"
+        off = ("download is off", "add download=True to fetch it")
+        why, fix = ("not downloaded", "check the network") if config.download else off
         raise UsageError(
-            f"data={config.data!r}: not found under {config.data_root}/ and "
-            f"{'not downloaded' if config.download else 'download is off'} "
-            f"({str(e).strip().splitlines()[-1]}); "
-            f"{fix}, or copy the files there"
+            f"data={config.data!r}: not found under {config.data_root}/ and {why} "
+            f"({str(e).strip().splitlines()[-1]}); {fix}, or copy the files there"
         ) from None
     splits = []
     for part in parts:
