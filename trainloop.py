@@ -2570,10 +2570,9 @@ _VAL_CROP = 0.875
 
 
 class _ImageFiles(Dataset):
-    """Image files decoded per sample into (uint8 RGB image (3, size, size), label): with
-    `augment` a random resized crop (_CROP_AREA, aspect 3:4 to 4:3) and a horizontal flip, drawn
-    from torch's global RNG, which loader workers seed per sample; else a center crop of `ratio`
-    of the shorter side."""
+    """(uint8 RGB image (3, size, size), label) per file, decoded when read: with `augment` a
+    random resized crop and flip from torch's global RNG (which loader workers seed per
+    sample), else a center crop of `ratio` of the shorter side."""
 
     def __init__(self, samples, size: int, augment: bool, ratio: float):
         self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
@@ -2620,24 +2619,21 @@ def _read_image(path, size: int, box_fn) -> torch.Tensor:
             if shrink >= 2:
                 image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
                 pixels = _pil_pixels(image)
-    pixels = _decode(path) if pixels is None else pixels
+        pixels = _decode(path, image) if pixels is None else pixels
     if box is None:
         width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
     top, left, h, w = (round(v * pixels.shape[2] / width) for v in box)  # in decoded pixels
     return resized_crop(pixels, top, left, max(1, h), max(1, w), [size, size], antialias=True)
 
 
-def _decode(path) -> torch.Tensor:
-    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest."""
+def _decode(path, image) -> torch.Tensor:
+    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, else `image` (PIL's)."""
     from torchvision.io import ImageReadMode, decode_image
 
     try:
         pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # a format it does not read (BMP, TIFF, ...), or not an image
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return _pil_pixels(image)
+    except RuntimeError:  # a format it does not read (BMP, TIFF, ...)
+        return _pil_pixels(image)
     pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
     return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
 
@@ -2701,11 +2697,8 @@ def _image_folder(config: Config):
         val_samples = val.samples
     size, ratio, mean, std = _image_settings(config, train.samples)
     info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
-    return (
-        _ImageFiles(samples, size, config.augment, ratio),
-        _ImageFiles(val_samples, size, False, ratio),
-        info,
-    )
+    val_files = _ImageFiles(val_samples, size, False, ratio)
+    return _ImageFiles(samples, size, config.augment, ratio), val_files, info
 
 
 def _image_settings(config: Config, samples) -> tuple:
@@ -2737,20 +2730,18 @@ def _load_torchvision(config: Config):
     try:
         parts = [cls(config.data_root, train=t, download=config.download) for t in (True, False)]
     except (RuntimeError, OSError) as e:  # not there; or not downloaded (URLError: an OSError)
-        fix = "check the network" if config.download else "add download=True to fetch it"
+        off = ("download is off", "add download=True to fetch it")
+        why, fix = ("not downloaded", "check the network") if config.download else off
         raise UsageError(
-            f"data={config.data!r}: not found under {config.data_root}/ and "
-            f"{'not downloaded' if config.download else 'download is off'} "
-            f"({str(e).strip().splitlines()[-1]}); "
-            f"{fix}, or copy the files there"
+            f"data={config.data!r}: not found under {config.data_root}/ and {why} "
+            f"({str(e).strip().splitlines()[-1]}); {fix}, or copy the files there"
         ) from None
     splits = []
     for part in parts:
         images = torch.as_tensor(np.asarray(part.data))
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
-    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)
-    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
+    std, mean = torch.std_mean(splits[0][0], dim=(0, 2, 3), keepdim=True)
     return [((x - mean) / std, y) for x, y in splits]
 
 
@@ -2930,10 +2921,9 @@ def _check_model_name(name: str) -> None:
 
 
 def _eval_checkpoint(config: Config) -> tuple:
-    """(config, path, checkpoint) for --eval-only: the checkpoint is read once, and the config
-    takes the data, validation split, model, image size and normalization it was trained with
-    where the command line leaves them at their defaults (another split would score training
-    images)."""
+    """(config, path, checkpoint) for --eval-only; settings left at their defaults take the
+    data, split, model, image size and normalization it was trained with (another split would
+    score training images)."""
     out = Path(config.out)
     path = Path(config.resume) if config.resume not in ("auto", "none") else out / "best.pt"
     if config.resume == "auto" and not path.is_file():  # the training checkpoint, either kind
@@ -2943,8 +2933,7 @@ def _eval_checkpoint(config: Config) -> tuple:
     ckpt = load_checkpoint(path)
     saved = ckpt.get("config", {})
     names = "data data_root val_fraction seed model image_size mean std weights".split()
-    names = [k for k in names if k in saved]
-    unset = [k for k in names if getattr(config, k) == getattr(Config(), k)]
+    unset = [k for k in names if k in saved and getattr(config, k) == getattr(Config(), k)]
     return dataclasses.replace(config, **{k: saved[k] for k in unset}), path, ckpt
 
 
@@ -2974,18 +2963,7 @@ def _downloads_once(runtime: Runtime):
         _barrier(runtime)
 
 
-def _train_process(config: Config) -> int:
-    """One training process: the whole job, or one worker of a torchrun / --gpus job."""
-    runtime = setup_device(
-        config.gpus, precision=config.precision, deterministic=config.deterministic
-    )
-    try:
-        return _train_or_evaluate(config, runtime)
-    finally:
-        teardown(runtime)  # after the model is gone (see teardown)
-
-
-def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
+def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
     if config.eval_only:
         config, path, ckpt = _eval_checkpoint(config)
     with _downloads_once(runtime):
@@ -2997,7 +2975,7 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
         model = build_model(config.model, weights=weights, **shape)
     if not config.eval_only:
         fit(model, train, val, config=config, runtime=runtime)
-        return 0
+        return
     try:
         _load_weights(model, ckpt, path)
     except (RuntimeError, ValueError) as e:
@@ -3006,12 +2984,11 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> int:
     val = _as_loader(val, config, runtime, False, console)
     scores = evaluate(model.to(runtime.device), val, runtime=runtime)
     console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
-    return 0
 
 
 def _worker(options: dict) -> None:
     """Entry point of each process started by _launch_local."""
-    code = _exit_code_of(lambda: _train_process(Config(**options)))
+    code = _exit_code_of(lambda: _run_command(Config(**options)))
     if code:
         sys.exit(code)
 
@@ -3050,20 +3027,26 @@ def _launch_local(config: Config, nproc: int) -> int:
 
 def _run_command(config: Config) -> int:
     """The command line's job: check what can be checked before any process starts, then
-    train in this process or in one process per listed GPU."""
+    train or evaluate here, or start one process per listed GPU, which each run this again."""
     config = check_config(config)
-    if not config.out:  # runs/<data>-<model>
-        data = config.data if config.data in _BUILTIN_DATA else Path(config.data).name or "data"
+    if not config.out:  # runs/<data>-<model>; a built-in set's name is its own
+        data = Path(config.data).name or "data"
         config = dataclasses.replace(config, out=f"runs/{data}-{config.model}")
     _check_model_name(config.model)
     if config.resume not in ("auto", "none"):
         _resume_file(config)
     ids = parse_gpus(config.gpus)
-    if ids:
-        _check_gpus_exist(ids)
     if ids and len(ids) > 1 and "LOCAL_RANK" not in os.environ:
+        _check_gpus_exist(ids)  # setup_device checks them in the other cases
         return _launch_local(config, len(ids))
-    return _train_process(config)
+    runtime = setup_device(
+        config.gpus, precision=config.precision, deterministic=config.deterministic
+    )
+    try:
+        _train_or_evaluate(config, runtime)
+    finally:
+        teardown(runtime)  # after the model is gone (see teardown)
+    return 0
 
 
 def _as_flags(message: str) -> str:
@@ -3080,16 +3063,13 @@ def _as_flags(message: str) -> str:
 
 def _exit_code_of(job: Callable[[], int]) -> int:
     """Run `job`; turn the errors a user can fix into one line on stderr and an exit status."""
+    codes = {**_FAULTS, CheckpointError: EXIT_CHECKPOINT, NonFiniteLossError: EXIT_NONFINITE}
     try:
         return job()
-    except UsageError as e:
-        code, message, everywhere = EXIT_USAGE, str(e), isinstance(e, _DataError)
-    except (SaveError, WorkerDiedError, OutOfMemoryError) as e:  # met by one process: it says so
-        code, message, everywhere = _FAULTS[type(e)], str(e), True
-    except CheckpointError as e:
-        code, message, everywhere = EXIT_CHECKPOINT, str(e), True
-    except NonFiniteLossError as e:
-        code, message, everywhere = EXIT_NONFINITE, str(e), False
+    except (*codes, UsageError) as e:
+        code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
+        everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
+        message = str(e)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
     # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
