@@ -1609,10 +1609,8 @@ def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     sharded model is called as it is (_shard compiled its blocks)."""
     if _is_sharded(model):
         return model
-    net = model
+    net = _sync_bn(model, config, runtime)  # shares model's parameters
     if runtime.world_size > 1:
-        if config.sync_bn:
-            net = _sync_bn(net, runtime)  # shares model's parameters
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
     if config.compile:
@@ -1620,7 +1618,10 @@ def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     return net
 
 
-def _sync_bn(model: nn.Module, runtime: Runtime) -> nn.Module:
+def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
+    """`model` with SyncBatchNorm layers when sync_bn=True across processes, else as it is."""
+    if not config.sync_bn or runtime.world_size == 1:
+        return model
     if runtime.device.type != "cuda":
         raise UsageError(
             "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
@@ -1640,9 +1641,7 @@ def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = copy.deepcopy(model)
-    if config.sync_bn and runtime.world_size > 1:
-        model = _sync_bn(model, runtime)
+    model = _sync_bn(copy.deepcopy(model), config, runtime)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None  # FSDP cannot copy
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=runtime.amp_dtype, reduce_dtype=torch.float32)
@@ -1905,7 +1904,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=
     """The error to end training with for a fault met in the epoch loop, or in validation
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _worker_deaths), and validation changes no state: then the state is
-    whole, and with one process it is saved (mid-epoch after settle(): position and losses)."""
+    whole, and with one process it is saved (mid-epoch once settle() records the position)."""
     # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
     # of memory"); the CUDA allocator a torch.OutOfMemoryError.
     oom = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
