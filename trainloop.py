@@ -1632,11 +1632,10 @@ def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
 
 def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
     """(a copy of `model`, its EMA or None), sharded with FSDP2 over all processes: each block
-    (instances of the classes `blocks`, else the direct children that hold parameters), then
-    the root. Only each process's shards move to its device, so parameters, gradients and
-    optimizer state take about 1/N of the memory there; a block's whole weights exist only
-    while it computes. Autocast's dtype is also the weights' compute dtype; gradients are
-    reduced in fp32. The model itself is left as it is: FSDP holds the process group in the
+    (instances of the classes `blocks`, else the children that hold parameters), then the root.
+    Only each process's shards move to its device, so parameters, gradients and optimizer state
+    take about 1/N of the memory there; a block's whole weights exist only while it computes, in
+    autocast's dtype; gradients are reduced in fp32. A copy: FSDP holds the process group in the
     modules it shards, and gloo aborts the process when such a module outlives the group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -1709,14 +1708,9 @@ def _progress_bar(console: _Console, title: str, total: int, done: int):
         return
     from rich import progress as rp
 
-    columns = (
-        rp.TextColumn(title),
-        rp.BarColumn(),
-        rp.MofNCompleteColumn(),
-        rp.TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
-        rp.TimeRemainingColumn(),
-    )
-    with rp.Progress(*columns, transient=True) as bar:
+    loss = rp.TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s")
+    columns = (rp.TextColumn(title), rp.BarColumn(), rp.MofNCompleteColumn(), loss)
+    with rp.Progress(*columns, rp.TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(title, total=total, completed=done, loss="-", speed="-")
         yield lambda advance=1, **fields: bar.update(task, advance=advance, **fields)
 
