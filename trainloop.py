@@ -2005,8 +2005,13 @@ def _worker_deaths():
 
 def _groups(batches, size: int):
     """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
-    batches = iter(batches)
-    while group := list(itertools.islice(batches, size)):
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
         yield group
 
 
