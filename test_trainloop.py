@@ -204,9 +204,9 @@ def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
         next(tl._groups(skipped, 1))
     job = types.SimpleNamespace(config=tl.Config(), runtime=CPU, out=None, last=None)
     state = types.SimpleNamespace(step=3, epoch=0)
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], window=None)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], settle=None)
     assert isinstance(fault, tl.WorkerDiedError), fault
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], window=None)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], settle=None)
     assert isinstance(fault, tl.WorkerDiedError), fault  # known broken: 2 workers
 
 

@@ -1519,32 +1519,29 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
         for decay in (True, False)
         if (ps := [p for p in params if (p.dim() > 1) == decay])
     ]
-    # On a CPU torch's default updates one tensor at a time from Python; its fused kernel
-    # updates them all in one call, about twice as fast. GPUs keep torch's default (foreach),
-    # which fused does not always beat.
+    # On a CPU torch's fused kernel updates all tensors in one call, about twice as fast as its
+    # default loop over them in Python; GPUs keep the default (foreach), which fused may not beat.
     on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
     fused = True if on_cpu and not sparse and not config.shard else None  # none for shards
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
-    momentum = config.momentum
     return torch.optim.SGD(
-        groups, lr=config.lr, momentum=momentum, nesterov=momentum > 0, fused=fused
+        groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, fused=fused
     )
 
 
 def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, steps: int, ema=None):
     """The TrainState fit starts from; `steps` is the number of optimizer steps per epoch."""
     optimizer = optimizer or _make_optimizer(model, config)
+    total = config.epochs * steps
     if callable(scheduler):  # a function optimizer -> scheduler
         scheduler = scheduler(optimizer)
     if scheduler is None:
-        total = config.epochs * steps
         warmup = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total)
         patched = "step" in vars(optimizer)  # by the user's own scheduler or hook: keep it
         # (the step comes last: a partial with only positional arguments is the cheapest call)
-        scheduler = LambdaLR(
-            optimizer, functools.partial(_lr_factor, config.schedule, total, warmup)
-        )
+        factor = functools.partial(_lr_factor, config.schedule, total, warmup)
+        scheduler = LambdaLR(optimizer, factor)
         if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(),
             del optimizer.step  # which trainloop never makes (see _step_scheduler)
     elif getattr(scheduler, "optimizer", None) is not optimizer:
@@ -1552,10 +1549,10 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
             "scheduler= must be built on the optimizer given to fit, or be a function "
             "optimizer -> scheduler (which also works with fit's own optimizer)"
         )
-    elif getattr(scheduler, "total_steps", config.epochs * steps) < config.epochs * steps:
+    elif getattr(scheduler, "total_steps", total) < total:
         raise UsageError(  # OneCycleLR: torch would fail at the step past its end
             f"the scheduler's total_steps={scheduler.total_steps} is fewer than the run's "
-            f"{config.epochs * steps} optimizer steps ({config.epochs} epochs of {steps})"
+            f"{total} optimizer steps ({config.epochs} epochs of {steps})"
         )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema, ema=ema)
@@ -1566,10 +1563,8 @@ def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     sharded model is called as it is (_shard compiled its blocks)."""
     if _is_sharded(model):
         return model
-    net = model
+    net = _sync_bn(model, config, runtime)  # shares model's parameters
     if runtime.world_size > 1:
-        if config.sync_bn:
-            net = _sync_bn(net, runtime)  # shares model's parameters
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
     if config.compile:
@@ -1577,7 +1572,10 @@ def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     return net
 
 
-def _sync_bn(model: nn.Module, runtime: Runtime) -> nn.Module:
+def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
+    """`model` with SyncBatchNorm layers when sync_bn=True across processes, else as it is."""
+    if not config.sync_bn or runtime.world_size == 1:
+        return model
     if runtime.device.type != "cuda":
         raise UsageError(
             "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
@@ -1588,28 +1586,24 @@ def _sync_bn(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
     """(a copy of `model`, its EMA or None), sharded with FSDP2 over all processes: each block
-    (instances of the classes `blocks`, else the direct children that hold parameters), then
-    the root. Only each process's shards move to its device, so parameters, gradients and
-    optimizer state take about 1/N of the memory there; a block's whole weights exist only
-    while it computes. Autocast's dtype is also the weights' compute dtype; gradients are
-    reduced in fp32. The model itself is left as it is: FSDP holds the process group in the
+    (instances of the classes `blocks`, else the children that hold parameters), then the root.
+    Only each process's shards move to its device, so parameters, gradients and optimizer state
+    take about 1/N of the memory there; a block's whole weights exist only while it computes, in
+    autocast's dtype; gradients are reduced in fp32. A copy: FSDP holds the process group in the
     modules it shards, and gloo aborts the process when such a module outlives the group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = copy.deepcopy(model)
-    if config.sync_bn and runtime.world_size > 1:
-        model = _sync_bn(model, runtime)
+    model = _sync_bn(copy.deepcopy(model), config, runtime)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None  # FSDP cannot copy
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=runtime.amp_dtype, reduce_dtype=torch.float32)
-    for module, compile_blocks in ((model, config.compile), (ema, False)):
-        for block in _blocks(module, blocks) if module is not None else ():
-            if compile_blocks:
+    for module in [m for m in (model, ema) if m is not None]:
+        for block in _blocks(module, blocks):
+            if config.compile and module is model:
                 block.compile()  # in place: the checkpoint's names stay plain
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        if module is not None:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
     return model, ema
 
 
@@ -1668,14 +1662,9 @@ def _progress_bar(console: _Console, title: str, total: int, done: int):
         return
     from rich import progress as rp
 
-    columns = (
-        rp.TextColumn(title),
-        rp.BarColumn(),
-        rp.MofNCompleteColumn(),
-        rp.TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s"),
-        rp.TimeRemainingColumn(),
-    )
-    with rp.Progress(*columns, transient=True) as bar:
+    loss = rp.TextColumn("loss {task.fields[loss]}  {task.fields[speed]} samples/s")
+    columns = (rp.TextColumn(title), rp.BarColumn(), rp.MofNCompleteColumn(), loss)
+    with rp.Progress(*columns, rp.TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(title, total=total, completed=done, loss="-", speed="-")
         yield lambda advance=1, **fields: bar.update(task, advance=advance, **fields)
 
@@ -1689,18 +1678,13 @@ class _Stop:
     signal: int = 0
     signal_time: float = 0.0  # time.monotonic() when it arrived
 
-    def code(self, seconds_ahead: float) -> int:
-        """0 to go on, else the exit status to stop with: the signal's, or the time limit's
-        when `seconds_ahead` (until the next chance to stop, checkpoint included) would pass it."""
-        if self.signal:
-            return 128 + self.signal
-        if self.limit is not None and time.monotonic() + seconds_ahead > self.started + self.limit:
-            return EXIT_TIME_LIMIT
-        return 0
-
-    def agreed(self, runtime: Runtime, seconds_ahead: float) -> int:
-        """The highest code() over all processes: they all stop, at the same step."""
-        return int(_all_reduce([self.code(seconds_ahead)], runtime, dist.ReduceOp.MAX)[0])
+    def agreed(self, runtime: Runtime, ahead: float) -> int:
+        """0 to go on, else the exit status to stop with: the signal's, or the time limit's when
+        the next `ahead` seconds (until the next chance to stop, checkpoint included) would pass
+        it. The highest over all processes: they all stop, at the same step."""
+        late = self.limit is not None and time.monotonic() + ahead > self.started + self.limit
+        code = 128 + self.signal if self.signal else (EXIT_TIME_LIMIT if late else 0)
+        return int(_all_reduce([code], runtime, dist.ReduceOp.MAX)[0])
 
 
 @contextlib.contextmanager
@@ -1719,12 +1703,10 @@ def _catch_signals(stop: _Stop):
             signal.signal(signum, previous[signum])
             signal.raise_signal(signum)
 
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals to the caller
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup'd or background: keep it so
                 previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals to the caller
-        pass
     try:
         yield stop
     finally:
@@ -1778,8 +1760,7 @@ class _LossWindow:
             raise NonFiniteLossError(
                 f"the loss became NaN or inf at step {self.first_step + bad[0]} (epoch "
                 f"{self.epoch}) and no checkpoint was written after it; lower the learning rate "
-                f"below lr={_peak_lr(state):g}, use clip_grad=1.0, or "
-                "check the data"
+                f"below lr={_peak_lr(state):g}, use clip_grad=1.0, or check the data"
             )
         if sums[-1]:
             raise NonFiniteLossError(
@@ -1808,15 +1789,16 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     sampler = getattr(loader, "batch_sampler", None)
     ours = isinstance(sampler, _EpochBatches)
     first, left = state.step, math.ceil(len(loader) / config.accumulate)
-    per_epoch = math.ceil(state.batches / config.accumulate) + left
+    end, per_epoch = first + left, math.ceil(state.batches / config.accumulate) + left
     # Processes stop at the same step, so they must agree (a collective): one process checks
     # for a signal or the time limit after every step, several at every log point.
     agree_every = 1 if rt.world_size == 1 else config.log_every
     window, started, counted = _LossWindow(state.step + 1, state.epoch + 1), time.monotonic(), 0
 
-    def position() -> int:  # the epoch's global sample position, read where a save may follow
+    def settle() -> None:  # a sync point: the epoch's global position and losses, for a save
         done = state.batches - start_batches
-        return sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+        state.seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+        window.drain(state, rt)
 
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
@@ -1839,7 +1821,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                 state.batches += len(batches)
                 counted += samples
                 advance()
-                log_now = state.step % config.log_every == 0 or state.step == first + left
+                log_now = state.step % config.log_every == 0 or state.step == end
                 save_now = config.save_every and state.step % config.save_every == 0
                 code, elapsed = 0, time.monotonic() - started
                 if log_now or agree_every == 1:
@@ -1847,33 +1829,30 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
                     code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
                 if not (log_now or save_now or code):
                     continue
-                state.seen = position()
-                window.drain(state, rt)
+                settle()
                 if log_now:
-                    speed, remaining = counted * rt.world_size / elapsed, first + left - state.step
-                    eta = elapsed / (state.step - first) * remaining
+                    remaining = end - state.step
+                    speed, eta = counted * rt.world_size / elapsed, per_step * remaining
                     _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
                 if save_now or code:
                     _save(state, job)
                 if code:
                     return code
         except Exception as e:  # around the loop, so no cost per step
-            seen = position()  # should the fault allow a save
-            fault = _fault(e, state, job, window=window, seen=seen, loader=loader, deaths=deaths)
+            fault = _fault(e, state, job, loader=loader, deaths=deaths, settle=settle)
             if fault is None:
                 raise
             raise fault from e
-    state.seen = position()
-    window.drain(state, rt)  # nothing leaves the epoch unchecked
+    settle()  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
 
 
-def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=None, seen=0):
+def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=None):
     """The error to end training with for a fault met in the epoch loop, or in validation
-    (`window` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
+    (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _worker_deaths), and validation changes no state: then the state is
-    whole, and with one process it is saved (mid-epoch at `seen`, the epoch's position)."""
+    whole, and with one process it is saved (mid-epoch once settle() records the position)."""
     # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
     # of memory"); the CUDA allocator a torch.OutOfMemoryError.
     oom = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
@@ -1890,18 +1869,17 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, window=
     died = died and entered in ("_groups", "evaluate")
     if not (oom or died):
         return None
-    rt, when = job.runtime, f"at step {state.step} (epoch {state.epoch + 1})"
-    if window is None:
-        when = f"in the validation of epoch {state.epoch + 1}"
     # Several processes save together, not one alone; a step that ran out of memory is half done.
-    saved = rt.world_size == 1 and job.out is not None and (died or window is None)
-    if saved and window is not None:
-        state.seen = seen
-        window.drain(state, rt)
+    saved = job.runtime.world_size == 1 and job.out is not None and (died or settle is None)
     if saved:
+        if settle is not None:
+            settle()
         _save(state, job)
     done = f"checkpoint {job.last} written" if saved else _kept(job.last)
-    if oom and window is not None:  # the step that ran out is the next one, and half done
+    when = f"at step {state.step} (epoch {state.epoch + 1})"
+    if settle is None:
+        when = f"in the validation of epoch {state.epoch + 1}"
+    elif oom:  # the step that ran out is the next one, and half done
         when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
         done = f"the step was not counted and {done}"
     if oom:
