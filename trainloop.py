@@ -1803,46 +1803,40 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
-    with bar as advance, _worker_deaths() as deaths:
-        try:
-            for batches in _groups(loader, config.accumulate):
-                samples, weights = _sizes(batches)
-                loss = train_step(
-                    state,
-                    batches,
-                    runtime=rt,
-                    loss_fn=job.loss_fn,
-                    clip_grad=config.clip_grad,
-                    channels_last=config.channels_last,
-                    weights=weights,
-                )
-                window.losses.append(loss)
-                window.weights.append(sum(weights))
-                state.batches += len(batches)
-                counted += samples
-                advance()
-                log_now = state.step % config.log_every == 0 or state.step == end
-                save_now = config.save_every and state.step % config.save_every == 0
-                code, elapsed = 0, time.monotonic() - started
-                if log_now or agree_every == 1:
-                    per_step = elapsed / (state.step - first)
-                    code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
-                if not (log_now or save_now or code):
-                    continue
-                settle()
-                if log_now:
-                    remaining = end - state.step
-                    speed, eta = counted * rt.world_size / elapsed, per_step * remaining
-                    _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
-                if save_now or code:
-                    _save(state, job)
-                if code:
-                    return code
-        except Exception as e:  # around the loop, so no cost per step
-            fault = _fault(e, state, job, loader=loader, deaths=deaths, settle=settle)
-            if fault is None:
-                raise
-            raise fault from e
+    with bar as advance, _faults(state, job, loader, settle):
+        for batches in _groups(loader, config.accumulate):
+            samples, weights = _sizes(batches)
+            loss = train_step(
+                state,
+                batches,
+                runtime=rt,
+                loss_fn=job.loss_fn,
+                clip_grad=config.clip_grad,
+                channels_last=config.channels_last,
+                weights=weights,
+            )
+            window.losses.append(loss)
+            window.weights.append(sum(weights))
+            state.batches += len(batches)
+            counted += samples
+            advance()
+            log_now = state.step % config.log_every == 0 or state.step == end
+            save_now = config.save_every and state.step % config.save_every == 0
+            code, elapsed = 0, time.monotonic() - started
+            if log_now or agree_every == 1:
+                per_step = elapsed / (state.step - first)
+                code = stop.agreed(rt, 2 * per_step * agree_every + reserve)
+            if not (log_now or save_now or code):
+                continue
+            settle()
+            if log_now:
+                remaining = end - state.step
+                speed, eta = counted * rt.world_size / elapsed, per_step * remaining
+                _log_progress(state, job, advance, speed, eta, per_epoch - remaining, per_epoch)
+            if save_now or code:
+                _save(state, job)
+            if code:
+                return code
     settle()  # nothing leaves the epoch unchecked
     state.epoch_seconds += time.monotonic() - started
     return 0
@@ -1851,7 +1845,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
 def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=None):
     """The error to end training with for a fault met in the epoch loop, or in validation
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
-    inside a step (see _worker_deaths), and validation changes no state: then the state is
+    inside a step (see _faults), and validation changes no state: then the state is
     whole, and with one process it is saved (mid-epoch once settle() records the position)."""
     # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
     # of memory"); the CUDA allocator a torch.OutOfMemoryError.
@@ -1932,10 +1926,11 @@ def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: 
 
 
 @contextlib.contextmanager
-def _worker_deaths():
-    """Yields a list of DataLoader worker deaths as torch words them. torch's SIGCHLD handler
-    raises a death wherever the main thread is, maybe mid-step; under this one it is only noted,
-    and the loader raises it at its next fetch (within 5 s), between two steps."""
+def _faults(state: TrainState, job: _Job, loader, settle=None):
+    """Ends training with one of our errors when the block meets a fault (see _fault). torch's
+    SIGCHLD handler raises a loader worker's death wherever the main thread is, maybe mid-step;
+    under this one it is only noted, and the loader raises it at its next fetch (within 5 s),
+    between two steps."""
     deaths, previous = [], None
 
     def note(signum, frame):
@@ -1951,7 +1946,12 @@ def _worker_deaths():
         if callable(signal.getsignal(signal.SIGCHLD)):
             previous = signal.signal(signal.SIGCHLD, note)
     try:
-        yield deaths  # _worker_died waits here, inside, for a death's SIGCHLD still on its way
+        yield
+    except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
+        fault = _fault(e, state, job, loader=loader, deaths=deaths, settle=settle)
+        if fault is None:
+            raise
+        raise fault from e
     finally:
         if previous is not None:
             signal.signal(signal.SIGCHLD, previous)
@@ -2062,16 +2062,10 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
 def _validate(state: TrainState, val, job: _Job) -> dict:
     """evaluate the epoch's model; a dead loader worker or out of memory ends the run as in
     training, after saving the epoch's training (one process)."""
-    with _worker_deaths() as deaths:
-        try:
-            return evaluate(
-                state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
-            )
-        except Exception as e:
-            fault = _fault(e, state, job, loader=val, deaths=deaths)
-            if fault is None:
-                raise
-            raise fault from e
+    with _faults(state, job, val):
+        return evaluate(
+            state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
+        )
 
 
 def _write_metrics(history: list, job: _Job, tensorboard) -> None:
