@@ -670,10 +670,13 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
 
 def _split_batch(batch):
     """(inputs, target[, weight]) or a dict for model(**batch) -> (inputs, target, weight)."""
-    if isinstance(batch, dict):
+    if isinstance(batch, (tuple, list)):  # the common case first: it runs twice per micro-batch
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
+    elif isinstance(batch, dict):
         return batch, None, None
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     raise UsageError(
         f"a batch must be (inputs, target), (inputs, target, weight) or a dict, "
         f"not {type(batch).__name__}; wrap your data or pass a collate_fn"
