@@ -146,7 +146,7 @@ class Config:
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay plain).", M)
     channels_last: bool = _opt(False, "Channels-last memory format (faster GPU convs).", M)
     sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across processes.", M)
-    shard: bool = _opt(False, "Shard weights, gradients and optimizer state (FSDP2).", M)
+    shard: bool = _opt(False, "Shard weights, grads and optimizer state over processes (FSDP2).", M)
     epochs: int = _opt(3, "Passes over the training data.")
     batch_size: int = _opt(64, "Samples per step per process (global: x processes x accumulate).")
     lr: float = _opt(0.05, "Peak learning rate (about 1e-3 suits adamw).")
@@ -482,9 +482,9 @@ class _EpochBatches(Sampler):
 
     def __iter__(self):
         base = _mix_seed(self.seed, self.epoch, 1) >> 8
-        mine = self.indices().tolist()
-        for start in range(0, len(mine), self.batch_size):
-            idx = mine[start : start + self.batch_size]
+        mine = self.indices()  # a tensor: a Python list of a large epoch takes 40x the memory
+        for idx in mine.split(self.batch_size) if len(mine) else ():  # split() of none gives [[]]
+            idx = idx.tolist()
             yield [(i, base + i) for i in idx] if self.sample_seeds else idx
 
     def _per_rank(self) -> int:
@@ -732,36 +732,40 @@ def _to_device(batch, device: torch.device, channels_last: bool):
 
 
 def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False):
-    """Move a batch to the device, run the model and loss under autocast -> (output, loss, target).
-    Full precision enters no autocast context at all, not even a disabled one."""
+    """Move a batch to the device, run the model under autocast -> (output, loss, target)."""
     if not runtime.on_cpu:
         batch = _to_device(batch, runtime.device, channels_last)
     inputs, target, _ = _split_batch(batch)
-    amp = runtime.amp_dtype
-    with torch.autocast(runtime.device.type, dtype=amp) if amp else contextlib.nullcontext():
-        if isinstance(inputs, dict):
-            output = net(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            output = net(*inputs)
-        else:
-            output = net(inputs)
-        if loss_fn is None and isinstance(output, torch.Tensor) and output.numel() == 1:
-            loss = output  # the model's own loss: a scalar output, or output["loss"] / output.loss
-        elif loss_fn is None:
-            loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-            if loss is None:
-                raise UsageError(
-                    "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
-                    f"dict / object with a 'loss' entry (got {type(output).__name__})"
-                )
-        elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+    if runtime.amp_dtype is None:  # full precision: not even a disabled autocast context
+        return _output_and_loss(net, inputs, target, batch, loss_fn)
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype):
+        return _output_and_loss(net, inputs, target, batch, loss_fn)
+
+
+def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
+    if isinstance(inputs, dict):
+        output = net(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        output = net(*inputs)
+    else:
+        output = net(inputs)
+    if loss_fn is None and isinstance(output, torch.Tensor) and output.numel() == 1:
+        loss = output  # the model's own loss: a scalar output, or output["loss"] / output.loss
+    elif loss_fn is None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None:
             raise UsageError(
-                "a dict batch goes whole to model(**batch), so the default "
-                "cross-entropy has no target; pass loss_fn=None (the model "
-                "returns its loss) or your own loss_fn(output, batch)"
+                "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
+                f"dict / object with a 'loss' entry (got {type(output).__name__})"
             )
-        else:
-            loss = loss_fn(output, batch if target is None else target)
+    elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+        raise UsageError(
+            "a dict batch goes whole to model(**batch), so the default "
+            "cross-entropy has no target; pass loss_fn=None (the model "
+            "returns its loss) or your own loss_fn(output, batch)"
+        )
+    else:
+        loss = loss_fn(output, batch if target is None else target)
     if loss.ndim:  # one number in any shape is taken as it is; more, backward cannot start from
         if loss.numel() != 1:
             raise UsageError(f"the loss has shape {tuple(loss.shape)}; reduce it to one number")
@@ -1107,7 +1111,8 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
 
 def _runtime_of(model: nn.Module) -> Runtime:
     """The model's device and, for a sharded model, this process's rank and world size: the
-    runtime of a checkpoint saved or loaded without one (sharded: every process must call)."""
+    runtime of a checkpoint saved or loaded without one (sharded: every process must call; a
+    plain model's checkpoint can be saved or loaded by one process alone)."""
     if not (_is_sharded(model) and dist.is_initialized()):
         return Runtime(_device_of(model))
     return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
@@ -1409,7 +1414,8 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
 
 def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
     """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
-    reads the pieces of each tensor that this process holds, however it was sharded."""
+    reads the pieces of each tensor that this process holds, however it was sharded. Buffers
+    are this process's own (rank 0's on another number of processes)."""
     from torch.distributed.checkpoint import state_dict as sd
 
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
@@ -2716,7 +2722,8 @@ def _load_torchvision(config: Config):
         images = torch.as_tensor(np.asarray(part.data))
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
-    std, mean = torch.std_mean(splits[0][0], dim=(0, 2, 3), keepdim=True)
+    mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)  # (std_mean's differs in the last bit)
+    std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
     return [((x - mean) / std, y) for x, y in splits]
 
 
