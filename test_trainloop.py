@@ -3308,6 +3308,14 @@ def test_exit_code_of_faults_has_a_status_each_and_names_the_rank(monkeypatch, c
             assert capsys.readouterr().err == f"trainloop: error: (rank {rank}) {error}\n"
 
 
+def test_exit_code_of_an_error_without_words_names_its_kind(capsys):
+    def job():
+        raise tl.CheckpointError()
+
+    assert tl._exit_code_of(job) == tl.EXIT_CHECKPOINT
+    assert capsys.readouterr().err == "trainloop: error: CheckpointError\n"
+
+
 @pytest.mark.slow
 def test_killed_loader_worker_saves_the_last_step_and_the_rerun_is_bit_identical(
     tmp_path, monkeypatch

@@ -3051,11 +3051,11 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     except (*codes, UsageError) as e:
         code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
         everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
-        message = str(e)
+        message = str(e).strip() or type(e).__name__  # (an error may have no words)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
     # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
-    message = re.sub(r"^[\w.]*Error: ", "", message.strip().splitlines()[-1])
+    message = re.sub(r"^[\w.]*Error: ", "", message.splitlines()[-1])
     rank = int(os.environ.get("RANK", "0"))
     named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if rank == 0 or everywhere:  # the others would only repeat rank 0's line
