@@ -1676,6 +1676,15 @@ def test_fit_monitor_any_metric_with_its_direction(tmp_path):
     assert history[best_max - 1]["val_loss"] == max(r["val_loss"] for r in history)
 
 
+def test_fit_resumed_with_another_monitor_mode_finds_its_best_again(tmp_path):
+    out = str(tmp_path / "run")
+    fit_mlp(64, blobs(32), epochs=2, monitor="val_loss", monitor_mode="min", out=out)
+    history = fit_mlp(64, blobs(32), epochs=3, monitor="val_loss", monitor_mode="max", out=out)
+    losses = [row["val_loss"] for row in history]
+    best_epoch = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["best_epoch"]
+    assert best_epoch == 1 + losses.index(max(losses))
+
+
 # ---- in-memory fast path, time budget, EMA ---------------------------------------------------
 
 
