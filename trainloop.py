@@ -301,6 +301,12 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _last_line(error: Exception) -> str:
+    """Where the cause is when an error carries a traceback's text (a loader worker's, DCP's)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 def _per_channel(name: str, text: str) -> Optional[tuple]:
     try:
         values = tuple(float(v) for v in text.split(",")) if text else None
@@ -1486,7 +1492,7 @@ def _read_shards(parts: dict, path: Path, alone: bool) -> None:
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
     except dcp.CheckpointException as e:  # a BaseException holding every process's traceback
-        raise ValueError(str(e).strip().splitlines()[-1]) from None  # the cause, as one line
+        raise ValueError(_last_line(e)) from None
 
 
 # ---- fit -------------------------------------------------------------------------------------
@@ -2715,7 +2721,7 @@ def _load_torchvision(config: Config):
         why, fix = ("not downloaded", "check the network") if config.download else off
         raise UsageError(
             f"data={config.data!r}: not found under {config.data_root}/ and {why} "
-            f"({str(e).strip().splitlines()[-1]}); {fix}, or copy the files there"
+            f"({_last_line(e)}); {fix}, or copy the files there"
         ) from None
     splits = []
     for part in parts:
@@ -3051,11 +3057,10 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     except (*codes, UsageError) as e:
         code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
         everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
-        message = str(e).strip() or type(e).__name__  # (an error may have no words)
+        message = _last_line(e)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
-    # A DataLoader worker's error arrives wrapped in its traceback text; keep its last line.
-    message = re.sub(r"^[\w.]*Error: ", "", message.splitlines()[-1])
+    message = re.sub(r"^[\w.]*Error: ", "", message)  # a worker's traceback ends "XError: ..."
     rank = int(os.environ.get("RANK", "0"))
     named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if rank == 0 or everywhere:  # the others would only repeat rank 0's line
