@@ -2964,6 +2964,14 @@ def test_build_model_loads_weights_from_a_file_and_replaces_the_head(tmp_path):
         assert model.fc.weight.shape == (3, 512)  # a new head for 3 classes
 
 
+def test_build_model_from_a_training_checkpoint_takes_its_ema(tmp_path):
+    torch.manual_seed(1)
+    live, ema = tl.small_cnn(3, 10), tl.small_cnn(3, 10)
+    torch.save({"format": 2, "model": live.state_dict(), "ema": ema.state_dict()}, tmp_path / "l")
+    model = tl.build_model("smallcnn", channels=3, classes=4, weights=str(tmp_path / "l"))
+    assert torch.equal(model[0].weight, ema[0].weight)  # the weights best.pt would hold
+
+
 def test_build_model_rejects_weights_of_another_model(tmp_path):
     torch.save(tl.small_cnn(3, 2).state_dict(), tmp_path / "cnn.pt")
     with pytest.raises(tl.UsageError, match="does not fit model='resnet18'"):

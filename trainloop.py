@@ -2829,7 +2829,7 @@ def _pretrained(name: str, weights: str) -> dict:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # a trainloop checkpoint
+            state = state.get("ema") or state["model"]  # a trainloop checkpoint's weights to use
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}")
     except Exception as e:  # torch.load raises many kinds
