@@ -455,6 +455,68 @@ def test_evaluate_reports_top5_only_with_more_than_five_classes():
     assert "top5" not in few
 
 
+def test_evaluate_accuracy_only_on_the_class_axis():
+    tokens = torch.randint(0, 4, (6, 3))  # (N, T) labels of 4 classes
+    logits = F.one_hot(tokens, 4).float()  # (N, T, C): classes last, all right
+
+    def loss(output, target):
+        return F.cross_entropy(output.flatten(0, 1), target.flatten())
+
+    scores = tl.evaluate(nn.Identity(), [(logits, tokens)], runtime=CPU, loss_fn=loss)
+    assert "acc" not in scores  # axis 1 holds tokens, not classes: no accuracy (it crashed)
+    square = F.one_hot(torch.randint(0, 3, (6, 3)), 3).float()  # T == C: both axes would fit
+    scores = tl.evaluate(nn.Identity(), [(square, square.argmax(-1))], runtime=CPU, loss_fn=loss)
+    assert "acc" not in scores  # (it reported the wrong axis's accuracy)
+    ce = tl.evaluate(nn.Identity(), [(square.transpose(1, 2), square.argmax(-1))], runtime=CPU)
+    assert ce["acc"] == 1.0  # cross-entropy reads axis 1 as the classes: (N, C, T)
+
+
+def test_evaluate_accuracy_leaves_out_ignored_labels():
+    logits = torch.tensor([[[5.0, 5, 5, 5], [0, 0, 0, 0]], [[0, 0, 0, 0], [5, 5, 5, 5]]])  # (2,2,4)
+    target = torch.tensor([[0, -100, 0, -100], [-100, -100, 1, 1]])  # 4 labelled, all right
+    scores = tl.evaluate(nn.Identity(), [(logits, target)], runtime=CPU)
+    assert scores["acc"] == 1.0  # (it counted the ignored positions as wrong: 0.5)
+
+
+def test_evaluate_metrics_take_a_dict_batch_whole():
+    seen = []
+
+    def labelled(output, batch):
+        seen.append(sorted(batch))
+        return (output["logits"].argmax(1) == batch["labels"]).float().mean()
+
+    model = OwnLoss()
+    scores = tl.evaluate(
+        model,
+        [next(iter(DataLoader(DictBatches(8), batch_size=8)))],
+        runtime=CPU,
+        loss_fn=None,
+        metrics={"hits": labelled},
+    )
+    assert seen == [["features", "labels"]] and 0 <= scores["hits"] <= 1  # (it got None)
+
+
+@pytest.mark.parametrize(
+    "target,words",
+    [
+        (torch.zeros(4), "target (4,) float32"),  # float labels
+        (torch.full((4,), 7), "target (4,) int64"),  # a label beyond the 3 classes
+        (torch.zeros(4, 1, dtype=torch.long), "target (4, 1) int64"),
+    ],
+)
+def test_train_step_default_loss_mistakes_are_one_line(target, words):
+    model = mlp()
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(tl.UsageError, match=re.escape(f"output (4, 3) float32 with {words}")):
+        tl.train_step(state, [(torch.randn(4, 8), target)], runtime=CPU)
+
+    def own(output, target):  # the user's own loss
+        return F.cross_entropy(output, target)
+
+    with pytest.raises((RuntimeError, IndexError)):  # its own error, as torch raised it
+        tl.train_step(state, [(torch.randn(4, 8), target)], runtime=CPU, loss_fn=own)
+
+
 # ---- fit -------------------------------------------------------------------------------------
 
 
@@ -614,6 +676,13 @@ def test_fit_bad_settings_fail_before_training(setting, message):
 def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
     with pytest.raises(tl.UsageError, match="pass loss_fn=None"):
         tl.fit(OwnLoss(), DictBatches(16), workers=0, **quiet())
+
+    class Features(nn.Linear):  # takes only some of the batch's keys: model(**batch) fails
+        def forward(self, features):
+            return super().forward(features)
+
+    with pytest.raises(tl.UsageError, match="pass loss_fn=None"):  # (a TypeError from forward)
+        tl.fit(Features(8, 3), DictBatches(16), workers=0, **quiet())
 
 
 def test_fit_per_sample_weights_count_by_their_total():

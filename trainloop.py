@@ -683,9 +683,10 @@ def _split_batch(batch):
             return batch[0], batch[1], batch[2]
     elif isinstance(batch, dict):
         return batch, None, None
+    what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
     raise UsageError(
-        f"a batch must be (inputs, target), (inputs, target, weight) or a dict, "
-        f"not {type(batch).__name__}; wrap your data or pass a collate_fn"
+        f"a batch must be (inputs, target), (inputs, target, weight) or a dict, not "
+        f"{what or type(batch).__name__}; give each sample a target, or batch it with a collate_fn"
     )
 
 
@@ -749,12 +750,20 @@ def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False)
 
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
+    """(output, loss, what the loss compared the output with: the target, else the batch)."""
+    if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+        raise UsageError(
+            "a dict batch goes whole to model(**batch), so the default "
+            "cross-entropy has no target; pass loss_fn=None (the model "
+            "returns its loss) or your own loss_fn(output, batch)"
+        )
     if isinstance(inputs, dict):
         output = net(**inputs)
     elif isinstance(inputs, (tuple, list)):
         output = net(*inputs)
     else:
         output = net(inputs)
+    target = batch if target is None else target  # a dict batch: loss and metrics take it whole
     if loss_fn is None and isinstance(output, torch.Tensor) and output.numel() == 1:
         loss = output  # the model's own loss: a scalar output, or output["loss"] / output.loss
     elif loss_fn is None:
@@ -764,19 +773,29 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
                 "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
                 f"dict / object with a 'loss' entry (got {type(output).__name__})"
             )
-    elif target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
-        raise UsageError(
-            "a dict batch goes whole to model(**batch), so the default "
-            "cross-entropy has no target; pass loss_fn=None (the model "
-            "returns its loss) or your own loss_fn(output, batch)"
-        )
     else:
-        loss = loss_fn(output, batch if target is None else target)
+        try:
+            loss = loss_fn(output, target)
+        except (RuntimeError, IndexError, TypeError, ValueError) as e:
+            if getattr(loss_fn, "func", loss_fn) is not F.cross_entropy or _is_oom(e):
+                raise  # the user's own loss's error, or a fault
+            raise UsageError(
+                f"the default cross-entropy cannot take output {_kind(output)} with target "
+                f"{_kind(target)} ({_first_line(e)}); it takes class logits (N, C, ...) and int64 "
+                "class indices (N, ...) below C; else pass your own loss_fn"
+            ) from None
     if loss.ndim:  # one number in any shape is taken as it is; more, backward cannot start from
         if loss.numel() != 1:
             raise UsageError(f"the loss has shape {tuple(loss.shape)}; reduce it to one number")
         loss = loss.reshape(())
     return output, loss, target
+
+
+def _kind(value) -> str:
+    """A value as an error names it: a tensor's shape and dtype, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return type(value).__name__
 
 
 def train_step(
@@ -931,17 +950,24 @@ def _update_ema(pairs: tuple, decay: float, step: int) -> None:
         torch._foreach_copy_(ema_others, live_others)
 
 
-def _batch_metrics(output, target, loss, metrics: dict) -> dict:
+def _batch_metrics(output, target, loss, metrics: dict, classes_first: bool) -> dict:
+    """The batch's mean loss, accuracy and top-5 (for class logits (N, C, ...) against integer
+    labels (N, ...), leaving out labels below 0, such as cross-entropy's ignore_index) and
+    `metrics`. Logits that also read as (N, ..., C), classes last, count only when
+    `classes_first`: the loss says which axis holds the classes."""
     values = {"loss": loss.float()}
-    # Accuracy makes sense for class logits (N, C, ...) against integer labels (N, ...).
     tensors = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
     labels = tensors and not target.is_floating_point() and target.dtype != torch.bool
-    logits = labels and output.is_floating_point() and output.dim() == target.dim() + 1
-    if logits and output.shape[:1] == target.shape[:1] and output.shape[1] > 1:
-        values["acc"] = (output.argmax(1) == target).float().mean()
+    fits = labels and output.is_floating_point() and output.dim() > 1 and output.shape[1] > 1
+    fits = fits and output.shape[:1] + output.shape[2:] == target.shape
+    classes_last = fits and output.dim() > 2 and output.shape[1:-1] == target.shape[1:]
+    if fits and (classes_first or not classes_last):
+        valid = target >= 0
+        counted = valid.sum().clamp(min=1)
+        values["acc"] = ((output.argmax(1) == target) & valid).sum() / counted
         if output.shape[1] > 5:
-            top5 = output.topk(5, dim=1).indices
-            values["top5"] = (top5 == target.unsqueeze(1)).any(1).float().mean()
+            top5 = (output.topk(5, dim=1).indices == target.unsqueeze(1)).any(1)
+            values["top5"] = (top5 & valid).sum() / counted
     for name, fn in metrics.items():
         values[name] = torch.as_tensor(fn(output, target)).float().mean()
     return values
@@ -960,6 +986,10 @@ def evaluate(
     weighted by samples and summed over all processes. Restores the model's mode."""
     rt = runtime or Runtime(_device_of(model))
     sums, count, batch, extra = {}, 0, None, 0
+    function = getattr(loss_fn, "func", loss_fn)  # a partial's
+    classes_first = function in (F.cross_entropy, F.nll_loss) or isinstance(
+        loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)
+    )
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
         most, fewest = _all_reduce([len(data), -len(data)], rt, dist.ReduceOp.MAX)
         if fewest == 0:  # -0: a process without a batch has no input to take part with
@@ -971,7 +1001,8 @@ def evaluate(
         for batch in data:
             output, loss, target = _forward(model, batch, loss_fn, rt)
             n = _sizes([batch])[0]
-            for name, value in _batch_metrics(output, target, loss, metrics or {}).items():
+            scores = _batch_metrics(output, target, loss, metrics or {}, classes_first)
+            for name, value in scores.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() * n
             count += n
         for _ in range(extra):  # so that this process takes part in the others' last gathers
@@ -1862,11 +1893,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _faults), and validation changes no state: then the state is
     whole, and with one process it is saved (mid-epoch once settle() records the position)."""
-    # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
-    # of memory"); the CUDA allocator a torch.OutOfMemoryError.
-    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and re.search("allocate memory|out of mem", str(error))
-    )
+    oom = _is_oom(error)
     tb, entered = error.__traceback__, None
     while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
         entered = tb.tb_frame.f_code.co_name if tb.tb_frame.f_globals is globals() else entered
@@ -1894,6 +1921,14 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=
     if oom:
         return _out_of_memory(job, when, done)
     return _worker_died(error, deaths, job, when, done, workers)
+
+
+def _is_oom(error: BaseException) -> bool:
+    # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
+    # of memory"); the CUDA allocator a torch.OutOfMemoryError.
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or bool(
+        isinstance(error, RuntimeError) and re.search("allocate memory|out of mem", str(error))
+    )
 
 
 def _out_of_memory(job: _Job, when: str, done: str) -> OutOfMemoryError:
