@@ -1325,6 +1325,9 @@ def test_fit_resumes_mid_epoch_on_an_iterable_dataset(tmp_path):
 def test_fit_batches_a_bare_iterable_dataset():
     history = tl.fit(mlp(), Stream(64), epochs=1, batch_size=16, **quiet())
     assert history[0]["step"] == 4
+    lines, two = [], tl.Runtime(torch.device("cpu"), world_size=2)
+    tl._as_loader(Stream(64), tl.Config(), two, True, tl._Console(lines.append))
+    assert "your IterableDataset is read whole by every process" in lines[0]  # (no warning)
 
 
 def test_fit_iterable_dataset_without_length_is_a_usage_error():
@@ -1575,6 +1578,59 @@ def test_fit_early_stopping_stops_at_the_right_epoch(tmp_path):
 def test_fit_patience_without_validation_is_a_usage_error():
     with pytest.raises(tl.UsageError, match="patience needs validation data"):
         fit_mlp(32, patience=2)
+    history = fit_mlp(32, epochs=6, patience=1, monitor="train_loss", lr=10.0)  # it diverges
+    assert len(history) < 6  # an explicit train_loss may be watched (it was refused)
+
+
+def test_fit_monitor_no_epoch_reports_is_refused_after_saving_the_epoch(tmp_path):
+    x = torch.randn(64, 4)
+    data = TensorDataset(x, x.sum(1, keepdim=True))  # regression: no val_acc
+    run = dict(loss_fn=F.mse_loss, batch_size=16, out=str(tmp_path), **quiet())
+    with pytest.raises(tl.UsageError, match="monitor='val_acc' is not a reported metric"):
+        tl.fit(nn.Linear(4, 1), data, data, epochs=2, monitor="val_acc", **run)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # (it was lost)
+    history = tl.fit(nn.Linear(4, 1), data, data, epochs=2, monitor="val_loss", **run)
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_fit_refuses_a_plateau_scheduler_that_would_cut_the_lr_as_accuracy_rises():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = L.ReduceLROnPlateau(optimizer)  # mode='min', but val_acc is monitored
+    with pytest.raises(tl.UsageError, match="follows val_acc, which is better when higher; give"):
+        tl.fit(model, blobs(32), blobs(16), optimizer=optimizer, scheduler=plateau, **quiet())
+
+
+def test_fit_leaves_the_ema_weights_it_reports_in_the_model():
+    model, val = mlp(), blobs(32, seed=1)
+    history = tl.fit(model, blobs(64), val, epochs=2, batch_size=16, ema=0.9, **quiet())
+    scores = tl.evaluate(model, DataLoader(val, batch_size=64), runtime=CPU)
+    assert scores["loss"] == pytest.approx(history[-1]["val_loss"])  # (the live weights' was not)
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (dict(eval_only=True), "fit() got eval_only=...: a setting of the command line"),
+        (dict(data="mnist"), "fit() got data=...: a setting of the command line"),
+        (dict(label_smoothing=0.1, loss_fn=F.nll_loss), "label_smoothing is for the default"),
+    ],
+)
+def test_fit_refuses_settings_it_would_ignore(setting, message):
+    with pytest.raises(tl.UsageError, match=re.escape(message)):
+        fit_mlp(16, **setting)  # (each was silently ignored)
+
+
+def test_fit_stopped_without_out_says_nothing_was_saved():
+    def interrupting(output, target):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return F.cross_entropy(output, target)
+
+    lines = []
+    with pytest.raises(tl.Stopped):
+        tl.fit(mlp(), blobs(32), loss_fn=interrupting, batch_size=16, quiet=True, log=lines.append)
+    assert "nothing was saved (pass out= to be able to continue)" in lines[-1], lines
+    assert "run the same command again" not in lines[-1]
 
 
 def test_fit_label_smoothing_applies_to_the_default_loss():

@@ -1653,11 +1653,11 @@ def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
     return model, ema
 
 
-def _copy_whole(sharded: nn.Module, plain: nn.Module) -> None:
-    """Write the weights and buffers of `sharded` into `plain`, gathering one tensor at a time
-    (every process must call)."""
+def _copy_whole(source: nn.Module, plain: nn.Module) -> None:
+    """Write the weights and buffers of `source` into `plain`; a sharded source is gathered one
+    tensor at a time (every process must call)."""
     with torch.no_grad():
-        pairs = zip(plain.state_dict().values(), sharded.state_dict().values(), strict=True)
+        pairs = zip(plain.state_dict().values(), source.state_dict().values(), strict=True)
         for target, source in pairs:
             target.copy_(source.full_tensor() if hasattr(source, "full_tensor") else source)
 
@@ -2040,11 +2040,10 @@ def _save(state: TrainState, job: _Job) -> None:
 def _say_stopped(code: int, state: TrainState, job: _Job) -> None:
     why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
     why = why or f"{signal.Signals(code - 128).name} received"
-    where = f"; checkpoint {job.last}" if job.out else ""
-    job.console.write(
-        f"stopped: {why} at step {state.step} (epoch {state.epoch + 1}){where}; "
-        f"run the same command again to continue (exit status {code})"
-    )
+    then = f"checkpoint {job.last}; run the same command again to continue"
+    then = then if job.out else "nothing was saved (pass out= to be able to continue)"
+    where = f"at step {state.step} (epoch {state.epoch + 1})"
+    job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
 
 
 def _monitor_name(config: Config, names) -> str:
@@ -2058,14 +2057,19 @@ def _monitor_name(config: Config, names) -> str:
     return name
 
 
+def _maximized(name: str, mode: str) -> bool:
+    """Whether a higher `name` is better: monitor_mode, or for 'auto' the metric's kind."""
+    if mode == "auto":
+        return bool(re.search(r"acc|top\d|f1|auc|iou|precision|recall", name))
+    return mode == "max"
+
+
 def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool:
     if math.isnan(value):
         return False
     if best is None:
         return True
-    if mode == "auto":
-        mode = "max" if re.search(r"acc|top\d|f1|auc|iou|precision|recall", name) else "min"
-    return value > best if mode == "max" else value < best
+    return value > best if _maximized(name, mode) else value < best
 
 
 def _rebest(state: TrainState, config: Config) -> None:
@@ -2087,9 +2091,8 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
         row.update({f"val_{name}": value for name, value in _validate(state, val, job).items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
-    name = _monitor_name(config, row)
-    if isinstance(state.scheduler, ReduceLROnPlateau):
-        state.scheduler.step(row[name])
+    if isinstance(state.scheduler, ReduceLROnPlateau) and config.monitor in (*row, "auto"):
+        _step_plateau(state.scheduler, row, config)
     state.history.append(row)
     _rebest(state, config)
     improved = state.best_epoch == row["epoch"]
@@ -2104,9 +2107,22 @@ def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
             _atomic_save(best, job.out / "best.pt", job.last)
         _write_metrics(state.history, job, tensorboard)
     _save(state, job)
+    _monitor_name(config, row)  # one this run does not report is refused once the epoch is saved
     shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
     job.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
     return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
+
+
+def _step_plateau(scheduler: ReduceLROnPlateau, row: dict, config: Config) -> None:
+    name = _monitor_name(config, row)
+    maximized = _maximized(name, config.monitor_mode)
+    if maximized != (scheduler.mode == "max"):  # it would cut the LR as the metric improves
+        raise UsageError(
+            f"scheduler=ReduceLROnPlateau(mode={scheduler.mode!r}) follows {name}, which is "
+            f"better when {'higher' if maximized else 'lower'}; give it "
+            f"mode={'max' if maximized else 'min'!r} (or set monitor and monitor_mode)"
+        )
+    scheduler.step(row[name])
 
 
 def _validate(state: TrainState, val, job: _Job) -> dict:
@@ -2286,16 +2302,16 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
 
 
 def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Console):
-    if isinstance(data, IterableDataset):  # it cannot be indexed: batch it as it streams
-        return DataLoader(data, batch_size=config.batch_size)
-    if data is None or isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
+    streams = isinstance(data, IterableDataset)  # it cannot be indexed: batched as it streams
+    if streams or data is None or isinstance(data, DataLoader) or not hasattr(data, "__getitem__"):
         sharded = hasattr(getattr(data, "sampler", None), "set_epoch")
         if train and runtime.world_size > 1 and not sharded:
+            mine = "IterableDataset" if streams else "DataLoader has no DistributedSampler and"
             console.write(
-                "warning: your DataLoader has no DistributedSampler, so every process sees "
-                "the same batches; pass the Dataset itself to shard it"
+                f"warning: your {mine} is read whole by every process, so each sees the same "
+                "batches unless it splits them by rank itself; pass a map-style Dataset to shard it"
             )
-        return data
+        return DataLoader(data, batch_size=config.batch_size) if streams else data
     return make_loader(
         data,
         batch_size=config.batch_size,
@@ -2329,6 +2345,11 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
     return size
 
 
+# Settings with which the command line builds its data and model; fit takes both ready-made.
+_COMMAND_LINE = set(
+    "data data_root download image_size mean std val_fraction augment weights eval_only".split()
+)
+
 # Other libraries' names for settings, which no spelling distance finds.
 _OTHER_NAMES = {
     "learning_rate": "lr",
@@ -2355,7 +2376,13 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
         close = _OTHER_NAMES.get(bad) or ", ".join(difflib.get_close_matches(bad, names))
         hint = f"; did you mean {close}?" if close else ""
         raise UsageError(f"fit() got an unknown setting {bad!r}{hint}")
-    return check_config(dataclasses.replace(config or Config(), **overrides))
+    config = check_config(dataclasses.replace(config or Config(), **overrides))
+    for name in sorted(overrides.keys() & _COMMAND_LINE):
+        raise UsageError(
+            f"fit() got {name}=...: a setting of the command line, which builds the data and "
+            "model; fit trains the model and data it is given"
+        )
+    return config
 
 
 def fit(
@@ -2373,7 +2400,8 @@ def fit(
     runtime: Optional[Runtime] = None,
     **overrides,
 ) -> list:
-    """Train `model` in place and return the per-epoch history (a list of dicts).
+    """Train `model` in place and return the per-epoch history (a list of dicts). With ema > 0
+    the model ends with the EMA's weights, which are what was evaluated and saved as best.pt.
 
     train_data / val_data: map-style Datasets (loaders are built with make_loader; exact
     mid-epoch resume) or ready-made DataLoaders. A batch is (inputs, target), (inputs, target,
@@ -2399,7 +2427,12 @@ def fit(
     _check_arguments(
         model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
     )
-    if loss_fn is F.cross_entropy and config.label_smoothing:
+    if config.label_smoothing and loss_fn is not F.cross_entropy:
+        raise UsageError(
+            "label_smoothing is for the default cross-entropy; give your loss_fn its own, e.g. "
+            "nn.CrossEntropyLoss(label_smoothing=0.1)"
+        )
+    if config.label_smoothing:
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     rt = runtime or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
@@ -2422,8 +2455,8 @@ def fit(
             own = scheduler is None
             job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
             history = _train(state, train, val, job)
-            if net is not model:
-                _copy_whole(net, model)
+            if state.ema is not None or net is not model:  # the weights evaluated, in the model
+                _copy_whole(state.eval_model, model)
             del state, net, ema  # the sharded copy ends before the process group (see teardown)
             return history
     finally:
@@ -2433,8 +2466,10 @@ def fit(
 
 def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics, blocks, config):
     """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
-    if config.patience and val_data is None:
-        raise UsageError("patience needs validation data to watch; pass val_data or drop it")
+    if config.patience and val_data is None and config.monitor != "train_loss":
+        raise UsageError(
+            "patience needs validation data to watch; pass val_data, or monitor='train_loss'"
+        )
     reported = ("loss", "acc", "top5", *(metrics or {}))
     _monitor_name(config, ["train_loss", *(f"val_{m}" for m in reported if val_data is not None)])
     if not isinstance(model, nn.Module):
