@@ -22,6 +22,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -199,7 +200,7 @@ def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
         def __next__(self):
             raise EOFError
 
-    skipped = tl._SkipBatches(BrokenRead(), 0)  # what set_epoch gives for a resumed epoch
+    skipped = tl._SkipBatches(BrokenRead(), 0, None)  # what set_epoch gives mid-epoch
     with pytest.raises(EOFError) as read:
         next(tl._groups(skipped, 1))
     job = types.SimpleNamespace(config=tl.Config(), runtime=CPU, out=None, last=None)
@@ -844,6 +845,30 @@ def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
     result = cli(args + ["--eval-only"], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "eval run/best.pt: val_acc=" in result.output
+
+
+def test_cli_resumed_run_keeps_its_normalization_and_needs_no_weights_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    make_image_folder(tmp_path / "pets", per_class=10)
+    torch.save(tl.small_cnn(3, 5).state_dict(), tmp_path / "start.pt")
+    args = ["--data", "pets", "--batch-size", "8", "--workers", "0", "--out", "run"]
+    first = cli(args + ["--epochs", "1", "--weights", "start.pt"], tmp_path, monkeypatch)
+    assert first.exit_code == 0, first.output
+    (tmp_path / "start.pt").unlink()  # the checkpoint holds the weights now
+    for i in range(20):  # the folder grows brighter: its measured mean moves
+        Image.new("RGB", (8, 8), "white").save(tmp_path / "pets" / "dog" / f"white{i}.png")
+    result = cli(args + ["--epochs", "2", "--weights", "start.pt"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output  # (no such file)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["mean"]
+    in_use = (ckpt["model"]["0.mean"].flatten() / 255).tolist()
+    assert [float(v) for v in recorded.split(",")] == pytest.approx(in_use, abs=1e-6)  # (newly
+    assert ckpt["config"]["mean"] == recorded  # measured values were recorded, not those in use)
+    evaluated = cli(args + ["--eval-only"], tmp_path, monkeypatch)
+    assert evaluated.exit_code == 0, evaluated.output
+    other = cli(args + ["--epochs", "3", "--mean", "0.5"], tmp_path, monkeypatch)
+    assert other.exit_code == 2 and "--mean 0.5: run/last.pt normalizes with" in other.output
 
 
 # ---- resume, preemption, integrity -----------------------------------------------------------
@@ -1850,6 +1875,25 @@ def test_update_ema_is_the_warmed_up_moving_average():
         torch.testing.assert_close(value, model.state_dict()[key] * 0.95 + before[key] * 0.05)
 
 
+def test_ema_averages_a_tied_weight_once_a_step():
+    class Tied(nn.Module):  # a language model's embedding shared with its output layer
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.out(self.embed(tokens))
+
+    torch.manual_seed(0)
+    model = Tied()
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.5), ema_decay=0.9)
+    state.step, before = 10**6, model.embed.weight.detach().clone()  # past the decay's ramp
+    tl.train_step(state, [(torch.arange(5), torch.arange(5))])
+    expected = 0.9 * before + 0.1 * model.embed.weight.detach()  # (it got 0.81 and 0.19)
+    torch.testing.assert_close(state.ema.embed.weight, expected)
+
+
 def test_fit_ema_is_evaluated_and_saved_as_best(tmp_path):
     model = mlp()
     history = tl.fit(
@@ -1935,7 +1979,7 @@ def test_fit_scheduler_as_a_function_of_fits_own_optimizer():
 def test_fit_refuses_a_scheduler_on_another_optimizer():
     model = mlp()
     other = torch.optim.SGD(mlp().parameters(), lr=0.1)
-    with pytest.raises(tl.UsageError, match="built on the optimizer given to fit"):
+    with pytest.raises(tl.UsageError, match="scheduler is built on another optimizer"):
         tl.fit(model, blobs(32), scheduler=L.StepLR(other, 5), **quiet())
 
 
@@ -2070,9 +2114,33 @@ def test_save_checkpoint_refuses_extras_it_could_not_load_back(tmp_path):
         tl.save_checkpoint(tmp_path / "c.pt", state, step=100)
     with pytest.raises(tl.UsageError, match="holds a Config"):
         tl.save_checkpoint(tmp_path / "c.pt", state, config=tl.Config())
-    with pytest.raises(tl.UsageError, match="holds a dict"):
+    with pytest.raises(tl.UsageError, match=r"config=\.\.\.\) holds a (Posix|Windows)Path"):
         tl.save_checkpoint(tmp_path / "c.pt", state, config={"out": Path("runs")})
+    state.scheduler.lr_lambdas[0] = Stopwatch()  # a callable object: its __dict__ is saved
+    with pytest.raises(tl.UsageError, match="scheduler.s state_dict.. holds a builtin_function"):
+        tl.save_checkpoint(tmp_path / "c.pt", state)
     assert not (tmp_path / "c.pt").exists()
+    (tmp_path / "run").mkdir()
+    with pytest.raises(tl.UsageError, match="run is a directory; pass a file path"):
+        tl.save_checkpoint(tmp_path / "run", state)  # (it moved the directory to run.prev)
+    assert (tmp_path / "run").is_dir() and not (tmp_path / "run.prev").exists()
+
+
+class Stopwatch:
+    def __init__(self):
+        self.clock = time.monotonic
+
+    def __call__(self, step):
+        return 1.0
+
+
+def test_save_checkpoint_takes_numpy_numbers_in_optimizer_and_scheduler(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=np.float64(0.1))
+    scheduler = L.CosineAnnealingLR(optimizer, T_max=np.ceil(np.float64(9.5)))
+    tl.save_checkpoint(tmp_path / "c.pt", tl.TrainState(model, optimizer, scheduler))
+    ckpt = tl.load_checkpoint(tmp_path / "c.pt")  # (refused: it held numpy scalars)
+    assert ckpt["scheduler"]["T_max"] == 10.0 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.1
 
 
 def test_load_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
@@ -2099,6 +2167,24 @@ def test_set_epoch_skips_batches_of_a_users_loader_keeping_its_settings():
     settings = (rest.loader.persistent_workers, rest.loader.prefetch_factor)
     assert settings + (rest.loader.num_workers, len(rest)) == (True, 4, 1, 7)
     assert torch.cat([b[0] for b in rest]).tolist() == list(range(12, 40))
+
+
+def test_set_epoch_given_back_its_own_result_starts_the_next_epoch_whole():
+    loader = DataLoader(TensorDataset(torch.arange(16.0)), batch_size=4)
+    loader = tl.set_epoch(loader, 0, batches=3)  # the README's loop reassigns the loader
+    assert [b[0].tolist() for b in loader] == [[12.0, 13, 14, 15]]
+    loader = tl.set_epoch(loader, 1)
+    assert len(loader) == 4 and len(list(loader)) == 4  # (it replayed the leftover batch)
+
+
+def test_set_epoch_reshuffles_a_distributed_sampler_inside_a_batch_sampler():
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    data = TensorDataset(torch.arange(32))
+    sampler = DistributedSampler(data, num_replicas=1, rank=0)
+    loader = DataLoader(data, batch_sampler=BatchSampler(sampler, 8, drop_last=False))
+    orders = [torch.cat([b[0] for b in tl.set_epoch(loader, e)]).tolist() for e in (0, 1)]
+    assert orders[0] != orders[1] and sorted(orders[1]) == list(range(32))  # (never reshuffled)
 
 
 def test_building_blocks_resume_mid_epoch_with_a_users_loader_bit_for_bit(tmp_path):
@@ -2137,6 +2223,22 @@ def test_train_step_refuses_fp16_without_a_loss_scaler():
     fp16 = tl.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
     with pytest.raises(tl.UsageError, match="needs a loss scaler"):
         tl.train_step(state, [blobs(8).tensors], runtime=fp16)
+
+
+def test_building_blocks_refuse_arguments_of_the_wrong_kind():
+    model = mlp()
+    other = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(tl.UsageError, match="scheduler is built on another optimizer"):
+        tl.TrainState(model, optimizer, L.StepLR(other, 5))  # (it trained unscheduled)
+    with pytest.raises(tl.UsageError, match="optimizer=None is not a torch optimizer"):
+        tl.TrainState(model, None)
+    with pytest.raises(tl.UsageError, match="needs at least one micro-batch"):
+        tl.train_step(tl.TrainState(model, optimizer), [])
+    with pytest.raises(tl.UsageError, match="precision='fp8' is not one of"):
+        tl.setup_device("cpu", precision="fp8")
+    with pytest.raises(tl.UsageError, match="batch_size=0 must be at least 1"):
+        tl.make_loader(blobs(8), batch_size=0)
 
 
 def test_train_state_builds_and_updates_its_own_ema():

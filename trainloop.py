@@ -181,7 +181,8 @@ class TrainState:
 
     `scheduler` is any torch LR scheduler (stepped after every optimizer step; a
     ReduceLROnPlateau after each evaluation) or None. `ema_decay` > 0 keeps `ema`, an exponential
-    moving average of the model (a copy of it unless given). `net` is what the step calls: the
+    moving average of the model (a copy of it unless given; early steps average faster: the
+    decay is at most (1 + step) / (10 + step)). `net` is what the step calls: the
     model itself, or it wrapped by DDP / torch.compile. Build the state after moving the model
     to its device: the EMA update holds on to the model's tensors.
     """
@@ -207,6 +208,16 @@ class TrainState:
     _fast_path: tuple = field(default=(None, None), init=False, repr=False)  # _step_scheduler
 
     def __post_init__(self):
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise UsageError(
+                f"optimizer={self.optimizer!r} is not a torch optimizer; build one on the "
+                "model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
+            )
+        if getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
+            raise UsageError(
+                "the scheduler is built on another optimizer; build it on the one given (fit "
+                "also takes a function optimizer -> scheduler, which works with its own optimizer)"
+            )
         self.net = self.model if self.net is None else self.net
         self.model = _unwrap(self.model)  # checkpoints hold the plain module's names
         self.scaler = self.scaler or torch.amp.GradScaler("cpu", enabled=False)
@@ -423,6 +434,8 @@ def _check_gpus_exist(ids: tuple) -> None:
 
 
 def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torch.dtype]:
+    if precision not in CHOICES["precision"]:
+        raise UsageError(f"precision={precision!r} is not one of {', '.join(CHOICES['precision'])}")
     if precision == "auto":
         return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
     if precision == "bf16" and not bf16_ok:
@@ -598,6 +611,8 @@ def make_loader(
     processes (-1 = default_workers()).
     """
     rt = runtime or Runtime(torch.device("cpu"))
+    if batch_size < 1:
+        raise UsageError(f"batch_size={batch_size} must be at least 1")
     workers = default_workers(rt.world_size) if workers < 0 else workers
     seeded = train and workers > 0
     sampler = _EpochBatches(len(dataset), batch_size, train, seed, rt.rank, rt.world_size, seeded)
@@ -632,6 +647,7 @@ class _SkipBatches:
 
     loader: Any
     count: int
+    source: Any  # the loader set_epoch was given: the next epoch starts from it again
 
     def __iter__(self):
         with torch.random.fork_rng(devices=[]):
@@ -651,13 +667,15 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
     and skips its first `batches` batches: through its sampler when it is a DataLoader over a
     map-style data set, else by reading and dropping them.
     """
+    source = loader = loader.source if isinstance(loader, _SkipBatches) else loader
     sampler = getattr(loader, "batch_sampler", None)
     if isinstance(sampler, _EpochBatches):
         sampler.epoch, sampler.seen = epoch, 0
         sampler.seen = seen or sampler.seen_after(batches)  # batches: all processes took as many
         return loader
-    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    for shuffler in (getattr(loader, "sampler", None), sampler, getattr(sampler, "sampler", None)):
+        if hasattr(shuffler, "set_epoch"):  # a DistributedSampler, maybe in a batch sampler
+            shuffler.set_epoch(epoch)
     if not batches:
         return loader
     streams = isinstance(getattr(loader, "dataset", None), IterableDataset)
@@ -668,7 +686,7 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
         with torch.random.fork_rng(devices=[]):  # a RandomSampler draws its seed
             rest = list(sampler)[batches:]  # the seen batches leave the sampler: none is loaded
         loader, batches = DataLoader(loader.dataset, batch_sampler=rest, **kept), 0
-    return _SkipBatches(loader, batches)
+    return _SkipBatches(loader, batches, source)
 
 
 # ---- steps -----------------------------------------------------------------------------------
@@ -815,7 +833,7 @@ def train_step(
     this step applied). `weights` (one per micro-batch; default: each batch's own weight or
     sample count, see _sizes) weigh the micro-batch losses, so the gradient equals that of one
     big batch even when the last micro-batch is short. `clip_grad` > 0 clips the global
-    gradient norm; `channels_last` moves 4-d inputs to that memory format.
+    gradient norm; `channels_last` moves 4-d inputs to that memory format (off the CPU).
     """
     runtime = runtime or Runtime(_device_of(state.model))
     if runtime.amp_dtype is torch.float16 and not state.scaler.is_enabled():
@@ -831,6 +849,8 @@ def train_step(
             )
     if len(batches) == 1:
         step_loss = _backward(state, batches[0], None, loss_fn, runtime, channels_last)
+    elif not batches:
+        raise UsageError("train_step needs at least one micro-batch in batches=[...]")
     else:
         weights = weights or _sizes(batches)[1]
         step_loss = _accumulate(state, batches, weights, loss_fn, runtime, channels_last)
@@ -929,9 +949,14 @@ def _single_lambda(scheduler, optimizer) -> Optional[Callable]:
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
-    """(EMA floats, live floats, EMA others, live others): the tensors _update_ema touches,
-    listed once. state_dict() tensors share storage with the modules."""
-    ema_state, live_state = ema.state_dict(), model.state_dict()
+    """(EMA floats, live floats, EMA others, live others): the tensors _update_ema touches, each
+    once (a tied weight, listed under two names, would be averaged twice a step)."""
+
+    def tensors(module, once=True) -> dict:
+        named = (module.named_parameters, module.named_buffers)
+        return {k: v.detach() for items in named for k, v in items(remove_duplicate=once)}
+
+    ema_state, live_state = tensors(ema), tensors(model, once=False)
     floats = [k for k, v in ema_state.items() if v.is_floating_point()]
     others = [k for k, v in ema_state.items() if not v.is_floating_point()]
     return tuple(  # a sharded model's own shards, which share memory with it
@@ -1115,8 +1140,10 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     process writing its own shards (see _save_sharded).
     """
     runtime = runtime or _runtime_of(state.model)
-    _check_extra(extra)
+    extra = _check_extra(extra)
     sharded = _is_sharded(state.model)
+    if not sharded and Path(path).is_dir():
+        raise UsageError(f"{path} is a directory; pass a file path, e.g. {Path(path) / 'last.pt'}")
     finite = [_local(p.detach()).isfinite().all() for p in state.model.parameters()]
     finite = torch.stack(finite or [torch.tensor(True)]).all().item()  # sync point: once a save
     if sharded:  # each process checked its own shards
@@ -1127,10 +1154,10 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
             f"learning rate below lr={_peak_lr(state):g} or use clip_grad=1.0"
         )
     scheduler = state.scheduler
+    if scheduler is not None:
+        scheduler = {"type": type(scheduler).__name__, **scheduler.state_dict()}
     header = {
-        "scheduler": {"type": type(scheduler).__name__, **scheduler.state_dict()}
-        if scheduler is not None
-        else None,
+        "scheduler": _plain(scheduler, "the scheduler's state_dict()"),
         "scaler": state.scaler.state_dict(),
         **{k: getattr(state, k) for k in _COUNTERS},
         "rng": _gather(_rng_state(runtime), runtime),
@@ -1140,7 +1167,9 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     if sharded:
         _save_sharded(Path(path), state, header, runtime)
     elif runtime.is_main:
-        tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+        optimizer = state.optimizer.state_dict()
+        optimizer["param_groups"] = _plain(optimizer["param_groups"], "the optimizer's settings")
+        tensors = {"model": state.model.state_dict(), "optimizer": optimizer}
         ema = state.ema.state_dict() if state.ema is not None else None
         _atomic_save({**tensors, "ema": ema, **header}, Path(path))
     _barrier(runtime)
@@ -1257,25 +1286,30 @@ def _fsync_directory(directory: Path) -> None:
 _RESERVED = set("format trainloop model optimizer scheduler scaler ema rng sharded buffers".split())
 
 
-def _check_extra(extra: dict) -> None:
-    """Extra checkpoint entries must not shadow the state's and must load with weights_only."""
-
-    def plain(value) -> bool:
-        if isinstance(value, (list, tuple)):
-            return all(map(plain, value))
-        if isinstance(value, dict):
-            return all(plain(k) and plain(v) for k, v in value.items())
-        return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
-
-    for key, value in extra.items():
+def _check_extra(extra: dict) -> dict:
+    """Extra checkpoint entries, which must not shadow the state's, as they load back."""
+    for key in extra:
         if key in _RESERVED or key in _COUNTERS or key == "world_size":
             raise UsageError(f"save_checkpoint(..., {key}=...): {key!r} is the state's own entry")
-        if not plain(value):
-            raise UsageError(
-                f"save_checkpoint(..., {key}=...) holds a {type(value).__name__} (or one inside), "
-                "which loading refuses; pass numbers, strings, lists and dicts, e.g. "
-                "dataclasses.asdict(config) with os.fspath(path)"
-            )
+    return {key: _plain(value, f"save_checkpoint(..., {key}=...)") for key, value in extra.items()}
+
+
+def _plain(value, where: str):
+    """`value` as weights_only loading takes it back: NumPy numbers become Python's; anything but
+    numbers, strings, tensors and lists, tuples and dicts of them is refused before a save
+    writes a checkpoint that could not be loaded."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return (list if isinstance(value, list) else tuple)(_plain(v, where) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    raise UsageError(
+        f"{where} holds a {type(value).__name__}, which loading refuses; keep to numbers, "
+        "strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
+    )
 
 
 def _check_archive(path: Path) -> None:
@@ -1590,11 +1624,6 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
         scheduler = LambdaLR(optimizer, factor)
         if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(),
             del optimizer.step  # which trainloop never makes (see _step_scheduler)
-    elif getattr(scheduler, "optimizer", None) is not optimizer:
-        raise UsageError(
-            "scheduler= must be built on the optimizer given to fit, or be a function "
-            "optimizer -> scheduler (which also works with fit's own optimizer)"
-        )
     elif getattr(scheduler, "total_steps", total) < total:
         raise UsageError(  # OneCycleLR: torch would fail at the step past its end
             f"the scheduler's total_steps={scheduler.total_steps} is fewer than the run's "
@@ -2764,7 +2793,9 @@ def _image_settings(config: Config, samples) -> tuple:
     and per-channel statistics of up to 256 `samples` (center crops at 64 px; the same pick for
     every --seed and split, so that a run resumed with another normalizes as it began), rounded
     so that config.json states them exactly."""
-    enum = _weights_enum(config.model, config.weights) if config.weights else None
+    enum = None
+    with contextlib.suppress(UsageError):  # a file gone since, or a bad name: said when loaded
+        enum = _weights_enum(config.model, config.weights) if config.weights else None
     preset = enum.transforms() if enum else None
     default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
     size = config.image_size or default
@@ -2989,10 +3020,42 @@ def _eval_checkpoint(config: Config) -> tuple:
     if not path.exists():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("config", {})
     names = "data data_root val_fraction seed model image_size mean std weights".split()
+    return _unset_from(config, ckpt.get("config", {}), names), path, ckpt
+
+
+def _unset_from(config: Config, saved: dict, names) -> Config:
+    """`config` with those of the settings `names` that it leaves at their defaults from `saved`."""
     unset = [k for k in names if k in saved and getattr(config, k) == getattr(Config(), k)]
-    return dataclasses.replace(config, **{k: saved[k] for k in unset}), path, ckpt
+    return dataclasses.replace(config, **{k: saved[k] for k in unset})
+
+
+def _resumed_settings(config: Config) -> tuple:
+    """(config, whether a checkpoint will be resumed). Its model normalizes as it was trained
+    to, so the run's mean and std, which config.json and checkpoints record, are its own."""
+    paths = [Path(config.resume)] if config.resume not in ("auto", "none") else []
+    if config.resume == "auto":
+        paths = [
+            Path(config.out) / name for name in ("last.pt", "last", "last.prev.pt", "last.prev")
+        ]
+    saved = None
+    for path in paths:
+        file = path / "trainloop.pt" if path.is_dir() else path
+        with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
+            saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["config"]
+        if saved is not None:
+            break
+    if saved is None:
+        return config, False
+    resumed = _unset_from(config, saved, ("mean", "std"))
+    for name in ("mean", "std"):
+        ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved[name]))
+        if theirs and ours != theirs:
+            raise UsageError(
+                f"{name}={getattr(config, name)!r}: {path} normalizes with {saved[name]!r}; "
+                "keep it, or start over with resume='none'"
+            )
+    return resumed, True
 
 
 def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -> Config:
@@ -3022,13 +3085,16 @@ def _downloads_once(runtime: Runtime):
 
 
 def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
+    resuming = config.eval_only
     if config.eval_only:
         config, path, ckpt = _eval_checkpoint(config)
+    else:
+        config, resuming = _resumed_settings(config)
     with _downloads_once(runtime):
         train, val, info = load_data(config, rgb=config.model != "smallcnn")
         config = _data_settings(config, info, runtime, (len(train), len(val)))
         torch.manual_seed(config.seed)  # the same initial weights in every process
-        weights = "" if config.eval_only else config.weights  # the checkpoint has them
+        weights = "" if resuming else config.weights  # the checkpoint has them
         shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
         model = build_model(config.model, weights=weights, **shape)
     if not config.eval_only:
