@@ -2126,6 +2126,15 @@ def test_save_checkpoint_refuses_extras_it_could_not_load_back(tmp_path):
     assert (tmp_path / "run").is_dir() and not (tmp_path / "run.prev").exists()
 
 
+def test_load_checkpoint_of_another_optimizer_is_refused(tmp_path):
+    model = mlp()
+    tl.save_checkpoint(tmp_path / "c.pt", one_step_state(model))
+    adam = tl.TrainState(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(tl.UsageError, match="trained with optimizer SGD, not Adam"):
+        tl.load_checkpoint(tmp_path / "c.pt", adam)  # (loaded; the next step failed in Adam)
+    assert adam.step == 0 and not adam.optimizer.state
+
+
 class Stopwatch:
     def __init__(self):
         self.clock = time.monotonic

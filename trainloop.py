@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 # fmt: off
 __all__ = [
     "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
@@ -1158,6 +1158,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
         scheduler = {"type": type(scheduler).__name__, **scheduler.state_dict()}
     header = {
         "scheduler": _plain(scheduler, "the scheduler's state_dict()"),
+        "optimizer_type": type(state.optimizer).__name__,
         "scaler": state.scaler.state_dict(),
         **{k: getattr(state, k) for k in _COUNTERS},
         "rng": _gather(_rng_state(runtime), runtime),
@@ -1283,7 +1284,8 @@ def _fsync_directory(directory: Path) -> None:
 
 
 # The state's own checkpoint entries, beside _COUNTERS and world_size.
-_RESERVED = set("format trainloop model optimizer scheduler scaler ema rng sharded buffers".split())
+_RESERVED = {"format", "trainloop", "model", "optimizer", "optimizer_type", "scheduler"}
+_RESERVED |= {"scaler", "ema", "rng", "sharded", "buffers"}
 
 
 def _check_extra(extra: dict) -> dict:
@@ -1441,6 +1443,12 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
     if "optimizer" not in ckpt and "optimizer" not in ckpt.get("sharded", ()):
         raise UsageError(
             f"{path} holds weights only; resume from a last.pt, or evaluate it with eval_only=True"
+        )
+    optimizer = type(state.optimizer).__name__
+    if ckpt.get("optimizer_type", optimizer) != optimizer:  # (not recorded before 0.3.1)
+        raise UsageError(
+            f"{path} was trained with optimizer {ckpt['optimizer_type']}, not {optimizer}; pass "
+            "the same kind of optimizer, or start over with resume='none'"
         )
     saved = ckpt["scheduler"]
     kind = type(state.scheduler).__name__ if state.scheduler is not None else None
