@@ -4116,6 +4116,7 @@ SHARDED_LOOP = textwrap.dedent("""
     if rt.is_main:
         print("steps", steps, flush=True)
         print("refused", refused, flush=True)
+    del model, state, again  # sharded modules hold the group: gone before it (README)
     tl.teardown(rt)
 """)
 
@@ -4168,6 +4169,7 @@ COUNT_COLLECTIVES = textwrap.dedent("""
         calls.update(gather=0, reduce=0)
     if rt.is_main:
         print(json.dumps(counts), flush=True)
+    del model, state
     tl.teardown(rt)
 """)
 
