@@ -2967,6 +2967,16 @@ def test_load_data_reads_gifs_first_frame_and_skips_hidden_files(tmp_path):
         assert images[name][0].float().mean() > 200 and images[name][2].float().mean() < 50
 
 
+def test_load_data_skips_hidden_folders_at_every_level(tmp_path):
+    root = make_image_folder(tmp_path / ".cache" / "pets", per_class=3)  # a hidden parent counts
+    make_image_folder(root, classes=(".ipynb_checkpoints", "cat/.thumbs"), per_class=2)
+    (root / ".empty").mkdir()
+    train, val, info = tl.load_data(tl.Config(data=str(root), image_size=8, mean="0.5", std="0.2"))
+    samples = [*train.samples, *val.samples]
+    assert info["classes"] == 2 and len(samples) == 6
+    assert {(Path(path).parent.name, label) for path, label in samples} == {("cat", 0), ("dog", 1)}
+
+
 def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=200, size=6)  # more than the 256 measured
     infos = [

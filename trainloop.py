@@ -2709,19 +2709,29 @@ def _pil_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _is_image(path: str) -> bool:
-    """An image file by its name: torchvision's extensions and GIF, but no hidden file (such as
-    the ._name.jpg metadata a Mac leaves on other disks)."""
+def _is_image(path: str, root: str) -> bool:
+    """An image file by its name: torchvision's extensions and GIF, but nothing hidden below
+    root, file or folder (the ._name.jpg metadata a Mac leaves on other disks, .thumbs/)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith((*IMG_EXTENSIONS, ".gif"))
+    parts = Path(os.path.relpath(path, root)).parts  # not root's own path: ~/.cache/data is fine
+    hidden = any(part.startswith(".") for part in parts)
+    return not hidden and parts[-1].lower().endswith((*IMG_EXTENSIONS, ".gif"))
+
+
+def _class_folders(folder: Path) -> tuple:
+    """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
+    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder)."""
+    from torchvision.datasets.folder import make_dataset
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    index = {name: label for label, name in enumerate(classes)}
+    found = functools.partial(_is_image, root=str(folder))
+    return classes, make_dataset(str(folder), index, is_valid_file=found) if classes else []
 
 
 def _image_folder(config: Config):
     """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
-    from torchvision.datasets import ImageFolder
-
     root = Path(config.data)
     data = f"data={str(root)!r}"
     if not root.is_dir():
@@ -2729,31 +2739,26 @@ def _image_folder(config: Config):
             f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
             + ", ".join(_BUILTIN_DATA)
         )
-    train_dir = root / "train" if (root / "train").is_dir() else root
+    train_dir, val_dir = root / "train" if (root / "train").is_dir() else root, root / "val"
     try:
-        train, val = (
-            ImageFolder(str(folder), is_valid_file=_is_image) if folder.is_dir() else None
-            for folder in (train_dir, root / "val")
-        )
+        classes, samples = _class_folders(train_dir)
+        val_classes, val_samples = _class_folders(val_dir) if val_dir.is_dir() else (classes, None)
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
-    if len(train.classes) < 2:
+    if len(classes) < 2:
         raise UsageError(
-            f"{data}: found {len(train.classes)} class folder(s) in {train_dir}; classification "
+            f"{data}: found {len(classes)} class folder(s) in {train_dir}; classification "
             "needs at least 2"
         )
-    if val is not None and val.classes != train.classes:
-        raise UsageError(f"{data}: val/ classes {val.classes} differ from train/ {train.classes}")
-    samples = train.samples
-    if val is None:
+    if val_classes != classes:
+        raise UsageError(f"{data}: val/ classes {val_classes} differ from train/ {classes}")
+    size, ratio, mean, std = _image_settings(config, samples)
+    if val_samples is None:
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
         cut = max(1, int(len(samples) * config.val_fraction))
         val_samples = [samples[i] for i in order[:cut].tolist()]
         samples = [samples[i] for i in order[cut:].tolist()]
-    else:
-        val_samples = val.samples
-    size, ratio, mean, std = _image_settings(config, train.samples)
-    info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
+    info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std)
     val_files = _ImageFiles(val_samples, size, False, ratio)
     return _ImageFiles(samples, size, config.augment, ratio), val_files, info
 
