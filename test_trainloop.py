@@ -3063,6 +3063,14 @@ def test_load_data_names_a_corrupt_image_read_at_start_up(tmp_path):
         tl.load_data(tl.Config(data=str(root)))
 
 
+def test_image_files_names_an_image_over_pils_decompression_bomb_limit(tmp_path):
+    from PIL import Image
+
+    Image.new("1", (14000, 14000)).save(tmp_path / "huge.png")  # 196 Mpx in a 24 KB file
+    with pytest.raises(tl._DataError, match="huge.png .*decompression-bomb limit.*shrink it"):
+        tl._ImageFiles([(str(tmp_path / "huge.png"), 0)], 8, False, 1.0)[0]
+
+
 def test_load_data_defaults_to_the_weights_size_and_normalization(tmp_path):
     root = make_image_folder(tmp_path / "pets", per_class=4)
     config = tl.Config(data=str(root), model="resnet18", weights="IMAGENET1K_V1")

@@ -2638,9 +2638,15 @@ class _ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        from PIL import Image
+
         path, label = self.samples[index]
         try:
             image = _read_image(path, self.size, self._box)
+        except Image.DecompressionBombError:  # not an OSError; PIL's limit stays: it guards memory
+            why = "larger than PIL's decompression-bomb limit"
+            fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
+            raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
         except (OSError, ValueError, RuntimeError) as e:
             why = _first_line(e)
             raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
