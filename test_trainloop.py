@@ -2977,6 +2977,24 @@ def test_load_data_skips_hidden_folders_at_every_level(tmp_path):
     assert {(Path(path).parent.name, label) for path, label in samples} == {("cat", 0), ("dog", 1)}
 
 
+def test_load_data_splits_each_class_and_keeps_a_training_image_of_each(tmp_path):
+    root = make_image_folder(tmp_path / "pets", classes=("ant", "bee", "cat"), per_class=10)
+    for name in [*(f"ant/{i}.png" for i in range(1, 10)), *(f"cat/{i}.png" for i in range(5))]:
+        (root / name).unlink()  # ant: 1 image, bee: 10, cat: 5
+
+    def split(seed, share=0.2):
+        config = tl.Config(data=str(root), seed=seed, val_fraction=share, mean="0.5", std="0.2")
+        train, val, _ = tl.load_data(config)
+        return sorted(train.samples), sorted(val.samples)
+
+    for seed in range(4):  # round(share x n) of each class, but ant's only image trains
+        train, val = split(seed)
+        assert Counter(label for _, label in val) == {1: 2, 2: 1}
+        assert {label for _, label in train} == {0, 1, 2} and len(train) + len(val) == 16
+    assert split(0) == split(0) and split(0)[1] != split(1)[1]  # fixed by the seed
+    assert [label for _, label in split(0, share=0.01)[1]] == [1]  # none: one of the largest
+
+
 def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=200, size=6)  # more than the 256 measured
     infos = [

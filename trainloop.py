@@ -138,7 +138,9 @@ class Config:
     image_size: int = _opt(0, "Pixels a side (0: weights' or 224, smallcnn 64; built-ins own).", D)
     mean: str = _opt("", "Per-channel mean of 0-1 pixels (empty: the weights', else measured).", D)
     std: str = _opt("", "Per-channel std of 0-1 pixels, e.g. 0.229,0.224,0.225 (like --mean).", D)
-    val_fraction: float = _opt(0.1, "Share of DIR held out for validation when no DIR/val.", D)
+    val_fraction: float = _opt(
+        0.1, "Share of each class held out for validation when no DIR/val.", D
+    )
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
@@ -2737,7 +2739,7 @@ def _class_folders(folder: Path) -> tuple:
 
 
 def _image_folder(config: Config):
-    """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
+    """DIR/train + DIR/val, or DIR/train or DIR split per class by --val-fraction (_split)."""
     root = Path(config.data)
     data = f"data={str(root)!r}"
     if not root.is_dir():
@@ -2760,13 +2762,29 @@ def _image_folder(config: Config):
         raise UsageError(f"{data}: val/ classes {val_classes} differ from train/ {classes}")
     size, ratio, mean, std = _image_settings(config, samples)
     if val_samples is None:
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
-        cut = max(1, int(len(samples) * config.val_fraction))
-        val_samples = [samples[i] for i in order[:cut].tolist()]
-        samples = [samples[i] for i in order[cut:].tolist()]
+        samples, val_samples = _split(samples, config)
     info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std)
     val_files = _ImageFiles(val_samples, size, False, ratio)
     return _ImageFiles(samples, size, config.augment, ratio), val_files, info
+
+
+def _split(samples, config: Config) -> tuple:
+    """(train, val) samples, split per class by --val-fraction and fixed by the seed: of a
+    class's n images, round(fraction x n) to validation but never all (a class of one image
+    trains); if that holds none out at all, one image of the largest class (even its only one:
+    fit needs a validation image)."""
+    counts = torch.bincount(torch.tensor([label for _, label in samples]))
+    quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
+    if quota.sum() == 0:
+        quota[counts.argmax()] = 1
+    quota, held = quota.tolist(), set()
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
+    for i in order.tolist():  # the first quota[c] images of class c in a shuffled order
+        label = samples[i][1]
+        if quota[label] > 0:
+            quota[label] -= 1
+            held.add(i)
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
 def _image_settings(config: Config, samples) -> tuple:
