@@ -2995,6 +2995,16 @@ def test_load_data_splits_each_class_and_keeps_a_training_image_of_each(tmp_path
     assert [label for _, label in split(0, share=0.01)[1]] == [1]  # none: one of the largest
 
 
+def test_load_data_takes_a_valid_folder_as_validation(tmp_path):  # Kaggle's and Roboflow's
+    make_image_folder(tmp_path / "pets" / "train", per_class=4)
+    make_image_folder(tmp_path / "pets" / "valid", per_class=2)
+    config = tl.Config(data=str(tmp_path / "pets"), mean="0.5", std="0.2")
+    train, val, _ = tl.load_data(config)
+    assert len(train) == 8 and {Path(path).parts[-3] for path, _ in val.samples} == {"valid"}
+    root = make_image_folder(tmp_path / "forms", classes=("invalid", "valid"))  # no train/
+    assert tl.load_data(dataclasses.replace(config, data=str(root)))[2]["classes"] == 2
+
+
 def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=200, size=6)  # more than the 256 measured
     infos = [

@@ -2739,7 +2739,8 @@ def _class_folders(folder: Path) -> tuple:
 
 
 def _image_folder(config: Config):
-    """DIR/train + DIR/val, or DIR/train or DIR split per class by --val-fraction (_split)."""
+    """DIR/train + DIR/val (or DIR/valid), or DIR/train or DIR split per class by
+    --val-fraction (_split). Without DIR/train, a DIR/valid is a class (valid/invalid)."""
     root = Path(config.data)
     data = f"data={str(root)!r}"
     if not root.is_dir():
@@ -2747,10 +2748,12 @@ def _image_folder(config: Config):
             f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
             + ", ".join(_BUILTIN_DATA)
         )
-    train_dir, val_dir = root / "train" if (root / "train").is_dir() else root, root / "val"
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    names = ("val", "valid") if train_dir != root else ("val",)  # valid/: Kaggle's, Roboflow's
+    val_dir = next((root / name for name in names if (root / name).is_dir()), None)
     try:
         classes, samples = _class_folders(train_dir)
-        val_classes, val_samples = _class_folders(val_dir) if val_dir.is_dir() else (classes, None)
+        val_classes, val_samples = _class_folders(val_dir) if val_dir else (classes, None)
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(classes) < 2:
