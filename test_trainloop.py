@@ -3005,6 +3005,26 @@ def test_load_data_takes_a_valid_folder_as_validation(tmp_path):  # Kaggle's and
     assert tl.load_data(dataclasses.replace(config, data=str(root)))[2]["classes"] == 2
 
 
+def test_load_data_names_an_empty_class_folder_and_the_files_that_count(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=2)
+    (root / "zebra").mkdir()
+    (root / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(tl.UsageError) as error:
+        tl.load_data(tl.Config(data=str(root)))
+    message = str(error.value)
+    assert re.search(r"class folder\(s\) zebra .*no image file \(\.jpg, .*\.gif\); add", message)
+    assert ". ;" not in message, message  # torchvision's own message ended "zebra. "
+
+
+def test_load_data_says_which_val_classes_differ_from_train(tmp_path):
+    make_image_folder(tmp_path / "pets" / "train", classes=("cat", "dog", "zebra"), per_class=1)
+    make_image_folder(tmp_path / "pets" / "val", classes=("cat", "dog", "lion"), per_class=1)
+    with pytest.raises(tl.UsageError) as error:
+        tl.load_data(tl.Config(data=str(tmp_path / "pets")))
+    assert "missing ['zebra'], extra ['lion']" in str(error.value)
+    assert "or remove val/ to split train/ instead" in str(error.value)
+
+
 def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=200, size=6)  # more than the 256 measured
     infos = [

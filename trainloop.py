@@ -2717,17 +2717,19 @@ def _pil_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _is_image(path: str, root: str) -> bool:
-    """An image file by its name: torchvision's extensions and GIF, but nothing hidden below
-    root, file or folder (the ._name.jpg metadata a Mac leaves on other disks, .thumbs/)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, and GIF.
+_IMAGE_SUFFIXES = tuple(".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
 
+
+def _is_image(path: str, root: str) -> bool:
+    """An image file by its name (_IMAGE_SUFFIXES), but nothing hidden below root, file or
+    folder (the ._name.jpg metadata a Mac leaves on other disks, .thumbs/)."""
     parts = Path(os.path.relpath(path, root)).parts  # not root's own path: ~/.cache/data is fine
     hidden = any(part.startswith(".") for part in parts)
-    return not hidden and parts[-1].lower().endswith((*IMG_EXTENSIONS, ".gif"))
+    return not hidden and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
 
 
-def _class_folders(folder: Path) -> tuple:
+def _class_folders(folder: Path, data: str) -> tuple:
     """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
     .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder)."""
     from torchvision.datasets.folder import make_dataset
@@ -2735,7 +2737,16 @@ def _class_folders(folder: Path) -> tuple:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     index = {name: label for label, name in enumerate(classes)}
     found = functools.partial(_is_image, root=str(folder))
-    return classes, make_dataset(str(folder), index, is_valid_file=found) if classes else []
+    samples = (
+        make_dataset(str(folder), index, is_valid_file=found, allow_empty=True) if index else []
+    )
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        raise UsageError(
+            f"{data}: the class folder(s) {', '.join(empty)} of {folder} hold no image file "
+            f"({', '.join(_IMAGE_SUFFIXES)}); add images, or remove the folder(s)"
+        )
+    return classes, samples
 
 
 def _image_folder(config: Config):
@@ -2752,8 +2763,8 @@ def _image_folder(config: Config):
     names = ("val", "valid") if train_dir != root else ("val",)  # valid/: Kaggle's, Roboflow's
     val_dir = next((root / name for name in names if (root / name).is_dir()), None)
     try:
-        classes, samples = _class_folders(train_dir)
-        val_classes, val_samples = _class_folders(val_dir) if val_dir else (classes, None)
+        classes, samples = _class_folders(train_dir, data)
+        val_classes, val_samples = _class_folders(val_dir, data) if val_dir else (classes, None)
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(classes) < 2:
@@ -2762,7 +2773,13 @@ def _image_folder(config: Config):
             "needs at least 2"
         )
     if val_classes != classes:
-        raise UsageError(f"{data}: val/ classes {val_classes} differ from train/ {classes}")
+        missing = sorted(set(classes) - set(val_classes))
+        extra = sorted(set(val_classes) - set(classes))
+        val, train = f"{val_dir.name}/", f"{train_dir.name}/"
+        raise UsageError(
+            f"{data}: {val} classes differ from {train} (missing {missing}, extra {extra}); add "
+            f"or remove class folders in {val} to match, or remove {val} to split {train} instead"
+        )
     size, ratio, mean, std = _image_settings(config, samples)
     if val_samples is None:
         samples, val_samples = _split(samples, config)
