@@ -3078,6 +3078,64 @@ def test_load_data_reads_gifs_first_frame_and_skips_hidden_files(tmp_path):
         assert images[name][0].float().mean() > 200 and images[name][2].float().mean() < 50
 
 
+def test_load_data_skips_hidden_folders_at_every_level(tmp_path):
+    root = make_image_folder(tmp_path / ".cache" / "pets", per_class=3)  # a hidden parent counts
+    make_image_folder(root, classes=(".ipynb_checkpoints", "cat/.thumbs"), per_class=2)
+    (root / ".empty").mkdir()
+    train, val, info = tl.load_data(tl.Config(data=str(root), image_size=8, mean="0.5", std="0.2"))
+    samples = [*train.samples, *val.samples]
+    assert info["classes"] == 2 and len(samples) == 6
+    assert {(Path(path).parent.name, label) for path, label in samples} == {("cat", 0), ("dog", 1)}
+
+
+def test_load_data_splits_each_class_and_keeps_a_training_image_of_each(tmp_path):
+    root = make_image_folder(tmp_path / "pets", classes=("ant", "bee", "cat"), per_class=10)
+    for name in [*(f"ant/{i}.png" for i in range(1, 10)), *(f"cat/{i}.png" for i in range(5))]:
+        (root / name).unlink()  # ant: 1 image, bee: 10, cat: 5
+
+    def split(seed, share=0.2):
+        config = tl.Config(data=str(root), seed=seed, val_fraction=share, mean="0.5", std="0.2")
+        train, val, _ = tl.load_data(config)
+        return sorted(train.samples), sorted(val.samples)
+
+    for seed in range(4):  # round(share x n) of each class, but ant's only image trains
+        train, val = split(seed)
+        assert Counter(label for _, label in val) == {1: 2, 2: 1}
+        assert {label for _, label in train} == {0, 1, 2} and len(train) + len(val) == 16
+    assert split(0) == split(0) and split(0)[1] != split(1)[1]  # fixed by the seed
+    assert [label for _, label in split(0, share=0.01)[1]] == [1]  # none: one of the largest
+
+
+def test_load_data_takes_a_valid_folder_as_validation(tmp_path):  # Kaggle's and Roboflow's
+    make_image_folder(tmp_path / "pets" / "train", per_class=4)
+    make_image_folder(tmp_path / "pets" / "valid", per_class=2)
+    config = tl.Config(data=str(tmp_path / "pets"), mean="0.5", std="0.2")
+    train, val, _ = tl.load_data(config)
+    assert len(train) == 8 and {Path(path).parts[-3] for path, _ in val.samples} == {"valid"}
+    root = make_image_folder(tmp_path / "forms", classes=("invalid", "valid"))  # no train/
+    assert tl.load_data(dataclasses.replace(config, data=str(root)))[2]["classes"] == 2
+
+
+def test_load_data_names_an_empty_class_folder_and_the_files_that_count(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=2)
+    (root / "zebra").mkdir()
+    (root / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(tl.UsageError) as error:
+        tl.load_data(tl.Config(data=str(root)))
+    message = str(error.value)
+    assert re.search(r"class folder\(s\) zebra .*no image file \(\.jpg, .*\.gif\); add", message)
+    assert ". ;" not in message, message  # torchvision's own message ended "zebra. "
+
+
+def test_load_data_says_which_val_classes_differ_from_train(tmp_path):
+    make_image_folder(tmp_path / "pets" / "train", classes=("cat", "dog", "zebra"), per_class=1)
+    make_image_folder(tmp_path / "pets" / "val", classes=("cat", "dog", "lion"), per_class=1)
+    with pytest.raises(tl.UsageError) as error:
+        tl.load_data(tl.Config(data=str(tmp_path / "pets")))
+    assert "missing ['zebra'], extra ['lion']" in str(error.value)
+    assert "or remove val/ to split train/ instead" in str(error.value)
+
+
 def test_load_data_measures_the_same_normalization_for_any_seed_and_split(tmp_path):
     make_image_folder(tmp_path / "pets", per_class=200, size=6)  # more than the 256 measured
     infos = [
@@ -3162,6 +3220,14 @@ def test_load_data_names_a_corrupt_image_read_at_start_up(tmp_path):
     (root / "cat" / "0.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(tl.UsageError, match="cannot read image .*0.png"):
         tl.load_data(tl.Config(data=str(root)))
+
+
+def test_image_files_names_an_image_over_pils_decompression_bomb_limit(tmp_path):
+    from PIL import Image
+
+    Image.new("1", (14000, 14000)).save(tmp_path / "huge.png")  # 196 Mpx in a 24 KB file
+    with pytest.raises(tl._DataError, match="huge.png .*decompression-bomb limit.*shrink it"):
+        tl._ImageFiles([(str(tmp_path / "huge.png"), 0)], 8, False, 1.0)[0]
 
 
 def test_load_data_defaults_to_the_weights_size_and_normalization(tmp_path):

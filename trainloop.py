@@ -138,7 +138,9 @@ class Config:
     image_size: int = _opt(0, "Pixels a side (0: weights' or 224, smallcnn 64; built-ins own).", D)
     mean: str = _opt("", "Per-channel mean of 0-1 pixels (empty: the weights', else measured).", D)
     std: str = _opt("", "Per-channel std of 0-1 pixels, e.g. 0.229,0.224,0.225 (like --mean).", D)
-    val_fraction: float = _opt(0.1, "Share of DIR held out for validation when no DIR/val.", D)
+    val_fraction: float = _opt(
+        0.1, "Share of each class held out for validation when no DIR/val.", D
+    )
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
@@ -2675,9 +2677,15 @@ class _ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        from PIL import Image
+
         path, label = self.samples[index]
         try:
             image = _read_image(path, self.size, self._box)
+        except Image.DecompressionBombError:  # not an OSError; PIL's limit stays: it guards memory
+            why = "larger than PIL's decompression-bomb limit"
+            fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
+            raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
         except (OSError, ValueError, RuntimeError) as e:
             why = _first_line(e)
             raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
@@ -2746,19 +2754,41 @@ def _pil_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _is_image(path: str) -> bool:
-    """An image file by its name: torchvision's extensions and GIF, but no hidden file (such as
-    the ._name.jpg metadata a Mac leaves on other disks)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, and GIF.
+_IMAGE_SUFFIXES = tuple(".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
 
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith((*IMG_EXTENSIONS, ".gif"))
+
+def _is_image(path: str, root: str) -> bool:
+    """An image file by its name (_IMAGE_SUFFIXES), but nothing hidden below root, file or
+    folder (the ._name.jpg metadata a Mac leaves on other disks, .thumbs/)."""
+    parts = Path(os.path.relpath(path, root)).parts  # not root's own path: ~/.cache/data is fine
+    hidden = any(part.startswith(".") for part in parts)
+    return not hidden and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
+
+
+def _class_folders(folder: Path, data: str) -> tuple:
+    """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
+    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder)."""
+    from torchvision.datasets.folder import make_dataset
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    index = {name: label for label, name in enumerate(classes)}
+    found = functools.partial(_is_image, root=str(folder))
+    samples = (
+        make_dataset(str(folder), index, is_valid_file=found, allow_empty=True) if index else []
+    )
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        raise UsageError(
+            f"{data}: the class folder(s) {', '.join(empty)} of {folder} hold no image file "
+            f"({', '.join(_IMAGE_SUFFIXES)}); add images, or remove the folder(s)"
+        )
+    return classes, samples
 
 
 def _image_folder(config: Config):
-    """DIR/train + DIR/val, or DIR/train or DIR split by --val-fraction (fixed by the seed)."""
-    from torchvision.datasets import ImageFolder
-
+    """DIR/train + DIR/val (or DIR/valid), or DIR/train or DIR split per class by
+    --val-fraction (_split). Without DIR/train, a DIR/valid is a class (valid/invalid)."""
     root = Path(config.data)
     data = f"data={str(root)!r}"
     if not root.is_dir():
@@ -2767,32 +2797,51 @@ def _image_folder(config: Config):
             + ", ".join(_BUILTIN_DATA)
         )
     train_dir = root / "train" if (root / "train").is_dir() else root
+    names = ("val", "valid") if train_dir != root else ("val",)  # valid/: Kaggle's, Roboflow's
+    val_dir = next((root / name for name in names if (root / name).is_dir()), None)
     try:
-        train, val = (
-            ImageFolder(str(folder), is_valid_file=_is_image) if folder.is_dir() else None
-            for folder in (train_dir, root / "val")
-        )
+        classes, samples = _class_folders(train_dir, data)
+        val_classes, val_samples = _class_folders(val_dir, data) if val_dir else (classes, None)
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
-    if len(train.classes) < 2:
+    if len(classes) < 2:
         raise UsageError(
-            f"{data}: found {len(train.classes)} class folder(s) in {train_dir}; classification "
+            f"{data}: found {len(classes)} class folder(s) in {train_dir}; classification "
             "needs at least 2"
         )
-    if val is not None and val.classes != train.classes:
-        raise UsageError(f"{data}: val/ classes {val.classes} differ from train/ {train.classes}")
-    samples = train.samples
-    if val is None:
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
-        cut = max(1, int(len(samples) * config.val_fraction))
-        val_samples = [samples[i] for i in order[:cut].tolist()]
-        samples = [samples[i] for i in order[cut:].tolist()]
-    else:
-        val_samples = val.samples
-    size, ratio, mean, std = _image_settings(config, train.samples)
-    info = dict(channels=3, classes=len(train.classes), image_size=size, mean=mean, std=std)
+    if val_classes != classes:
+        missing = sorted(set(classes) - set(val_classes))
+        extra = sorted(set(val_classes) - set(classes))
+        val, train = f"{val_dir.name}/", f"{train_dir.name}/"
+        raise UsageError(
+            f"{data}: {val} classes differ from {train} (missing {missing}, extra {extra}); add "
+            f"or remove class folders in {val} to match, or remove {val} to split {train} instead"
+        )
+    size, ratio, mean, std = _image_settings(config, samples)
+    if val_samples is None:
+        samples, val_samples = _split(samples, config)
+    info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std)
     val_files = _ImageFiles(val_samples, size, False, ratio)
     return _ImageFiles(samples, size, config.augment, ratio), val_files, info
+
+
+def _split(samples, config: Config) -> tuple:
+    """(train, val) samples, split per class by --val-fraction and fixed by the seed: of a
+    class's n images, round(fraction x n) to validation but never all (a class of one image
+    trains); if that holds none out at all, one image of the largest class (even its only one:
+    fit needs a validation image)."""
+    counts = torch.bincount(torch.tensor([label for _, label in samples]))
+    quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
+    if quota.sum() == 0:
+        quota[counts.argmax()] = 1
+    quota, held = quota.tolist(), set()
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
+    for i in order.tolist():  # the first quota[c] images of class c in a shuffled order
+        label = samples[i][1]
+        if quota[label] > 0:
+            quota[label] -= 1
+            held.add(i)
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
 def _image_settings(config: Config, samples) -> tuple:
