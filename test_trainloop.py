@@ -3114,6 +3114,10 @@ def test_load_data_takes_a_valid_folder_as_validation(tmp_path):  # Kaggle's and
     assert len(train) == 8 and {Path(path).parts[-3] for path, _ in val.samples} == {"valid"}
     root = make_image_folder(tmp_path / "forms", classes=("invalid", "valid"))  # no train/
     assert tl.load_data(dataclasses.replace(config, data=str(root)))[2]["classes"] == 2
+    root = make_image_folder(tmp_path / "birds", per_class=4)  # classes beside val/, no train/
+    make_image_folder(root / "val", per_class=2)
+    train, val, info = tl.load_data(dataclasses.replace(config, data=str(root)))
+    assert (len(train), len(val), info["classes"]) == (8, 4, 2)  # (val/ was a third class)
 
 
 def test_load_data_names_an_empty_class_folder_and_the_files_that_count(tmp_path):

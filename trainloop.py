@@ -2766,12 +2766,14 @@ def _is_image(path: str, root: str) -> bool:
     return not hidden and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
 
 
-def _class_folders(folder: Path, data: str) -> tuple:
+def _class_folders(folder: Path, data: str, besides: Optional[Path] = None) -> tuple:
     """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
-    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder)."""
+    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder), nor is
+    `besides` (a val/ inside the folder)."""
     from torchvision.datasets.folder import make_dataset
 
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    kept = [p for p in folder.iterdir() if p.is_dir() and p != besides]
+    classes = sorted(p.name for p in kept if not p.name.startswith("."))
     index = {name: label for label, name in enumerate(classes)}
     found = functools.partial(_is_image, root=str(folder))
     samples = (
@@ -2800,7 +2802,7 @@ def _image_folder(config: Config):
     names = ("val", "valid") if train_dir != root else ("val",)  # valid/: Kaggle's, Roboflow's
     val_dir = next((root / name for name in names if (root / name).is_dir()), None)
     try:
-        classes, samples = _class_folders(train_dir, data)
+        classes, samples = _class_folders(train_dir, data, besides=val_dir)
         val_classes, val_samples = _class_folders(val_dir, data) if val_dir else (classes, None)
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
