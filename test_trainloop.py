@@ -2163,6 +2163,13 @@ def test_load_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
     with pytest.raises(tl.UsageError, match="scheduler StepLR, not ExponentialLR"):
         tl.load_checkpoint(tmp_path / "c.pt", state)
     assert torch.equal(other[0].weight, before)
+    wider = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    wider_optimizer = torch.optim.SGD(wider.parameters(), lr=0.1)
+    wider_state = tl.TrainState(wider, wider_optimizer, L.StepLR(wider_optimizer, 5))
+    before = wider[0].weight.detach().clone()
+    with pytest.raises(tl.UsageError, match=r"2.weight: \(3, 16\) in the checkpoint, \(4, 16\)"):
+        tl.load_checkpoint(tmp_path / "c.pt", wider_state)
+    assert torch.equal(wider[0].weight, before)  # (the layers that fitted were overwritten)
     with pytest.raises(tl.CheckpointError, match="no such checkpoint file"):
         tl.load_checkpoint(tmp_path / "missing.pt")
 
@@ -2314,7 +2321,7 @@ def test_fit_errors_name_the_keyword_and_the_mismatch(tmp_path):
     with pytest.raises(tl.UsageError, match="resume='missing.pt': no such file"):
         fit_mlp(16, resume="missing.pt")
     tl.fit(mlp(classes=3), blobs(16), epochs=1, out=tmp_path, **quiet())
-    with pytest.raises(tl.UsageError, match=r"size mismatch for 2\.weight"):
+    with pytest.raises(tl.UsageError, match=r"2\.weight: \(3, 16\) in the checkpoint, \(4, 16\)"):
         tl.fit(mlp(classes=4), blobs(16, classes=4), epochs=2, out=tmp_path, **quiet())
 
 

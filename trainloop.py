@@ -1468,9 +1468,10 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
             _load_shards(state, ckpt, path, runtime)
         elif _is_sharded(state.model):
             _load_whole(state, ckpt)
-        else:
+        else:  # load_state_dict copies what fits before it says what does not: check first
+            _check_fits(state.model, ckpt["model"])
+            state.optimizer.load_state_dict(ckpt["optimizer"])  # it checks before it changes
             state.model.load_state_dict(ckpt["model"])
-            state.optimizer.load_state_dict(ckpt["optimizer"])
             if state.ema is not None:  # an EMA turned on only now starts from the weights
                 state.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
     except (RuntimeError, ValueError, KeyError) as e:
@@ -1491,6 +1492,16 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
     else:  # elastic resume: old per-process streams do not map onto new processes
         seed = ckpt.get("config", {}).get("seed", 0)
         _seed_everything(_mix_seed(seed, state.step), runtime.rank)
+
+
+def _check_fits(model: nn.Module, saved: dict) -> None:
+    """A ValueError naming the first tensor of `saved` that is missing from `model`, is not in
+    `saved`, or has another shape."""
+    mine = model.state_dict()
+    for name in [*mine, *(k for k in saved if k not in mine)]:
+        if name not in mine or name not in saved or mine[name].shape != saved[name].shape:
+            shapes = [tuple(d[name].shape) if name in d else "none" for d in (saved, mine)]
+            raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
 
 
 def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
