@@ -204,9 +204,9 @@ def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
         next(tl._groups(skipped, 1))
     job = types.SimpleNamespace(config=tl.Config(), runtime=CPU, out=None, last=None)
     state = types.SimpleNamespace(step=3, epoch=0)
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], settle=None)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], stop=tl._Stop())
     assert isinstance(fault, tl.WorkerDiedError), fault
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], settle=None)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], stop=tl._Stop())
     assert isinstance(fault, tl.WorkerDiedError), fault  # known broken: 2 workers
 
 
@@ -982,6 +982,65 @@ def test_echoed_signal_still_checkpoints(tmp_path):
     echoed = run_job(tmp_path, out=str(out), signal_at=3, signal=signal.SIGINT, repeat=1, echo=True)
     assert echoed.returncode == 130, echoed.stderr
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+
+
+# SIGTERM to the whole process group, as from scancel, systemd or `kill -TERM -PGID`, while the
+# loader waits for its workers: they read epoch 2 only after the last step of epoch 1 says "go",
+# then print "reading" and wait for the signal, which ends them too.
+WAITS_FOR_ITS_WORKERS = textwrap.dedent("""
+    import os, sys, threading
+    from pathlib import Path
+    import torch, torch.nn as nn
+    import trainloop as tl
+
+    class Waits(torch.utils.data.Dataset):
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            if Path("go").exists():
+                os.write(1, b"reading\\n")  # one write: the workers' lines do not mix
+                threading.Event().wait()
+            return self.data[i]
+
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        if len(calls) == 12 and sys.argv[1:] == ["go"]:  # the last step of epoch 1
+            Path("go").touch()
+        return nn.functional.cross_entropy(output, target)
+
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+    train = Waits(torch.utils.data.TensorDataset(x, torch.arange(96) % 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opts = dict(loss_fn=loss_fn, epochs=2, batch_size=8, workers=2, out="run", quiet=True)
+    sys.exit(tl._exit_code_of(lambda: tl.fit(model, train, **opts) and 0))
+""")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_with_143_though_the_loader_workers_die(tmp_path):
+    script = tmp_path / "waits.py"
+    script.write_text(WAITS_FOR_ITS_WORKERS)
+    proc = start([sys.executable, str(script), "go"], tmp_path, start_new_session=True)
+    assert proc.stdout.readline() == "reading\n"  # the loader waits for a worker
+    os.killpg(proc.pid, signal.SIGTERM)
+    stopped = finish(proc, tmp_path)
+    assert stopped.returncode == 143, stopped.stderr
+    assert (
+        "stopped: SIGTERM received at step 12 (epoch 2); checkpoint run/last.pt;" in stopped.stdout
+    )
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 12)
+    (tmp_path / "go").unlink()
+    resumed = run([sys.executable, str(script)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 24
 
 
 def test_catch_signals_leaves_an_ignored_signal_ignored():
@@ -2362,7 +2421,7 @@ def processes_of(tmp_path) -> list:
     return found
 
 
-def start(cmd, tmp_path):
+def start(cmd, tmp_path, **popen):
     return subprocess.Popen(
         cmd,
         cwd=tmp_path,
@@ -2370,6 +2429,7 @@ def start(cmd, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
 
 

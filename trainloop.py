@@ -1849,7 +1849,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
-    with bar as advance, _faults(state, job, loader, settle):
+    with bar as advance, _faults(state, job, loader, stop, settle):
         for batches in _groups(loader, config.accumulate):
             samples, weights = _sizes(batches)
             loss = train_step(
@@ -1888,11 +1888,12 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     return 0
 
 
-def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=None):
+def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, stop: _Stop, settle=None):
     """The error to end training with for a fault met in the epoch loop, or in validation
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _faults), and validation changes no state: then the state is
-    whole, and with one process it is saved (mid-epoch once settle() records the position)."""
+    whole, and with one process it is saved (mid-epoch once settle() records the position).
+    Workers dead after a stop signal got it too (sent to the process group): that is the stop."""
     oom = _is_oom(error)
     tb, entered = error.__traceback__, None
     while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
@@ -1911,6 +1912,9 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=
         if settle is not None:
             settle()
         _save(state, job)
+    if died and stop.signal:
+        _say_stopped(128 + stop.signal, state, job, saved)
+        return Stopped(128 + stop.signal)
     done = f"checkpoint {job.last} written" if saved else _kept(job.last)
     when = f"at step {state.step} (epoch {state.epoch + 1})"
     if settle is None:
@@ -1976,7 +1980,7 @@ def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: 
 
 
 @contextlib.contextmanager
-def _faults(state: TrainState, job: _Job, loader, settle=None):
+def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
     """Ends training with one of our errors when the block meets a fault (see _fault). torch's
     SIGCHLD handler raises a loader worker's death wherever the main thread is, maybe mid-step;
     under this one it is only noted, and the loader raises it at its next fetch (within 5 s),
@@ -1998,7 +2002,7 @@ def _faults(state: TrainState, job: _Job, loader, settle=None):
     try:
         yield
     except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
-        fault = _fault(e, state, job, loader=loader, deaths=deaths, settle=settle)
+        fault = _fault(e, state, job, loader=loader, deaths=deaths, stop=stop, settle=settle)
         if fault is None:
             raise
         raise fault from e
@@ -2037,10 +2041,11 @@ def _save(state: TrainState, job: _Job) -> None:
         )
 
 
-def _say_stopped(code: int, state: TrainState, job: _Job) -> None:
+def _say_stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> None:
     why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
     why = why or f"{signal.Signals(code - 128).name} received"
-    then = f"checkpoint {job.last}; run the same command again to continue"
+    then = f"checkpoint {job.last}" if saved else _kept(job.last)
+    then = f"{then}; run the same command again to continue"
     then = then if job.out else "nothing was saved (pass out= to be able to continue)"
     where = f"at step {state.step} (epoch {state.epoch + 1})"
     job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
@@ -2081,14 +2086,14 @@ def _rebest(state: TrainState, config: Config) -> None:
             state.best, state.best_epoch = row[name], row["epoch"]
 
 
-def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
+def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
     config = job.config
     started = time.monotonic()
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
     if val is not None:
-        row.update({f"val_{name}": value for name, value in _validate(state, val, job).items()})
+        row.update({f"val_{k}": v for k, v in _validate(state, val, job, stop).items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
     if isinstance(state.scheduler, ReduceLROnPlateau) and config.monitor in (*row, "auto"):
@@ -2125,10 +2130,10 @@ def _step_plateau(scheduler: ReduceLROnPlateau, row: dict, config: Config) -> No
     scheduler.step(row[name])
 
 
-def _validate(state: TrainState, val, job: _Job) -> dict:
+def _validate(state: TrainState, val, job: _Job, stop: _Stop) -> dict:
     """evaluate the epoch's model; a dead loader worker or out of memory ends the run as in
     training, after saving the epoch's training (one process)."""
-    with _faults(state, job, val):
+    with _faults(state, job, val, stop):
         return evaluate(
             state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
         )
@@ -2545,7 +2550,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
                 code = _train_epoch(state, train, job, stop, reserve)
                 if not code:
                     started = time.monotonic()
-                    stop_early = _end_epoch(state, val, job, tensorboard)
+                    stop_early = _end_epoch(state, val, job, stop, tensorboard)
                     reserve = time.monotonic() - started
                     code = stop.agreed(rt, 0.0) if state.epoch < config.epochs else 0
                 if code:
