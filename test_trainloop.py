@@ -1160,6 +1160,18 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
     tl.load_checkpoint(out / "last.prev.pt")
 
 
+def test_resume_auto_without_a_checkpoint_warns_before_replacing_an_earlier_run(tmp_path):
+    out, first, lines = tmp_path / "run", [], []
+    fit_mlp(epochs=1, out=str(out), log=first.append)
+    assert not any("warning" in line for line in first)  # a new run directory
+    (out / "last.pt").unlink()  # and no last.prev.pt after one epoch
+    fit_mlp(epochs=1, out=str(out), log=lines.append)
+    assert lines[0] == (
+        f"warning: {out} has no checkpoint to resume (last.pt); starting over, replacing best.pt "
+        "and metrics.jsonl"
+    ), lines
+
+
 def test_resume_with_changed_settings_warns_naming_them(tmp_path):
     out = str(tmp_path / "run")
     fit_mlp(64, epochs=1, out=out)

@@ -2216,6 +2216,11 @@ def _resume(state: TrainState, job: _Job) -> None:
     if config.resume == "auto" and job.out is not None:  # a file or a directory of shards
         last = [job.out / "last.pt", job.out / "last"]
         candidates = _newest_first(last) + _newest_first(map(_previous, last))
+        if not candidates and any((job.out / n).exists() for n in ("metrics.jsonl", "best.pt")):
+            job.console.write(
+                f"warning: {job.out} has no checkpoint to resume ({job.last.name}); starting "
+                "over, replacing best.pt and metrics.jsonl"
+            )
     corrupt = []
     for i, path in enumerate(candidates):
         try:
