@@ -1160,6 +1160,24 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
     tl.load_checkpoint(out / "last.prev.pt")
 
 
+def test_resume_auto_with_every_checkpoint_corrupt_names_both_ways_out(tmp_path):
+    out, lines = tmp_path / "run", []
+    fit_mlp(epochs=2, out=str(out))
+    for name in ("last.pt", "last.prev.pt"):
+        (out / name).write_bytes((out / name).read_bytes()[:100])
+    with pytest.raises(tl.CheckpointError) as failed:
+        fit_mlp(epochs=3, out=str(out), log=lines.append)
+    last, prev = (re.escape(str(out / name)) for name in ("last.pt", "last.prev.pt"))
+    assert len(lines) == 1 and re.fullmatch(  # the fallback is automatic: no advice to take
+        rf"warning: {last} is corrupt or truncated \([^;]*\); falling back to {prev}", lines[0]
+    ), lines
+    assert re.fullmatch(
+        rf"{prev} is corrupt or truncated \([^;]*\); resume from another checkpoint "
+        r"\(resume=PATH\) or start over \(resume='none'\)",
+        str(failed.value),
+    ), failed.value
+
+
 def test_resume_auto_without_a_checkpoint_warns_before_replacing_an_earlier_run(tmp_path):
     out, first, lines = tmp_path / "run", [], []
     fit_mlp(epochs=1, out=str(out), log=first.append)

@@ -1292,8 +1292,7 @@ def _check_archive(path: Path) -> None:
             damaged = archive.testzip()  # reads every entry and checks its CRC-32
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(
-            f"{path} is corrupt or truncated (not a complete torch.save archive: {e}); "
-            "resume from another checkpoint"
+            f"{path} is corrupt or truncated (not a complete torch.save archive: {e})"
         ) from None
     if damaged is not None:
         raise CheckpointError(f"{path} is corrupt: entry {damaged!r} fails its checksum")
@@ -1357,8 +1356,7 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
         crcs = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"{path} is incomplete (no readable checksums.json: {_first_line(e)}); resume from "
-            "another checkpoint"
+            f"{path} is incomplete (no readable checksums.json: {_first_line(e)})"
         ) from None
     files = {p.name for p in path.iterdir()} - {"checksums.json"}
     missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
@@ -2227,7 +2225,10 @@ def _resume(state: TrainState, job: _Job) -> None:
             ckpt = load_checkpoint(path, runtime=rt)
         except CheckpointError as e:
             if i + 1 == len(candidates):  # the last, or the one file named
-                raise
+                raise CheckpointError(
+                    f"{e}; resume from another checkpoint (resume=PATH) or start over "
+                    "(resume='none')"
+                ) from None
             job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
             corrupt.append(path)
             continue
