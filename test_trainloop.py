@@ -3201,6 +3201,27 @@ def test_build_model_refuses_weights_that_are_not_a_state_dict(tmp_path):
         tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path))
 
 
+def test_build_model_refuses_a_picture_or_a_pickled_model_as_weights_with_only_its_advice(
+    tmp_path,
+):
+    (tmp_path / "some.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # a JPEG's start
+    torch.save(nn.Linear(2, 2), tmp_path / "model.pt")  # the whole module, pickled
+    for name, why in [
+        ("some.jpg", "Unsupported operand 255"),
+        (
+            "model.pt",
+            "Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an "
+            "allowed global by default",
+        ),
+    ]:
+        with pytest.raises(tl.UsageError) as failed:
+            tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path / name))
+        assert str(failed.value) == (  # not torch's advice to load it with weights_only=False
+            f"weights={str(tmp_path / name)!r}: not a readable state_dict ({why}); pass a file "
+            "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
+        )
+
+
 def fake_hub_cache(torch_home: Path, seed=2):
     """TORCH_HOME with a randomly initialised resnet18 saved where torchvision's weights API
     looks for IMAGENET1K_V1 (hub/checkpoints/<the file name of its URL>)."""

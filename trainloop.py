@@ -2914,8 +2914,11 @@ def _pretrained(name: str, weights: str) -> dict:
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}")
     except Exception as e:  # torch.load raises many kinds
+        # A refused unpickling opens with torch's advice to load unsafely; the cause comes after.
+        cause = re.search(r"WeightsUnpickler error:\s*(.*)", str(e))
+        why = cause[1].split(". ")[0] if cause else _first_line(e)
         raise UsageError(
-            f"weights={weights!r}: not a readable state_dict ({_first_line(e)}); pass a file "
+            f"weights={weights!r}: not a readable state_dict ({why}); pass a file "
             "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
         ) from None
     if "0.mean" in state:  # build_model's normalization in front: keep the model inside
