@@ -159,6 +159,16 @@ def test_parse_duration_units():
         tl.parse_duration("soon")
 
 
+@pytest.mark.parametrize("text,explicit", [("1h30", "1h30m"), ("2m5", "2m5s"), ("1h2m5", "1h2m5s")])
+def test_parse_duration_refuses_a_number_without_a_unit_after_hours_or_minutes(text, explicit):
+    with pytest.raises(tl.UsageError) as failed:
+        tl.parse_duration(text)  # '1h30' would be 1 h 30 s, where most mean 1 h 30 min
+    assert str(failed.value) == (
+        f"time_limit={text!r} ends in a number without a unit; write {explicit!r}"
+    )
+    assert tl.parse_duration("2h") == 7200 and tl.parse_duration("90") == 90
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [

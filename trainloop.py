@@ -331,6 +331,11 @@ def parse_duration(text: str) -> Optional[float]:
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
     if not match or not any(match.groups()):
         raise UsageError(f"time_limit={text!r} is not a duration; use e.g. '2h30m', '45m' or '90s'")
+    if match[3] and (match[1] or match[2]) and not text.endswith("s"):  # most mean 1h30 as 1h30m
+        unit = "s" if match[2] else "m"
+        raise UsageError(
+            f"time_limit={text!r} ends in a number without a unit; write {text + unit!r}"
+        )
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
