@@ -160,6 +160,16 @@ def test_parse_duration_units():
         tl.parse_duration("soon")
 
 
+@pytest.mark.parametrize("text,explicit", [("1h30", "1h30m"), ("2m5", "2m5s"), ("1h2m5", "1h2m5s")])
+def test_parse_duration_refuses_a_number_without_a_unit_after_hours_or_minutes(text, explicit):
+    with pytest.raises(tl.UsageError) as failed:
+        tl.parse_duration(text)  # '1h30' would be 1 h 30 s, where most mean 1 h 30 min
+    assert str(failed.value) == (
+        f"time_limit={text!r} ends in a number without a unit; write {explicit!r}"
+    )
+    assert tl.parse_duration("2h") == 7200 and tl.parse_duration("90") == 90
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [
@@ -205,9 +215,9 @@ def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
         next(tl._groups(skipped, 1))
     job = types.SimpleNamespace(config=tl.Config(), runtime=CPU, out=None, last=None)
     state = types.SimpleNamespace(step=3, epoch=0)
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], settle=None)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], stop=tl._Stop())
     assert isinstance(fault, tl.WorkerDiedError), fault
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], settle=None)
+    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], stop=tl._Stop())
     assert isinstance(fault, tl.WorkerDiedError), fault  # known broken: 2 workers
 
 
@@ -1009,6 +1019,65 @@ def test_echoed_signal_still_checkpoints(tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
 
 
+# SIGTERM to the whole process group, as from scancel, systemd or `kill -TERM -PGID`, while the
+# loader waits for its workers: they read epoch 2 only after the last step of epoch 1 says "go",
+# then print "reading" and wait for the signal, which ends them too.
+WAITS_FOR_ITS_WORKERS = textwrap.dedent("""
+    import os, sys, threading
+    from pathlib import Path
+    import torch, torch.nn as nn
+    import trainloop as tl
+
+    class Waits(torch.utils.data.Dataset):
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            if Path("go").exists():
+                os.write(1, b"reading\\n")  # one write: the workers' lines do not mix
+                threading.Event().wait()
+            return self.data[i]
+
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        if len(calls) == 12 and sys.argv[1:] == ["go"]:  # the last step of epoch 1
+            Path("go").touch()
+        return nn.functional.cross_entropy(output, target)
+
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+    train = Waits(torch.utils.data.TensorDataset(x, torch.arange(96) % 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opts = dict(loss_fn=loss_fn, epochs=2, batch_size=8, workers=2, out="run", quiet=True)
+    sys.exit(tl._exit_code_of(lambda: tl.fit(model, train, **opts) and 0))
+""")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_with_143_though_the_loader_workers_die(tmp_path):
+    script = tmp_path / "waits.py"
+    script.write_text(WAITS_FOR_ITS_WORKERS)
+    proc = start([sys.executable, str(script), "go"], tmp_path, start_new_session=True)
+    assert proc.stdout.readline() == "reading\n"  # the loader waits for a worker
+    os.killpg(proc.pid, signal.SIGTERM)
+    stopped = finish(proc, tmp_path)
+    assert stopped.returncode == 143, stopped.stderr
+    assert (
+        "stopped: SIGTERM received at step 12 (epoch 2); checkpoint run/last.pt;" in stopped.stdout
+    )
+    ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 12)
+    (tmp_path / "go").unlink()
+    resumed = run([sys.executable, str(script)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 24
+
+
 def test_catch_signals_leaves_an_ignored_signal_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup or in background
     try:
@@ -1124,6 +1193,36 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt, then 2, 3
     assert (out / "last.corrupt.pt").is_file()  # set aside, never rotated over a good file
     tl.load_checkpoint(out / "last.prev.pt")
+
+
+def test_resume_auto_with_every_checkpoint_corrupt_names_both_ways_out(tmp_path):
+    out, lines = tmp_path / "run", []
+    fit_mlp(epochs=2, out=str(out))
+    for name in ("last.pt", "last.prev.pt"):
+        (out / name).write_bytes((out / name).read_bytes()[:100])
+    with pytest.raises(tl.CheckpointError) as failed:
+        fit_mlp(epochs=3, out=str(out), log=lines.append)
+    last, prev = (re.escape(str(out / name)) for name in ("last.pt", "last.prev.pt"))
+    assert len(lines) == 1 and re.fullmatch(  # the fallback is automatic: no advice to take
+        rf"warning: {last} is corrupt or truncated \([^;]*\); falling back to {prev}", lines[0]
+    ), lines
+    assert re.fullmatch(
+        rf"{prev} is corrupt or truncated \([^;]*\); resume from another checkpoint "
+        r"\(resume=PATH\) or start over \(resume='none'\)",
+        str(failed.value),
+    ), failed.value
+
+
+def test_resume_auto_without_a_checkpoint_warns_before_replacing_an_earlier_run(tmp_path):
+    out, first, lines = tmp_path / "run", [], []
+    fit_mlp(epochs=1, out=str(out), log=first.append)
+    assert not any("warning" in line for line in first)  # a new run directory
+    (out / "last.pt").unlink()  # and no last.prev.pt after one epoch
+    fit_mlp(epochs=1, out=str(out), log=lines.append)
+    assert lines[0] == (
+        f"warning: {out} has no checkpoint to resume (last.pt); starting over, replacing best.pt "
+        "and metrics.jsonl"
+    ), lines
 
 
 def test_resume_with_changed_settings_warns_naming_them(tmp_path):
@@ -2480,7 +2579,7 @@ def processes_of(tmp_path) -> list:
     return found
 
 
-def start(cmd, tmp_path):
+def start(cmd, tmp_path, **popen):
     return subprocess.Popen(
         cmd,
         cwd=tmp_path,
@@ -2488,6 +2587,7 @@ def start(cmd, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
 
 
@@ -3297,6 +3397,27 @@ def test_build_model_refuses_weights_that_are_not_a_state_dict(tmp_path):
         tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path / "tensor.pt"))
     with pytest.raises(tl.UsageError, match="is a directory; pass a weights file"):
         tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path))
+
+
+def test_build_model_refuses_a_picture_or_a_pickled_model_as_weights_with_only_its_advice(
+    tmp_path,
+):
+    (tmp_path / "some.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # a JPEG's start
+    torch.save(nn.Linear(2, 2), tmp_path / "model.pt")  # the whole module, pickled
+    for name, why in [
+        ("some.jpg", "Unsupported operand 255"),
+        (
+            "model.pt",
+            "Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an "
+            "allowed global by default",
+        ),
+    ]:
+        with pytest.raises(tl.UsageError) as failed:
+            tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path / name))
+        assert str(failed.value) == (  # not torch's advice to load it with weights_only=False
+            f"weights={str(tmp_path / name)!r}: not a readable state_dict ({why}); pass a file "
+            "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
+        )
 
 
 def fake_hub_cache(torch_home: Path, seed=2):

@@ -344,6 +344,11 @@ def parse_duration(text: str) -> Optional[float]:
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
     if not match or not any(match.groups()):
         raise UsageError(f"time_limit={text!r} is not a duration; use e.g. '2h30m', '45m' or '90s'")
+    if match[3] and (match[1] or match[2]) and not text.endswith("s"):  # most mean 1h30 as 1h30m
+        unit = "s" if match[2] else "m"
+        raise UsageError(
+            f"time_limit={text!r} ends in a number without a unit; write {text + unit!r}"
+        )
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
@@ -1330,8 +1335,7 @@ def _check_archive(path: Path) -> None:
             damaged = archive.testzip()  # reads every entry and checks its CRC-32
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(
-            f"{path} is corrupt or truncated (not a complete torch.save archive: {e}); "
-            "resume from another checkpoint"
+            f"{path} is corrupt or truncated (not a complete torch.save archive: {e})"
         ) from None
     if damaged is not None:
         raise CheckpointError(f"{path} is corrupt: entry {damaged!r} fails its checksum")
@@ -1395,8 +1399,7 @@ def _check_directory(path: Path, runtime: Runtime) -> None:
         crcs = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"{path} is incomplete (no readable checksums.json: {_first_line(e)}); resume from "
-            "another checkpoint"
+            f"{path} is incomplete (no readable checksums.json: {_first_line(e)})"
         ) from None
     files = {p.name for p in path.iterdir()} - {"checksums.json"}
     missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
@@ -1899,7 +1902,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
-    with bar as advance, _faults(state, job, loader, settle):
+    with bar as advance, _faults(state, job, loader, stop, settle):
         for batches in _groups(loader, config.accumulate):
             samples, weights = _sizes(batches)
             loss = train_step(
@@ -1938,11 +1941,12 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     return 0
 
 
-def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=None):
+def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, stop: _Stop, settle=None):
     """The error to end training with for a fault met in the epoch loop, or in validation
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _faults), and validation changes no state: then the state is
-    whole, and with one process it is saved (mid-epoch once settle() records the position)."""
+    whole, and with one process it is saved (mid-epoch once settle() records the position).
+    Workers dead after a stop signal got it too (sent to the process group): that is the stop."""
     oom = _is_oom(error)
     tb, entered = error.__traceback__, None
     while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
@@ -1961,6 +1965,9 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, settle=
         if settle is not None:
             settle()
         _save(state, job)
+    if died and stop.signal:
+        _say_stopped(128 + stop.signal, state, job, saved)
+        return Stopped(128 + stop.signal)
     done = f"checkpoint {job.last} written" if saved else _kept(job.last)
     when = f"at step {state.step} (epoch {state.epoch + 1})"
     if settle is None:
@@ -2026,7 +2033,7 @@ def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: 
 
 
 @contextlib.contextmanager
-def _faults(state: TrainState, job: _Job, loader, settle=None):
+def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
     """Ends training with one of our errors when the block meets a fault (see _fault). torch's
     SIGCHLD handler raises a loader worker's death wherever the main thread is, maybe mid-step;
     under this one it is only noted, and the loader raises it at its next fetch (within 5 s),
@@ -2048,7 +2055,7 @@ def _faults(state: TrainState, job: _Job, loader, settle=None):
     try:
         yield
     except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
-        fault = _fault(e, state, job, loader=loader, deaths=deaths, settle=settle)
+        fault = _fault(e, state, job, loader=loader, deaths=deaths, stop=stop, settle=settle)
         if fault is None:
             raise
         raise fault from e
@@ -2087,10 +2094,11 @@ def _save(state: TrainState, job: _Job) -> None:
         )
 
 
-def _say_stopped(code: int, state: TrainState, job: _Job) -> None:
+def _say_stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> None:
     why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
     why = why or f"{signal.Signals(code - 128).name} received"
-    then = f"checkpoint {job.last}; run the same command again to continue"
+    then = f"checkpoint {job.last}" if saved else _kept(job.last)
+    then = f"{then}; run the same command again to continue"
     then = then if job.out else "nothing was saved (pass out= to be able to continue)"
     where = f"at step {state.step} (epoch {state.epoch + 1})"
     job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
@@ -2131,14 +2139,14 @@ def _rebest(state: TrainState, config: Config) -> None:
             state.best, state.best_epoch = row[name], row["epoch"]
 
 
-def _end_epoch(state: TrainState, val, job: _Job, tensorboard) -> bool:
+def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> bool:
     """Evaluate, record, checkpoint and report one finished epoch; True = stop early."""
     config = job.config
     started = time.monotonic()
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
     if val is not None:
-        row.update({f"val_{name}": value for name, value in _validate(state, val, job).items()})
+        row.update({f"val_{k}": v for k, v in _validate(state, val, job, stop).items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
     if isinstance(state.scheduler, ReduceLROnPlateau) and config.monitor in (*row, "auto"):
@@ -2175,10 +2183,10 @@ def _step_plateau(scheduler: ReduceLROnPlateau, row: dict, config: Config) -> No
     scheduler.step(row[name])
 
 
-def _validate(state: TrainState, val, job: _Job) -> dict:
+def _validate(state: TrainState, val, job: _Job, stop: _Stop) -> dict:
     """evaluate the epoch's model; a dead loader worker or out of memory ends the run as in
     training, after saving the epoch's training (one process)."""
-    with _faults(state, job, val):
+    with _faults(state, job, val, stop):
         return evaluate(
             state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
         )
@@ -2261,13 +2269,21 @@ def _resume(state: TrainState, job: _Job) -> None:
     if config.resume == "auto" and job.out is not None:  # a file or a directory of shards
         last = [job.out / "last.pt", job.out / "last"]
         candidates = _newest_first(last) + _newest_first(map(_previous, last))
+        if not candidates and any((job.out / n).exists() for n in ("metrics.jsonl", "best.pt")):
+            job.console.write(
+                f"warning: {job.out} has no checkpoint to resume ({job.last.name}); starting "
+                "over, replacing best.pt and metrics.jsonl"
+            )
     corrupt = []
     for i, path in enumerate(candidates):
         try:
             ckpt = load_checkpoint(path, runtime=rt)
         except CheckpointError as e:
             if i + 1 == len(candidates):  # the last, or the one file named
-                raise
+                raise CheckpointError(
+                    f"{e}; resume from another checkpoint (resume=PATH) or start over "
+                    "(resume='none')"
+                ) from None
             job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
             corrupt.append(path)
             continue
@@ -2595,7 +2611,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
                 code = _train_epoch(state, train, job, stop, reserve)
                 if not code:
                     started = time.monotonic()
-                    stop_early = _end_epoch(state, val, job, tensorboard)
+                    stop_early = _end_epoch(state, val, job, stop, tensorboard)
                     reserve = time.monotonic() - started
                     code = stop.agreed(rt, 0.0) if state.epoch < config.epochs else 0
                 if code:
@@ -3004,8 +3020,11 @@ def _pretrained(name: str, weights: str) -> dict:
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}")
     except Exception as e:  # torch.load raises many kinds
+        # A refused unpickling opens with torch's advice to load unsafely; the cause comes after.
+        cause = re.search(r"WeightsUnpickler error:\s*(.*)", str(e))
+        why = cause[1].split(". ")[0] if cause else _first_line(e)
         raise UsageError(
-            f"weights={weights!r}: not a readable state_dict ({_first_line(e)}); pass a file "
+            f"weights={weights!r}: not a readable state_dict ({why}); pass a file "
             "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
         ) from None
     if "0.mean" in state:  # build_model's normalization in front: keep the model inside
