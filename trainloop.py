@@ -2059,8 +2059,8 @@ def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
         if fault is None:
             raise
         raise fault from e
-    finally:
-        if previous is not None:
+    finally:  # after a stop signal, workers that got it too die on: noted, not raised elsewhere
+        if previous is not None and not stop.signal:
             signal.signal(signal.SIGCHLD, previous)
 
 
