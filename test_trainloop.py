@@ -1146,6 +1146,10 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     result = cli(["--resume", "evil.pt", "--epochs", "1"], tmp_path, monkeypatch)
     assert result.exit_code == 3 and "evil.pt refused" in result.output
     assert not marker.exists()
+    torch.save({"format": 2, "model": Stopwatch()}, tmp_path / "object.pt")
+    with pytest.raises(tl.CheckpointError, match="GLOBAL test_trainloop.Stopwatch") as refused:
+        tl.load_checkpoint(tmp_path / "object.pt")
+    assert "add_safe_globals" not in str(refused.value)  # torch's advice to trust it is not ours
 
 
 def saved_checkpoint(tmp_path) -> Path:

@@ -1382,7 +1382,8 @@ def _read_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
         raise CheckpointError(
             f"{path} refused: it holds Python objects, not only tensors and numbers, and "
-            f"loading it could run code ({blocked[0].strip()}); nothing from it was run"
+            f"loading it could run code ({blocked[0].strip().split('. ')[0]}); nothing from it "
+            "was run"
         ) from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(
