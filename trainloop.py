@@ -2266,15 +2266,13 @@ def _resume_file(config: Config) -> Path:
 def _resume(state: TrainState, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
     config, rt = job.config, job.runtime
-    candidates = [_resume_file(config)] if config.resume not in ("auto", "none") else []
-    if config.resume == "auto" and job.out is not None:  # a file or a directory of shards
-        last = [job.out / "last.pt", job.out / "last"]
-        candidates = _newest_first(last) + _newest_first(map(_previous, last))
-        if not candidates and any((job.out / n).exists() for n in ("metrics.jsonl", "best.pt")):
-            job.console.write(
-                f"warning: {job.out} has no checkpoint to resume ({job.last.name}); starting "
-                "over, replacing best.pt and metrics.jsonl"
-            )
+    candidates = _candidates(config, job.out)
+    earlier = job.out and any((job.out / n).exists() for n in ("metrics.jsonl", "best.pt"))
+    if config.resume == "auto" and earlier and not candidates:
+        job.console.write(
+            f"warning: {job.out} has no checkpoint to resume ({job.last.name}); starting "
+            "over, replacing best.pt and metrics.jsonl"
+        )
     corrupt = []
     for i, path in enumerate(candidates):
         try:
@@ -2311,6 +2309,17 @@ def _resume(state: TrainState, job: _Job) -> None:
             if aside.is_dir():  # a directory is not replaced
                 shutil.rmtree(aside)
             os.replace(path, aside)
+
+
+def _candidates(config: Config, out: Optional[Path]) -> list:
+    """The checkpoints to resume from, in the order to try: the one named, else OUT's newest
+    (a file or a directory of shards), then their previous versions."""
+    if config.resume not in ("auto", "none"):
+        return [_resume_file(config)]
+    if config.resume == "none" or out is None:
+        return []
+    last = [out / "last.pt", out / "last"]
+    return _newest_first(last) + _newest_first(map(_previous, last))
 
 
 def _newest_first(paths) -> list:
@@ -3123,13 +3132,8 @@ def _unset_from(config: Config, saved: dict, names) -> Config:
 def _resumed_settings(config: Config) -> tuple:
     """(config, whether a checkpoint will be resumed). Its model normalizes as it was trained
     to, so the run's mean and std, which config.json and checkpoints record, are its own."""
-    paths = [Path(config.resume)] if config.resume not in ("auto", "none") else []
-    if config.resume == "auto":
-        paths = [
-            Path(config.out) / name for name in ("last.pt", "last", "last.prev.pt", "last.prev")
-        ]
     saved = None
-    for path in paths:
+    for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["config"]
