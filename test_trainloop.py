@@ -881,6 +881,12 @@ def test_cli_resumed_run_keeps_its_normalization_and_needs_no_weights_file(tmp_p
     assert other.exit_code == 2 and "--mean 0.5: run/last.pt normalizes with" in other.output
 
 
+def test_resumed_settings_take_a_checkpoint_from_before_mean_and_std(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"config": {"seed": 0, "model": "smallcnn"}}, path)  # (KeyError: 'mean')
+    assert tl._resumed_settings(tl.Config(resume=str(path))) == (tl.Config(resume=str(path)), True)
+
+
 # ---- resume, preemption, integrity -----------------------------------------------------------
 
 # A training job in its own process. It sends itself `signal` on its `signal_at`-th call of the
@@ -1978,6 +1984,13 @@ def test_update_ema_is_the_warmed_up_moving_average():
         torch.testing.assert_close(value, model.state_dict()[key] * 0.95 + before[key] * 0.05)
 
 
+def test_ema_pairs_leave_out_buffers_that_are_not_saved():
+    model = mlp()
+    model.register_buffer("mask", torch.ones(64, 64), persistent=False)  # e.g. a causal mask
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), ema_decay=0.9)
+    assert len(state._ema_tensors[0]) == len(model.state_dict())  # (it averaged the mask too)
+
+
 def test_ema_averages_a_tied_weight_once_a_step():
     class Tied(nn.Module):  # a language model's embedding shared with its output layer
         def __init__(self):
@@ -2253,6 +2266,30 @@ def test_save_checkpoint_takes_numpy_numbers_in_optimizer_and_scheduler(tmp_path
     tl.save_checkpoint(tmp_path / "c.pt", tl.TrainState(model, optimizer, scheduler))
     ckpt = tl.load_checkpoint(tmp_path / "c.pt")  # (refused: it held numpy scalars)
     assert ckpt["scheduler"]["T_max"] == 10.0 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_save_checkpoint_keeps_optimizer_settings_that_load(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.param_groups[0].update(dtype=torch.bfloat16, device=torch.device("cpu"), tags={1})
+    tl.save_checkpoint(tmp_path / "c.pt", tl.TrainState(model, optimizer))  # (refused them)
+    group = tl.load_checkpoint(tmp_path / "c.pt")["optimizer"]["param_groups"][0]
+    assert group["dtype"] is torch.bfloat16 and group["tags"] == {1}
+    assert group["device"] == torch.device("cpu")
+
+
+def test_fit_resumes_and_averages_a_model_with_extra_state(tmp_path):
+    class Noted(nn.Sequential):  # a module's own state beside its tensors, as get_extra_state
+        def get_extra_state(self):
+            return {"note": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    for epochs in (1, 2):  # (the resume failed on the note's shape, the final EMA copy on copy_)
+        torch.manual_seed(0)
+        model = Noted(nn.Linear(8, 3))
+        tl.fit(model, blobs(), epochs=epochs, batch_size=16, ema=0.9, out=tmp_path, quiet=True)
 
 
 def test_load_checkpoint_that_does_not_fit_changes_nothing(tmp_path):

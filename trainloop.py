@@ -956,18 +956,15 @@ def _single_lambda(scheduler, optimizer) -> Optional[Callable]:
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
-    """(EMA floats, live floats, EMA others, live others): the tensors _update_ema touches, each
-    once (a tied weight, listed under two names, would be averaged twice a step)."""
-
-    def tensors(module, once=True) -> dict:
-        named = (module.named_parameters, module.named_buffers)
-        return {k: v.detach() for items in named for k, v in items(remove_duplicate=once)}
-
-    ema_state, live_state = tensors(ema), tensors(model, once=False)
-    floats = [k for k, v in ema_state.items() if v.is_floating_point()]
-    others = [k for k, v in ema_state.items() if not v.is_floating_point()]
-    return tuple(  # a sharded model's own shards, which share memory with it
-        [_local(state[k]) for k in keys]
+    """(EMA floats, live floats, EMA others, live others): the state_dict() tensors _update_ema
+    touches (a sharded model's own shards, even right after a forward), each once: a tied
+    weight, listed under two names, would be averaged twice a step."""
+    ema_state, live_state = (m.state_dict(keep_vars=True) for m in (ema, model))
+    once = {id(v): k for k, v in reversed(ema_state.items()) if isinstance(v, torch.Tensor)}
+    floats = [k for k in once.values() if ema_state[k].is_floating_point()]
+    others = [k for k in once.values() if not ema_state[k].is_floating_point()]
+    return tuple(
+        [_local(state[k].detach()) for k in keys]
         for keys in (floats, others)
         for state in (ema_state, live_state)
     )
@@ -1303,17 +1300,22 @@ def _check_extra(extra: dict) -> dict:
     return {key: _plain(value, f"save_checkpoint(..., {key}=...)") for key, value in extra.items()}
 
 
+# What weights_only loading takes back, beside None and lists, tuples, sets and dicts of these.
+_LOADABLE = (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device)
+
+
 def _plain(value, where: str):
     """`value` as weights_only loading takes it back: NumPy numbers become Python's; anything but
     numbers, strings, tensors and lists, tuples and dicts of them is refused before a save
     writes a checkpoint that could not be loaded."""
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return (list if isinstance(value, list) else tuple)(_plain(v, where) for v in value)
+        return _plain(value.item(), where)
+    if isinstance(value, (list, tuple, set)):
+        kind = next(k for k in (list, set, tuple) if isinstance(value, k))  # torch.Size: a tuple
+        return kind(_plain(v, where) for v in value)
     if isinstance(value, dict):
         return {_plain(k, where): _plain(v, where) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    if value is None or isinstance(value, _LOADABLE):
         return value
     raise UsageError(
         f"{where} holds a {type(value).__name__}, which loading refuses; keep to numbers, "
@@ -1500,11 +1502,13 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
 
 def _check_fits(model: nn.Module, saved: dict) -> None:
     """A ValueError naming the first tensor of `saved` that is missing from `model`, is not in
-    `saved`, or has another shape."""
+    `saved`, or has another shape (entries that are no tensors, such as extra state, have none)."""
     mine = model.state_dict()
     for name in [*mine, *(k for k in saved if k not in mine)]:
-        if name not in mine or name not in saved or mine[name].shape != saved[name].shape:
-            shapes = [tuple(d[name].shape) if name in d else "none" for d in (saved, mine)]
+        shapes = [
+            tuple(getattr(d[name], "shape", ())) if name in d else "none" for d in (saved, mine)
+        ]
+        if shapes[0] != shapes[1]:
             raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
 
 
@@ -1713,7 +1717,8 @@ def _copy_whole(source: nn.Module, plain: nn.Module) -> None:
     with torch.no_grad():
         pairs = zip(plain.state_dict().values(), source.state_dict().values(), strict=True)
         for target, source in pairs:
-            target.copy_(source.full_tensor() if hasattr(source, "full_tensor") else source)
+            if isinstance(target, torch.Tensor):  # not a module's extra state
+                target.copy_(source.full_tensor() if hasattr(source, "full_tensor") else source)
 
 
 def _blocks(model: nn.Module, types) -> list:
@@ -3143,7 +3148,7 @@ def _resumed_settings(config: Config) -> tuple:
         return config, False
     resumed = _unset_from(config, saved, ("mean", "std"))
     for name in ("mean", "std"):
-        ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved[name]))
+        ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved.get(name)))
         if theirs and ours != theirs:
             raise UsageError(
                 f"{name}={getattr(config, name)!r}: {path} normalizes with {saved[name]!r}; "
