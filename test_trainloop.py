@@ -200,6 +200,16 @@ def test_check_config_takes_a_mean_of_zero_for_a_channel_dark_throughout():
     assert config.mean == "0.45,0.4,0"
 
 
+def test_faults_after_a_stop_wrap_torchs_handler_not_the_stopped_runs():
+    stopped = tl._Stop(signal=signal.SIGINT)  # a notebook's interrupt: fit returns, Python goes on
+    with tl._faults(None, None, None, stopped):
+        pass
+    left = signal.getsignal(signal.SIGCHLD)  # kept: the stopped loader's workers die on
+    with tl._faults(None, None, None, tl._Stop()):
+        assert signal.getsignal(signal.SIGCHLD).wrapped is left.wrapped  # (it wrapped `left`)
+    assert signal.getsignal(signal.SIGCHLD) is left.wrapped  # torch's own again
+
+
 def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
     class BrokenRead:  # as a read that a dead worker broke, with no SIGCHLD noted
         num_workers = 2

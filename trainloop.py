@@ -802,7 +802,8 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
         try:
             loss = loss_fn(output, target)
         except (RuntimeError, IndexError, TypeError, ValueError) as e:
-            if getattr(loss_fn, "func", loss_fn) is not F.cross_entropy or _is_oom(e):
+            faults = _is_oom(e) or "CUDA error" in str(e)  # maybe an earlier kernel's, async
+            if getattr(loss_fn, "func", loss_fn) is not F.cross_entropy or faults:
                 raise  # the user's own loss's error, or a fault
             raise UsageError(
                 f"the default cross-entropy cannot take output {_kind(output)} with target "
@@ -2056,8 +2057,11 @@ def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
         from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
 
         _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
-        if callable(signal.getsignal(signal.SIGCHLD)):
-            previous = signal.signal(signal.SIGCHLD, note)
+        current = signal.getsignal(signal.SIGCHLD)
+        if callable(current):  # a stopped run's note (see below) gives back what it wrapped
+            previous = getattr(current, "wrapped", current)
+            note.wrapped = previous
+            signal.signal(signal.SIGCHLD, note)
     try:
         yield
     except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
