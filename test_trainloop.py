@@ -200,12 +200,13 @@ def test_check_config_takes_a_mean_of_zero_for_a_channel_dark_throughout():
     assert config.mean == "0.45,0.4,0"
 
 
-def test_faults_after_a_stop_wrap_torchs_handler_not_the_stopped_runs():
-    stopped = tl._Stop(signal=signal.SIGINT)  # a notebook's interrupt: fit returns, Python goes on
-    with tl._faults(None, None, None, stopped):
-        pass
+def test_catch_signals_after_a_stop_wraps_torchs_handler_not_the_stopped_runs():
+    stopped = tl._Stop()
+    with tl._catch_signals(stopped):
+        stopped.signal = signal.SIGINT  # a notebook's interrupt: fit returns, Python goes on
     left = signal.getsignal(signal.SIGCHLD)  # kept: the stopped loader's workers die on
-    with tl._faults(None, None, None, tl._Stop()):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with tl._catch_signals(tl._Stop()):
         assert signal.getsignal(signal.SIGCHLD).wrapped is left.wrapped  # (it wrapped `left`)
     assert signal.getsignal(signal.SIGCHLD) is left.wrapped  # torch's own again
 
@@ -225,9 +226,10 @@ def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():
         next(tl._groups(skipped, 1))
     job = types.SimpleNamespace(config=tl.Config(), runtime=CPU, out=None, last=None)
     state = types.SimpleNamespace(step=3, epoch=0)
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=["a death"], stop=tl._Stop())
+    noted = tl._Stop(deaths=["a death"])
+    fault = tl._fault(read.value, state, job, loader=skipped, stop=noted)
     assert isinstance(fault, tl.WorkerDiedError), fault
-    fault = tl._fault(read.value, state, job, loader=skipped, deaths=[], stop=tl._Stop())
+    fault = tl._fault(read.value, state, job, loader=skipped, stop=tl._Stop())
     assert isinstance(fault, tl.WorkerDiedError), fault  # known broken: 2 workers
 
 
@@ -1763,6 +1765,22 @@ def test_fit_leaves_the_ema_weights_it_reports_in_the_model():
 def test_fit_refuses_settings_it_would_ignore(setting, message):
     with pytest.raises(tl.UsageError, match=re.escape(message)):
         fit_mlp(16, **setting)  # (each was silently ignored)
+
+
+def test_fit_failure_after_a_stop_signal_is_that_stop(tmp_path):
+    def failing_peer(output, target):  # a signal, then a collective whose peer stopped alone
+        if failing_peer.calls == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+        failing_peer.calls += 1
+        return F.cross_entropy(output, target)
+
+    failing_peer.calls, lines = 0, []
+    with pytest.raises(tl.Stopped) as stopped:
+        tl.fit(mlp(), blobs(64), loss_fn=failing_peer, batch_size=16, epochs=3, save_every=0,
+               out=tmp_path, quiet=True, log=lines.append)  # fmt: skip
+    assert stopped.value.code == 143  # (exit 1 with the gloo error's traceback)
+    assert "stopped: SIGTERM received" in lines[-1] and "checkpoint" in lines[-1], lines
 
 
 def test_fit_stopped_without_out_says_nothing_was_saved():

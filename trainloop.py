@@ -1783,6 +1783,7 @@ class _Stop:
     started: float = field(default_factory=time.monotonic)
     signal: int = 0
     signal_time: float = 0.0  # time.monotonic() when it arrived
+    deaths: list = field(default_factory=list)  # loader workers' deaths (see _catch_signals)
 
     def agreed(self, runtime: Runtime, ahead: float) -> int:
         """0 to go on, else the exit status to stop with: the signal's, or the time limit's when
@@ -1798,7 +1799,9 @@ def _catch_signals(stop: _Stop):
     """SIGTERM, SIGINT and SIGUSR1 only set a flag; the loop checkpoints and stops. A second
     signal, a second or more after the first, gets its previous handler back: a second Ctrl-C
     stops at once. Closer repeats are echoes (Ctrl-C reaches a worker from the terminal and
-    again from torchrun) and are ignored."""
+    again from torchrun) and are ignored. torch's SIGCHLD handler raises a loader worker's death
+    wherever the main thread is, maybe mid-step; here it is only noted in stop.deaths, and the
+    loader raises it at its next fetch (within 5 s), between two steps (see _faults)."""
     previous = {}
 
     def handler(signum, frame):
@@ -1809,15 +1812,30 @@ def _catch_signals(stop: _Stop):
             signal.signal(signum, previous[signum])
             signal.raise_signal(signum)
 
+    def note(signum, frame):
+        try:
+            note.wrapped(signum, frame)
+        except RuntimeError as e:
+            stop.deaths.append(_first_line(e))
+
     with contextlib.suppress(ValueError):  # not the main thread: leave signals to the caller
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup'd or background: keep it so
                 previous[sig] = signal.signal(sig, handler)
+    with contextlib.suppress(AttributeError, ValueError):  # no SIGCHLD (Windows)
+        from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
+
+        _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
+        current = signal.getsignal(signal.SIGCHLD)
+        if callable(current):  # a stopped run's note (see below) gives back what it wrapped
+            note.wrapped = previous[signal.SIGCHLD] = getattr(current, "wrapped", current)
+            signal.signal(signal.SIGCHLD, note)
     try:
         yield stop
-    finally:
+    finally:  # after a stop signal, loader workers that got it too die on: noted, not raised
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            if not (stop.signal and sig == getattr(signal, "SIGCHLD", None)):
+                signal.signal(sig, old)
 
 
 @dataclass(frozen=True)
@@ -1948,7 +1966,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     return 0
 
 
-def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, stop: _Stop, settle=None):
+def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=None):
     """The error to end training with for a fault met in the epoch loop, or in validation
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _faults), and validation changes no state: then the state is
@@ -1962,7 +1980,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, stop: _
     # A worker that died holding a batch breaks the reading of that batch in any way.
     workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
     broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
-    died = deaths or broken or "DataLoader worker (pid" in str(error)
+    died = stop.deaths or broken or "DataLoader worker (pid" in str(error)
     died = died and entered in ("_groups", "evaluate")
     if not (oom or died):
         return None
@@ -1984,7 +2002,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, deaths: list, stop: _
         done = f"the step was not counted and {done}"
     if oom:
         return _out_of_memory(job, when, done)
-    return _worker_died(error, deaths, job, when, done, workers)
+    return _worker_died(error, stop.deaths, job, when, done, workers)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -2041,37 +2059,14 @@ def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: 
 
 @contextlib.contextmanager
 def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
-    """Ends training with one of our errors when the block meets a fault (see _fault). torch's
-    SIGCHLD handler raises a loader worker's death wherever the main thread is, maybe mid-step;
-    under this one it is only noted, and the loader raises it at its next fetch (within 5 s),
-    between two steps."""
-    deaths, previous = [], None
-
-    def note(signum, frame):
-        try:
-            previous(signum, frame)
-        except RuntimeError as e:
-            deaths.append(_first_line(e))
-
-    with contextlib.suppress(AttributeError, ValueError):  # no SIGCHLD (Windows), not main thread
-        from torch.utils.data._utils.signal_handling import _set_SIGCHLD_handler
-
-        _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
-        current = signal.getsignal(signal.SIGCHLD)
-        if callable(current):  # a stopped run's note (see below) gives back what it wrapped
-            previous = getattr(current, "wrapped", current)
-            note.wrapped = previous
-            signal.signal(signal.SIGCHLD, note)
+    """Ends training with one of our errors when the block meets a fault (see _fault)."""
     try:
         yield
     except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
-        fault = _fault(e, state, job, loader=loader, deaths=deaths, stop=stop, settle=settle)
+        fault = _fault(e, state, job, loader=loader, stop=stop, settle=settle)
         if fault is None:
             raise
         raise fault from e
-    finally:  # after a stop signal, workers that got it too die on: noted, not raised elsewhere
-        if previous is not None and not stop.signal:
-            signal.signal(signal.SIGCHLD, previous)
 
 
 def _groups(batches, size: int):
@@ -2636,6 +2631,13 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
                 if code:
                     _say_stopped(code, state, job)
                     raise Stopped(code)
+    except Exception as e:
+        if not stop.signal or isinstance(e, (UsageError, CheckpointError, NonFiniteLossError)):
+            raise  # ours: it says what happened
+        # The signal reached this process's loader workers too, or a peer stopped alone (its
+        # workers died): the stop, without a checkpoint, as the processes could not agree on one.
+        _say_stopped(128 + stop.signal, state, job, saved=False)
+        raise Stopped(128 + stop.signal) from e
     finally:
         if tensorboard is not None:
             with contextlib.suppress(OSError):  # a full disk was already reported
