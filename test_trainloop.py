@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 import zipfile
@@ -209,6 +210,11 @@ def test_catch_signals_after_a_stop_wraps_torchs_handler_not_the_stopped_runs():
     with tl._catch_signals(tl._Stop()):
         assert signal.getsignal(signal.SIGCHLD).wrapped is left.wrapped  # (it wrapped `left`)
     assert signal.getsignal(signal.SIGCHLD) is left.wrapped  # torch's own again
+    finished = []
+    thread = threading.Thread(target=lambda: finished.append(fit_mlp(16) and None))
+    thread.start()  # not the main thread: signals are left to the caller, torch's SIGCHLD too
+    thread.join()
+    assert finished == [None] and signal.getsignal(signal.SIGCHLD) is left.wrapped
 
 
 def test_fault_finds_the_workers_of_a_loader_resumed_mid_epoch():

@@ -1828,8 +1828,9 @@ def _catch_signals(stop: _Stop):
         _set_SIGCHLD_handler()  # torch's first (it installs once), so that ours wraps it
         current = signal.getsignal(signal.SIGCHLD)
         if callable(current):  # a stopped run's note (see below) gives back what it wrapped
-            note.wrapped = previous[signal.SIGCHLD] = getattr(current, "wrapped", current)
-            signal.signal(signal.SIGCHLD, note)
+            note.wrapped = getattr(current, "wrapped", current)
+            signal.signal(signal.SIGCHLD, note)  # (not the main thread: ValueError)
+            previous[signal.SIGCHLD] = note.wrapped
     try:
         yield stop
     finally:  # after a stop signal, loader workers that got it too die on: noted, not raised
