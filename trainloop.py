@@ -2458,10 +2458,10 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
         hint = f"; did you mean {close}?" if close else ""
         raise UsageError(f"fit() got an unknown setting {bad!r}{hint}")
     config = check_config(dataclasses.replace(config or Config(), **overrides))
-    for name in sorted(overrides.keys() & _COMMAND_LINE):
+    if command_line := sorted(overrides.keys() & _COMMAND_LINE):
         raise UsageError(
-            f"fit() got {name}=...: a setting of the command line, which builds the data and "
-            "model; fit trains the model and data it is given"
+            f"fit() got {command_line[0]}=...: a setting of the command line, which builds the "
+            "data and model; fit trains the model and data it is given"
         )
     return config
 
@@ -2810,7 +2810,9 @@ _IMAGE_SUFFIXES = tuple(".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp .gif".s
 def _is_image(path: str, root: str) -> bool:
     """An image file by its name (_IMAGE_SUFFIXES), but nothing hidden below root, file or
     folder (the ._name.jpg metadata a Mac leaves on other disks, .thumbs/)."""
-    parts = Path(os.path.relpath(path, root)).parts  # not root's own path: ~/.cache/data is fine
+    # make_dataset joins every path onto root; only the parts below it count (~/.cache/data is
+    # fine), and slicing is 35x faster than relpath: 7 s of a start on ImageNet's 1.28 M files
+    parts = path[len(root) :].split(os.sep)
     hidden = any(part.startswith(".") for part in parts)
     return not hidden and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
 
