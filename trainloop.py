@@ -177,6 +177,43 @@ class Config:
     quiet: bool = _opt(False, "Print only the final summary.", R)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor, sharing its memory; else `tensor`."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
+    """(EMA floats, live floats, EMA others, live others): the state_dict() tensors _update_ema
+    touches (a sharded model's own shards, even right after a forward), each once: a tied
+    weight, listed under two names, would be averaged twice a step."""
+    ema_state, live_state = (m.state_dict(keep_vars=True) for m in (ema, model))
+    once = {id(v): k for k, v in reversed(ema_state.items()) if isinstance(v, torch.Tensor)}
+    floats = [k for k in once.values() if ema_state[k].is_floating_point()]
+    others = [k for k in once.values() if not ema_state[k].is_floating_point()]
+    return tuple(
+        [_local(state[k].detach()) for k in keys]
+        for keys in (floats, others)
+        for state in (ema_state, live_state)
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether fully_shard (FSDP2) was applied to `model` itself."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not even imported: nothing is sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 @dataclass
 class TrainState:
     """Everything a checkpoint restores, in one object; train_step updates it in place.
@@ -268,33 +305,6 @@ _RANGES = (  # (fields, test, what the error says)
 )
 
 
-def check_config(config: Config) -> Config:
-    """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
-    for name in ("data", "data_root", "out", "resume"):
-        if isinstance(getattr(config, name), os.PathLike):
-            config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
-    for f in dataclasses.fields(Config):
-        value = getattr(config, f.name)
-        kind = {int: numbers.Integral, float: numbers.Real}.get(f.type, f.type)  # NumPy's too
-        if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
-            example = f", e.g. {f.default!r}" if f.default != "" else ""
-            raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
-        if type(value) is not f.type:  # 3 -> 3.0, np.float32(0.1) -> 0.1: plain values to save
-            config = dataclasses.replace(config, **{f.name: f.type(value)})
-    for name, allowed in CHOICES.items():
-        if getattr(config, name) not in allowed:
-            raise UsageError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
-    for names, ok, must in _RANGES:  # every test is False for NaN
-        for name in names.split():
-            if not ok(getattr(config, name)):
-                raise UsageError(f"{name}={getattr(config, name)!r} {must}")
-    parse_duration(config.time_limit)
-    parse_gpus(config.gpus)
-    _per_channel("mean", config.mean)
-    _per_channel("std", config.std)
-    return config
-
-
 def parse_gpus(text: str) -> Optional[tuple]:
     """'' -> None (best device), 'cpu' -> (), '0,1' -> (0, 1); anything else is a UsageError."""
     text = text.strip().lower()
@@ -307,17 +317,6 @@ def parse_gpus(text: str) -> Optional[tuple]:
     if len(set(ids)) != len(ids):
         raise UsageError(f"gpus={text!r} names a GPU twice; list each id once")
     return ids
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _last_line(error: Exception) -> str:
-    """Where the cause is when an error carries a traceback's text (a loader worker's, DCP's)."""
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
 
 
 def _per_channel(name: str, text: str) -> Optional[tuple]:
@@ -354,6 +353,40 @@ def parse_duration(text: str) -> Optional[float]:
     return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
 
 
+def check_config(config: Config) -> Config:
+    """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
+    for name in ("data", "data_root", "out", "resume"):
+        if isinstance(getattr(config, name), os.PathLike):
+            config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        kind = {int: numbers.Integral, float: numbers.Real}.get(f.type, f.type)  # NumPy's too
+        if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
+            example = f", e.g. {f.default!r}" if f.default != "" else ""
+            raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
+        if type(value) is not f.type:  # 3 -> 3.0, np.float32(0.1) -> 0.1: plain values to save
+            config = dataclasses.replace(config, **{f.name: f.type(value)})
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise UsageError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
+    for names, ok, must in _RANGES:  # every test is False for NaN
+        for name in names.split():
+            if not ok(getattr(config, name)):
+                raise UsageError(f"{name}={getattr(config, name)!r} {must}")
+    parse_duration(config.time_limit)
+    parse_gpus(config.gpus)
+    _per_channel("mean", config.mean)
+    _per_channel("std", config.std)
+    return config
+
+
+def _line(error: BaseException, index: int = 0) -> str:
+    """One line of an error's text; the last (-1) holds the cause of a traceback's text (a loader
+    worker's, DCP's)."""
+    lines = str(error).strip().splitlines()
+    return lines[index] if lines else type(error).__name__
+
+
 # ---- device and distributed ------------------------------------------------------------------
 
 
@@ -375,6 +408,43 @@ class Runtime:
     @functools.cached_property
     def on_cpu(self) -> bool:  # read every step; device.type builds a new string each time
         return self.device.type == "cpu"
+
+
+def _check_gpus_exist(ids: tuple) -> None:
+    # Ids follow nvidia-smi (PCI bus order); CUDA reads the order when it starts, so set it
+    # before the first CUDA call. An explicit user setting wins.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    count = torch.cuda.device_count()  # 0 without CUDA
+    missing = [i for i in ids if i >= count]
+    if missing:
+        have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
+        raise UsageError(
+            f"gpus={','.join(map(str, ids))!r} names GPU {missing[0]} but this machine has "
+            f"{have}; pick from nvidia-smi's list or use gpus='cpu'"
+        )
+
+
+def _pick_device(ids: Optional[tuple], local_rank: int) -> torch.device:
+    if ids:
+        _check_gpus_exist(ids)
+        return torch.device("cuda", ids[local_rank % len(ids)])
+    if ids is None and torch.cuda.is_available():  # () is 'cpu'
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if ids is None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torch.dtype]:
+    if precision not in CHOICES["precision"]:
+        raise UsageError(f"precision={precision!r} is not one of {', '.join(CHOICES['precision'])}")
+    if precision == "auto":
+        return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
+    if precision == "bf16" and not bf16_ok:
+        raise UsageError(  # only a GPU can lack it
+            "precision='bf16': this GPU has no bfloat16 support; use precision='fp16' or 'fp32'"
+        )
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def setup_device(
@@ -413,43 +483,6 @@ def teardown(runtime: Runtime) -> None:
         # since gloo's threads abort the process if the group ends during interpreter exit.
         gc.collect()
         dist.destroy_process_group()
-
-
-def _pick_device(ids: Optional[tuple], local_rank: int) -> torch.device:
-    if ids:
-        _check_gpus_exist(ids)
-        return torch.device("cuda", ids[local_rank % len(ids)])
-    if ids is None and torch.cuda.is_available():  # () is 'cpu'
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if ids is None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _check_gpus_exist(ids: tuple) -> None:
-    # Ids follow nvidia-smi (PCI bus order); CUDA reads the order when it starts, so set it
-    # before the first CUDA call. An explicit user setting wins.
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    count = torch.cuda.device_count()  # 0 without CUDA
-    missing = [i for i in ids if i >= count]
-    if missing:
-        have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
-        raise UsageError(
-            f"gpus={','.join(map(str, ids))!r} names GPU {missing[0]} but this machine has "
-            f"{have}; pick from nvidia-smi's list or use gpus='cpu'"
-        )
-
-
-def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torch.dtype]:
-    if precision not in CHOICES["precision"]:
-        raise UsageError(f"precision={precision!r} is not one of {', '.join(CHOICES['precision'])}")
-    if precision == "auto":
-        return torch.bfloat16 if device_type == "cuda" and bf16_ok else None
-    if precision == "bf16" and not bf16_ok:
-        raise UsageError(  # only a GPU can lack it
-            "precision='bf16': this GPU has no bfloat16 support; use precision='fp16' or 'fp32'"
-        )
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _all_reduce(values: list, runtime: Runtime, op=None) -> list:
@@ -552,6 +585,18 @@ class _SeededSample(Dataset):
 _GATHER_BYTES = 16 * 2**20
 
 
+def _crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int):
+    """Random-crop (zero padding `pad`) and mirror a batch (N, C, H, W) in one gather."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = torch.arange(h, device=images.device) + shifts[:, :1]  # (N, H)
+    cols = torch.arange(w, device=images.device) + shifts[:, 1:]  # (N, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chans = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 @dataclass
 class _TensorBatches:
     """The in-memory fast path: a DataLoader's batches over the same sampler, in its order, but
@@ -581,18 +626,6 @@ class _TensorBatches:
                 parts[0] = _crop_flip(parts[0], shifts[idx], flips[idx], pad)
             for batch in zip(*(part.split(size) for part in parts)):
                 yield list(batch)  # a list, as a DataLoader's collate gives
-
-
-def _crop_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int):
-    """Random-crop (zero padding `pad`) and mirror a batch (N, C, H, W) in one gather."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    rows = torch.arange(h, device=images.device) + shifts[:, :1]  # (N, H)
-    cols = torch.arange(w, device=images.device) + shifts[:, 1:]  # (N, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    chans = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -763,15 +796,19 @@ def _to_device(batch, device: torch.device, channels_last: bool):
     return _map_tensors(batch, move)
 
 
-def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False):
-    """Move a batch to the device, run the model under autocast -> (output, loss, target)."""
-    if not runtime.on_cpu:
-        batch = _to_device(batch, runtime.device, channels_last)
-    inputs, target, _ = _split_batch(batch)
-    if runtime.amp_dtype is None:  # full precision: not even a disabled autocast context
-        return _output_and_loss(net, inputs, target, batch, loss_fn)
-    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype):
-        return _output_and_loss(net, inputs, target, batch, loss_fn)
+def _kind(value) -> str:
+    """A value as an error names it: a tensor's shape and dtype, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return type(value).__name__
+
+
+def _is_oom(error: BaseException) -> bool:
+    # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
+    # of memory"); the CUDA allocator a torch.OutOfMemoryError.
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or bool(
+        isinstance(error, RuntimeError) and re.search("allocate memory|out of mem", str(error))
+    )
 
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
@@ -807,7 +844,7 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
                 raise  # the user's own loss's error, or a fault
             raise UsageError(
                 f"the default cross-entropy cannot take output {_kind(output)} with target "
-                f"{_kind(target)} ({_first_line(e)}); it takes class logits (N, C, ...) and int64 "
+                f"{_kind(target)} ({_line(e)}); it takes class logits (N, C, ...) and int64 "
                 "class indices (N, ...) below C; else pass your own loss_fn"
             ) from None
     if loss.ndim:  # one number in any shape is taken as it is; more, backward cannot start from
@@ -817,11 +854,96 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     return output, loss, target
 
 
-def _kind(value) -> str:
-    """A value as an error names it: a tensor's shape and dtype, else its type."""
-    if isinstance(value, torch.Tensor):
-        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
-    return type(value).__name__
+def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False):
+    """Move a batch to the device, run the model under autocast -> (output, loss, target)."""
+    if not runtime.on_cpu:
+        batch = _to_device(batch, runtime.device, channels_last)
+    inputs, target, _ = _split_batch(batch)
+    if runtime.amp_dtype is None:  # full precision: not even a disabled autocast context
+        return _output_and_loss(net, inputs, target, batch, loss_fn)
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype):
+        return _output_and_loss(net, inputs, target, batch, loss_fn)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _no_sync_sharded(model):
+    """FSDP2's no_sync: gradients stay whole and unreduced on each process and gathered weights
+    stay gathered until the last micro-batch, so nothing is gathered or reduced in between (at
+    the cost of whole weights and gradients in memory meanwhile)."""
+    blocks = [m for m in model.modules() if m is not model and _is_sharded(m)]
+    model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
+    for block in blocks:  # the root keeps its own setting
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
+        for block in blocks:
+            block.set_reshard_after_forward(True, recurse=False)
+
+
+def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channels_last: bool):
+    """Forward and backward one micro-batch whose loss counts `share` of the step (None: all).
+    Returns its (scaled-down) loss, detached."""
+    _, loss, _ = _forward(state.net, batch, loss_fn, runtime, channels_last)
+    if share is not None:
+        loss = loss * share
+    state.scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, channels_last):
+    """Sum the gradients of several micro-batches as if they were one batch -> the summed loss.
+    Under DDP and sharded, gradients are reduced on the last micro-batch only."""
+    no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
+    if _is_sharded(state.net):
+        no_sync = functools.partial(_no_sync_sharded, state.net)
+    total, losses = sum(weights), []
+    for i, (batch, weight) in enumerate(zip(batches, weights)):
+        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
+            losses.append(_backward(state, batch, weight / total, loss_fn, runtime, channels_last))
+    return sum(losses[1:], start=losses[0])
+
+
+def _single_lambda(scheduler, optimizer) -> Optional[Callable]:
+    """The one function of a plain LambdaLR that serves every group alike, with float LRs
+    (then stepping it is just lr = base x f(step)); None for any other scheduler."""
+    lambdas = getattr(scheduler, "lr_lambdas", [None])
+    plain = type(scheduler) is LambdaLR and "step" not in vars(scheduler)
+    floats = not any(torch.is_tensor(g["lr"]) for g in optimizer.param_groups)
+    return lambdas[0] if plain and floats and all(f is lambdas[0] for f in lambdas) else None
+
+
+def _step_scheduler(state: TrainState) -> None:
+    """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
+    scheduler = state.scheduler
+    if state._fast_path[0] is not scheduler:  # decided once per scheduler object
+        state._fast_path = (scheduler, _single_lambda(scheduler, state.optimizer))
+    lr_lambda = state._fast_path[1]
+    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers
+        scheduler.last_epoch += 1  # (a few % of a small model's step on a CPU)
+        factor = lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [base * factor for base in scheduler.base_lrs]
+        for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = lr
+    elif scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
+        scheduler.step()
+
+
+def _update_ema(pairs: tuple, decay: float, step: int) -> None:
+    # Ramp the decay up early on so the average is not dominated by the random init.
+    decay = min(decay, (1 + step) / (10 + step))
+    ema_floats, live_floats, ema_others, live_others = pairs
+    torch._foreach_lerp_(ema_floats, live_floats, 1.0 - decay)
+    if ema_others:
+        torch._foreach_copy_(ema_others, live_others)
 
 
 def train_step(
@@ -879,105 +1001,25 @@ def train_step(
     return step_loss
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _peak_lr(state: TrainState) -> float:
     """The learning rate the optimizer was built with (trainloop's: config.lr)."""
     return float(state.optimizer.defaults.get("lr", state.lr))
 
 
-def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, channels_last):
-    """Sum the gradients of several micro-batches as if they were one batch -> the summed loss.
-    Under DDP and sharded, gradients are reduced on the last micro-batch only."""
-    no_sync = getattr(state.net, "no_sync", contextlib.nullcontext)
-    if _is_sharded(state.net):
-        no_sync = functools.partial(_no_sync_sharded, state.net)
-    total, losses = sum(weights), []
-    for i, (batch, weight) in enumerate(zip(batches, weights)):
-        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
-            losses.append(_backward(state, batch, weight / total, loss_fn, runtime, channels_last))
-    return sum(losses[1:], start=losses[0])
-
-
-@contextlib.contextmanager
-def _no_sync_sharded(model):
-    """FSDP2's no_sync: gradients stay whole and unreduced on each process and gathered weights
-    stay gathered until the last micro-batch, so nothing is gathered or reduced in between (at
-    the cost of whole weights and gradients in memory meanwhile)."""
-    blocks = [m for m in model.modules() if m is not model and _is_sharded(m)]
-    model.set_requires_gradient_sync(False)
-    model.set_reshard_after_backward(False)
-    for block in blocks:  # the root keeps its own setting
-        block.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-        model.set_reshard_after_backward(True)
-        for block in blocks:
-            block.set_reshard_after_forward(True, recurse=False)
-
-
-def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channels_last: bool):
-    """Forward and backward one micro-batch whose loss counts `share` of the step (None: all).
-    Returns its (scaled-down) loss, detached."""
-    _, loss, _ = _forward(state.net, batch, loss_fn, runtime, channels_last)
-    if share is not None:
-        loss = loss * share
-    state.scaler.scale(loss).backward()
-    return loss.detach()
-
-
-def _step_scheduler(state: TrainState) -> None:
-    """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
-    scheduler = state.scheduler
-    if state._fast_path[0] is not scheduler:  # decided once per scheduler object
-        state._fast_path = (scheduler, _single_lambda(scheduler, state.optimizer))
-    lr_lambda = state._fast_path[1]
-    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers
-        scheduler.last_epoch += 1  # (a few % of a small model's step on a CPU)
-        factor = lr_lambda(scheduler.last_epoch)
-        scheduler._last_lr = [base * factor for base in scheduler.base_lrs]
-        for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr, strict=True):
-            group["lr"] = lr
-    elif scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
-        scheduler.step()
-
-
-def _single_lambda(scheduler, optimizer) -> Optional[Callable]:
-    """The one function of a plain LambdaLR that serves every group alike, with float LRs
-    (then stepping it is just lr = base x f(step)); None for any other scheduler."""
-    lambdas = getattr(scheduler, "lr_lambdas", [None])
-    plain = type(scheduler) is LambdaLR and "step" not in vars(scheduler)
-    floats = not any(torch.is_tensor(g["lr"]) for g in optimizer.param_groups)
-    return lambdas[0] if plain and floats and all(f is lambdas[0] for f in lambdas) else None
-
-
-def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
-    """(EMA floats, live floats, EMA others, live others): the state_dict() tensors _update_ema
-    touches (a sharded model's own shards, even right after a forward), each once: a tied
-    weight, listed under two names, would be averaged twice a step."""
-    ema_state, live_state = (m.state_dict(keep_vars=True) for m in (ema, model))
-    once = {id(v): k for k, v in reversed(ema_state.items()) if isinstance(v, torch.Tensor)}
-    floats = [k for k in once.values() if ema_state[k].is_floating_point()]
-    others = [k for k in once.values() if not ema_state[k].is_floating_point()]
-    return tuple(
-        [_local(state[k].detach()) for k in keys]
-        for keys in (floats, others)
-        for state in (ema_state, live_state)
-    )
-
-
-def _update_ema(pairs: tuple, decay: float, step: int) -> None:
-    # Ramp the decay up early on so the average is not dominated by the random init.
-    decay = min(decay, (1 + step) / (10 + step))
-    ema_floats, live_floats, ema_others, live_others = pairs
-    torch._foreach_lerp_(ema_floats, live_floats, 1.0 - decay)
-    if ema_others:
-        torch._foreach_copy_(ema_others, live_others)
+def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
+    if schedule == "onecycle":  # ramp up from lr/25 over `warmup` (default 30%), anneal to ~0
+        warmup = warmup or max(1, int(0.3 * total))
+        if step < warmup:
+            return 1 / 25 + (1 - 1 / 25) * step / warmup
+    elif step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "step":  # x0.1 at half and at three quarters of training
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 0.5 * (1 + math.cos(math.pi * progress))  # cosine and onecycle
 
 
 def _batch_metrics(output, target, loss, metrics: dict, classes_first: bool) -> dict:
@@ -1050,17 +1092,6 @@ def evaluate(
 # ---- checkpoints -----------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _rng_state(runtime: Runtime) -> dict:
     # NumPy's state holds an ndarray, which weights_only loading refuses: store it as a tensor.
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -1089,6 +1120,37 @@ def _seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(_mix_seed(seed, rank, 5))
 
 
+def _previous(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _kept(path: Optional[Path]) -> str:
+    """Where the last good checkpoint is (a failed save leaves `path` or its previous version)."""
+    path = next((p for p in (path, path and _previous(path)) if p and p.exists()), None)
+    return f"the last good checkpoint {path} is intact" if path else "there is no checkpoint yet"
+
+
+def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> str:
+    """One line on a file that could not be written: why, the last good checkpoint, what to do."""
+    # An errno says why; torch's zip writer raises its own error with the OSError as context.
+    cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
+    why = "no space left on device" if free < 2**20 else f"write failed ({_line(error)})"
+    why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
+    return (
+        f"could not write {path}: {why}; {_kept(checkpoint)}. Free space on {path.parent} (or "
+        "make it writable) and run the same command again"
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes renames in it survive a power cut
+    finally:
+        os.close(fd)
+
+
 def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -> None:
     """Write `entries` to `path` so that a kill at any instant leaves a loadable file there. A
     failure raises SaveError naming the run's last good `checkpoint` and leaves what was there;
@@ -1112,27 +1174,120 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
             tmp.unlink()  # clears what is left (_prepare_out)
 
 
-def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> str:
-    """One line on a file that could not be written: why, the last good checkpoint, what to do."""
-    # An errno says why; torch's zip writer raises its own error with the OSError as context.
-    cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
-    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
-    why = "no space left on device" if free < 2**20 else f"write failed ({_first_line(error)})"
-    why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
-    return (
-        f"could not write {path}: {why}; {_kept(checkpoint)}. Free space on {path.parent} (or "
-        "make it writable) and run the same command again"
+def _runtime_of(model: nn.Module) -> Runtime:
+    """The model's device and, for a sharded model, this process's rank and world size: the
+    runtime of a checkpoint saved or loaded without one (sharded: every process must call; a
+    plain model's checkpoint can be saved or loaded by one process alone)."""
+    if not (_is_sharded(model) and dist.is_initialized()):
+        return Runtime(_device_of(model))
+    return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checksums(directory: Path, runtime: Runtime) -> dict:
+    """{file name: CRC-32} of the files in `directory`; each process reads a share of them."""
+    names = sorted(p.name for p in directory.iterdir() if p.name != "checksums.json")
+    mine = {name: _crc32(directory / name) for name in names[runtime.rank :: runtime.world_size]}
+    return {name: crc for share in _gather(mine, runtime) for name, crc in share.items()}
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Move the complete directory `new` to `path`, the old one to <name>.prev: at every
+    instant `path` or its previous version is a complete checkpoint."""
+    prev, old = _previous(path), path.with_name(f".{path.name}.prev.tmp")
+    if path.exists():  # (after a fallback there is none: the previous one is the last good one)
+        if prev.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(prev, old)
+        os.replace(path, prev)
+    os.replace(new, path)
+    _fsync_directory(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime) -> None:
+    """Write the directory `path`: model, optimizer and EMA as torch.distributed.checkpoint
+    shards (each process writes its own), `header` as trainloop.pt, and checksums.json, the CRC-32
+    of every file, last. It is written as .<name>.tmp and swapped in when complete (_swap_in)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    # Buffers (BatchNorm statistics) are not sharded and differ between processes: each
+    # process's are kept, so that a resumed run goes on as an unbroken one.
+    modules = (("model", state.model), ("ema", state.ema))
+    buffers = {
+        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
+        for part, module in modules
+        if module is not None
+    }
+    header = {**header, "buffers": _gather(buffers, runtime)}
+    tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
+    if state.ema is not None:
+        tensors["ema"] = get_model_state_dict(state.ema)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+            tmp.mkdir()
+            _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt", path)
+        _barrier(runtime)
+        dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
+        crcs = _checksums(tmp, runtime)
+        if runtime.is_main:
+            with open(tmp / "checksums.json", "w") as f:
+                json.dump(crcs, f, indent=0)
+                f.flush()
+                os.fsync(f.fileno())
+            _swap_in(tmp, path)
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
+        if runtime.is_main:  # partial shards would keep the disk full
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SaveError):  # trainloop.pt's, already said
+            raise
+        raise SaveError(_save_failure(e, path, path)) from e
+
+
+# The state's own checkpoint entries, beside _COUNTERS and world_size.
+_RESERVED = {"format", "trainloop", "model", "optimizer", "optimizer_type", "scheduler"}
+_RESERVED |= {"scaler", "ema", "rng", "sharded", "buffers"}
+
+
+# What weights_only loading takes back, beside None and lists, tuples, sets and dicts of these.
+_LOADABLE = (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device)
+
+
+def _plain(value, where: str):
+    """`value` as weights_only loading takes it back: NumPy numbers become Python's; anything but
+    numbers, strings, tensors and lists, tuples and dicts of them is refused before a save
+    writes a checkpoint that could not be loaded."""
+    if isinstance(value, np.generic):
+        return _plain(value.item(), where)
+    if isinstance(value, (list, tuple, set)):
+        kind = next(k for k in (list, set, tuple) if isinstance(value, k))  # torch.Size: a tuple
+        return kind(_plain(v, where) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
+    if value is None or isinstance(value, _LOADABLE):
+        return value
+    raise UsageError(
+        f"{where} holds a {type(value).__name__}, which loading refuses; keep to numbers, "
+        "strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
     )
 
 
-def _kept(path: Optional[Path]) -> str:
-    """Where the last good checkpoint is (a failed save leaves `path` or its previous version)."""
-    path = next((p for p in (path, path and _previous(path)) if p and p.exists()), None)
-    return f"the last good checkpoint {path} is intact" if path else "there is no checkpoint yet"
-
-
-def _previous(path: Path) -> Path:
-    return path.with_name(path.stem + ".prev" + path.suffix)
+def _check_extra(extra: dict) -> dict:
+    """Extra checkpoint entries, which must not shadow the state's, as they load back."""
+    for key in extra:
+        if key in _RESERVED or key in _COUNTERS or key == "world_size":
+            raise UsageError(f"save_checkpoint(..., {key}=...): {key!r} is the state's own entry")
+    return {key: _plain(value, f"save_checkpoint(..., {key}=...)") for key, value in extra.items()}
 
 
 def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = None, **extra):
@@ -1181,147 +1336,12 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     _barrier(runtime)
 
 
-def _runtime_of(model: nn.Module) -> Runtime:
-    """The model's device and, for a sharded model, this process's rank and world size: the
-    runtime of a checkpoint saved or loaded without one (sharded: every process must call; a
-    plain model's checkpoint can be saved or loaded by one process alone)."""
-    if not (_is_sharded(model) and dist.is_initialized()):
-        return Runtime(_device_of(model))
-    return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    """Whether fully_shard (FSDP2) was applied to `model` itself."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # not even imported: nothing is sharded
-    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded (DTensor) tensor, sharing its memory; else `tensor`."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime) -> None:
-    """Write the directory `path`: model, optimizer and EMA as torch.distributed.checkpoint
-    shards (each process writes its own), `header` as trainloop.pt, and checksums.json, the CRC-32
-    of every file, last. It is written as .<name>.tmp and swapped in when complete (_swap_in)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    # Buffers (BatchNorm statistics) are not sharded and differ between processes: each
-    # process's are kept, so that a resumed run goes on as an unbroken one.
-    modules = (("model", state.model), ("ema", state.ema))
-    buffers = {
-        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
-        for part, module in modules
-        if module is not None
-    }
-    header = {**header, "buffers": _gather(buffers, runtime)}
-    tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
-    if state.ema is not None:
-        tensors["ema"] = get_model_state_dict(state.ema)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if runtime.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
-            tmp.mkdir()
-            _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt", path)
-        _barrier(runtime)
-        dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
-        crcs = _checksums(tmp, runtime)
-        if runtime.is_main:
-            with open(tmp / "checksums.json", "w") as f:
-                json.dump(crcs, f, indent=0)
-                f.flush()
-                os.fsync(f.fileno())
-            _swap_in(tmp, path)
-    except (OSError, RuntimeError, dcp.CheckpointException) as e:
-        if runtime.is_main:  # partial shards would keep the disk full
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, SaveError):  # trainloop.pt's, already said
-            raise
-        raise SaveError(_save_failure(e, path, path)) from e
-
-
 def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
     """Every process takes rank 0's buffers (BatchNorm statistics), which DDP broadcasts at
     every step but FSDP does not."""
     for module in (state.model, state.ema) if runtime.world_size > 1 else ():
         for buffer in module.buffers() if module is not None else ():
             dist.broadcast(buffer, 0)
-
-
-def _checksums(directory: Path, runtime: Runtime) -> dict:
-    """{file name: CRC-32} of the files in `directory`; each process reads a share of them."""
-    names = sorted(p.name for p in directory.iterdir() if p.name != "checksums.json")
-    mine = {name: _crc32(directory / name) for name in names[runtime.rank :: runtime.world_size]}
-    return {name: crc for share in _gather(mine, runtime) for name, crc in share.items()}
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(2**24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _swap_in(new: Path, path: Path) -> None:
-    """Move the complete directory `new` to `path`, the old one to <name>.prev: at every
-    instant `path` or its previous version is a complete checkpoint."""
-    prev, old = _previous(path), path.with_name(f".{path.name}.prev.tmp")
-    if path.exists():  # (after a fallback there is none: the previous one is the last good one)
-        if prev.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(prev, old)
-        os.replace(path, prev)
-    os.replace(new, path)
-    _fsync_directory(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes renames in it survive a power cut
-    finally:
-        os.close(fd)
-
-
-# The state's own checkpoint entries, beside _COUNTERS and world_size.
-_RESERVED = {"format", "trainloop", "model", "optimizer", "optimizer_type", "scheduler"}
-_RESERVED |= {"scaler", "ema", "rng", "sharded", "buffers"}
-
-
-def _check_extra(extra: dict) -> dict:
-    """Extra checkpoint entries, which must not shadow the state's, as they load back."""
-    for key in extra:
-        if key in _RESERVED or key in _COUNTERS or key == "world_size":
-            raise UsageError(f"save_checkpoint(..., {key}=...): {key!r} is the state's own entry")
-    return {key: _plain(value, f"save_checkpoint(..., {key}=...)") for key, value in extra.items()}
-
-
-# What weights_only loading takes back, beside None and lists, tuples, sets and dicts of these.
-_LOADABLE = (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device)
-
-
-def _plain(value, where: str):
-    """`value` as weights_only loading takes it back: NumPy numbers become Python's; anything but
-    numbers, strings, tensors and lists, tuples and dicts of them is refused before a save
-    writes a checkpoint that could not be loaded."""
-    if isinstance(value, np.generic):
-        return _plain(value.item(), where)
-    if isinstance(value, (list, tuple, set)):
-        kind = next(k for k in (list, set, tuple) if isinstance(value, k))  # torch.Size: a tuple
-        return kind(_plain(v, where) for v in value)
-    if isinstance(value, dict):
-        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
-    if value is None or isinstance(value, _LOADABLE):
-        return value
-    raise UsageError(
-        f"{where} holds a {type(value).__name__}, which loading refuses; keep to numbers, "
-        "strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
-    )
 
 
 def _check_archive(path: Path) -> None:
@@ -1344,37 +1364,6 @@ def _check_archive(path: Path) -> None:
         raise CheckpointError(f"{path} is corrupt: entry {damaged!r} fails its checksum")
 
 
-def load_checkpoint(
-    path, state: Optional[TrainState] = None, *, runtime: Optional[Runtime] = None
-) -> dict:
-    """Read and verify a checkpoint; with `state`, restore training state into it.
-
-    Never runs code from the file: only tensors and plain Python values load
-    (weights_only=True). Raises CheckpointError naming the file when it is corrupt, truncated,
-    fails a checksum or holds anything else. Restoring also sets this process's RNG states.
-    A sharded checkpoint (a directory) restores into a sharded or a plain model on any number
-    of processes, and a file into either; with several processes every one must call it.
-    """
-    path = Path(path)
-    runtime = runtime or _runtime_of(state.model if state else nn.Module())
-    if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
-        inside = [p for p in (path / "last.pt", path / "last", path / "best.pt") if p.exists()]
-        example = f", e.g. {inside[0]}" if inside else " (it holds none yet)"
-        raise UsageError(f"{path} is a run directory; pass a checkpoint in it{example}")
-    if path.is_dir():
-        _check_directory(path, runtime)
-        ckpt = _read_checkpoint(path / "trainloop.pt")
-    elif path.is_file():
-        ckpt = _read_checkpoint(path)
-        if "sharded" in ckpt:
-            raise UsageError(f"{path} is part of a sharded checkpoint; pass {path.parent}")
-    else:
-        raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    if state is not None:
-        _restore(state, ckpt, runtime, path)
-    return ckpt
-
-
 def _read_checkpoint(path: Path) -> dict:
     _check_archive(path)
     try:
@@ -1382,7 +1371,7 @@ def _read_checkpoint(path: Path) -> dict:
     except Exception as e:  # pickle errors, zip reader errors, truncation: all untrusted input
         blocked = re.search(r".*(GLOBAL|Unsupported).*", str(e))  # the line naming the class
         if not (isinstance(e, pickle.UnpicklingError) and blocked):
-            raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
+            raise CheckpointError(f"{path} is corrupt or truncated ({_line(e)})") from None
         raise CheckpointError(
             f"{path} refused: it holds Python objects, not only tensors and numbers, and "
             f"loading it could run code ({blocked[0].strip().split('. ')[0]}); nothing from it "
@@ -1396,30 +1385,9 @@ def _read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _check_directory(path: Path, runtime: Runtime) -> None:
-    """Refuse a sharded checkpoint with a missing or damaged file, or whose .metadata (which
-    torch.distributed.checkpoint unpickles) would build anything but its own records."""
-    try:
-        crcs = json.loads((path / "checksums.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is incomplete (no readable checksums.json: {_first_line(e)})"
-        ) from None
-    files = {p.name for p in path.iterdir()} - {"checksums.json"}
-    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
-    if missing:
-        raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
-    unlisted = sorted(files - set(crcs))  # refused before reading a byte of it
-    if unlisted:
-        raise CheckpointError(f"{path} is corrupt: {unlisted[0]} is not in checksums.json")
-    bad = sorted(name for name, crc in _checksums(path, runtime).items() if crc != crcs[name])
-    if bad:
-        raise CheckpointError(f"{path} is corrupt: {bad[0]} fails its checksum")
-    try:
-        with open(path / ".metadata", "rb") as f:
-            _CheckpointRecords(f).load()
-    except Exception as e:  # untrusted input: any failure is a refusal
-        raise CheckpointError(f"{path} refused: its .metadata {_first_line(e)}") from None
+_TORCH_RECORDS = {("torch", "Size"), ("torch.serialization", "_get_layout")} | {
+    ("pathlib", kind) for kind in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")
+}
 
 
 class _CheckpointRecords(pickle.Unpickler):
@@ -1437,15 +1405,104 @@ class _CheckpointRecords(pickle.Unpickler):
         raise pickle.UnpicklingError(f"holds {module}.{name}, which could run code")
 
 
-_TORCH_RECORDS = {("torch", "Size"), ("torch.serialization", "_get_layout")} | {
-    ("pathlib", kind) for kind in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")
-}
+def _check_directory(path: Path, runtime: Runtime) -> None:
+    """Refuse a sharded checkpoint with a missing or damaged file, or whose .metadata (which
+    torch.distributed.checkpoint unpickles) would build anything but its own records."""
+    try:
+        crcs = json.loads((path / "checksums.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is incomplete (no readable checksums.json: {_line(e)})"
+        ) from None
+    files = {p.name for p in path.iterdir()} - {"checksums.json"}
+    missing = sorted((set(crcs) | {".metadata", "trainloop.pt"}) - files)
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: {missing[0]} is missing")
+    unlisted = sorted(files - set(crcs))  # refused before reading a byte of it
+    if unlisted:
+        raise CheckpointError(f"{path} is corrupt: {unlisted[0]} is not in checksums.json")
+    bad = sorted(name for name, crc in _checksums(path, runtime).items() if crc != crcs[name])
+    if bad:
+        raise CheckpointError(f"{path} is corrupt: {bad[0]} fails its checksum")
+    try:
+        with open(path / ".metadata", "rb") as f:
+            _CheckpointRecords(f).load()
+    except Exception as e:  # untrusted input: any failure is a refusal
+        raise CheckpointError(f"{path} refused: its .metadata {_line(e)}") from None
 
 
 def _mismatch(error: Exception) -> str:
     """The lines of a load_state_dict error that say what did not match, as one line."""
     lines = [line.strip() for line in str(error).strip().splitlines()]
     return " ".join(lines[1:] or lines)[:400]
+
+
+def _check_fits(model: nn.Module, saved: dict) -> None:
+    """A ValueError naming the first tensor of `saved` that is missing from `model`, is not in
+    `saved`, or has another shape (entries that are no tensors, such as extra state, have none)."""
+    mine = model.state_dict()
+    for name in [*mine, *(k for k in saved if k not in mine)]:
+        shapes = [
+            tuple(getattr(d[name], "shape", ())) if name in d else "none" for d in (saved, mine)
+        ]
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
+
+
+def _read_shards(parts: dict, path: Path, alone: bool) -> None:
+    """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
+    other processes (torch would warn about that every time)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
+    except dcp.CheckpointException as e:  # a BaseException holding every process's traceback
+        raise ValueError(_line(e, -1)) from None
+
+
+def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
+    """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
+    reads the pieces of each tensor that this process holds, however it was sharded. Buffers
+    are this process's own (rank 0's on another number of processes)."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    model, optimizer = sd.get_state_dict(state.model, state.optimizer)
+    alone = not _is_sharded(state.model)  # whole tensors: no process needs another
+    _read_shards({"model": model, "optimizer": optimizer}, path, alone)
+    sd.set_state_dict(
+        state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
+    )
+    if state.ema is not None:  # an EMA turned on only now starts from the weights
+        ema = sd.get_model_state_dict(state.ema)
+        _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": ema}, path, alone)
+        sd.set_model_state_dict(state.ema, ema)
+    buffers = ckpt["buffers"][runtime.rank if ckpt["world_size"] == runtime.world_size else 0]
+    for part, module in (("model", state.model), ("ema", state.ema)):
+        for name, buffer in module.named_buffers() if module is not None else ():
+            buffer.copy_(buffers[part if part in buffers else "model"][name])
+
+
+def _load_whole(state: TrainState, ckpt: dict) -> None:
+    """Fill a sharded state from a checkpoint file of the whole model: each process keeps its
+    shards of the full tensors. The optimizer state is keyed by parameter names for that."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    whole = sd.StateDictOptions(full_state_dict=True)
+    names = {p: name for name, p in state.model.named_parameters()}
+    saved, by_name, groups = ckpt["optimizer"], {}, []
+    for saved_group, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
+        params = [names[p] for p in group["params"]]
+        for index, name in zip(saved_group["params"], params, strict=True):
+            if index in saved["state"]:
+                by_name[name] = saved["state"][index]
+        groups.append({**saved_group, "params": params})
+    optimizer = {"state": by_name, "param_groups": groups}
+    sd.set_model_state_dict(state.model, ckpt["model"], options=whole)
+    sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=whole)
+    if state.ema is not None:
+        sd.set_model_state_dict(state.ema, ckpt["ema"] or ckpt["model"], options=whole)
 
 
 def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> None:
@@ -1501,59 +1558,35 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
         _seed_everything(_mix_seed(seed, state.step), runtime.rank)
 
 
-def _check_fits(model: nn.Module, saved: dict) -> None:
-    """A ValueError naming the first tensor of `saved` that is missing from `model`, is not in
-    `saved`, or has another shape (entries that are no tensors, such as extra state, have none)."""
-    mine = model.state_dict()
-    for name in [*mine, *(k for k in saved if k not in mine)]:
-        shapes = [
-            tuple(getattr(d[name], "shape", ())) if name in d else "none" for d in (saved, mine)
-        ]
-        if shapes[0] != shapes[1]:
-            raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
+def load_checkpoint(
+    path, state: Optional[TrainState] = None, *, runtime: Optional[Runtime] = None
+) -> dict:
+    """Read and verify a checkpoint; with `state`, restore training state into it.
 
-
-def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) -> None:
-    """Fill a sharded or plain state from a sharded checkpoint; torch.distributed.checkpoint
-    reads the pieces of each tensor that this process holds, however it was sharded. Buffers
-    are this process's own (rank 0's on another number of processes)."""
-    from torch.distributed.checkpoint import state_dict as sd
-
-    model, optimizer = sd.get_state_dict(state.model, state.optimizer)
-    alone = not _is_sharded(state.model)  # whole tensors: no process needs another
-    _read_shards({"model": model, "optimizer": optimizer}, path, alone)
-    sd.set_state_dict(
-        state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
-    )
-    if state.ema is not None:  # an EMA turned on only now starts from the weights
-        ema = sd.get_model_state_dict(state.ema)
-        _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": ema}, path, alone)
-        sd.set_model_state_dict(state.ema, ema)
-    buffers = ckpt["buffers"][runtime.rank if ckpt["world_size"] == runtime.world_size else 0]
-    for part, module in (("model", state.model), ("ema", state.ema)):
-        for name, buffer in module.named_buffers() if module is not None else ():
-            buffer.copy_(buffers[part if part in buffers else "model"][name])
-
-
-def _load_whole(state: TrainState, ckpt: dict) -> None:
-    """Fill a sharded state from a checkpoint file of the whole model: each process keeps its
-    shards of the full tensors. The optimizer state is keyed by parameter names for that."""
-    from torch.distributed.checkpoint import state_dict as sd
-
-    whole = sd.StateDictOptions(full_state_dict=True)
-    names = {p: name for name, p in state.model.named_parameters()}
-    saved, by_name, groups = ckpt["optimizer"], {}, []
-    for saved_group, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
-        params = [names[p] for p in group["params"]]
-        for index, name in zip(saved_group["params"], params, strict=True):
-            if index in saved["state"]:
-                by_name[name] = saved["state"][index]
-        groups.append({**saved_group, "params": params})
-    optimizer = {"state": by_name, "param_groups": groups}
-    sd.set_model_state_dict(state.model, ckpt["model"], options=whole)
-    sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=whole)
-    if state.ema is not None:
-        sd.set_model_state_dict(state.ema, ckpt["ema"] or ckpt["model"], options=whole)
+    Never runs code from the file: only tensors and plain Python values load
+    (weights_only=True). Raises CheckpointError naming the file when it is corrupt, truncated,
+    fails a checksum or holds anything else. Restoring also sets this process's RNG states.
+    A sharded checkpoint (a directory) restores into a sharded or a plain model on any number
+    of processes, and a file into either; with several processes every one must call it.
+    """
+    path = Path(path)
+    runtime = runtime or _runtime_of(state.model if state else nn.Module())
+    if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
+        inside = [p for p in (path / "last.pt", path / "last", path / "best.pt") if p.exists()]
+        example = f", e.g. {inside[0]}" if inside else " (it holds none yet)"
+        raise UsageError(f"{path} is a run directory; pass a checkpoint in it{example}")
+    if path.is_dir():
+        _check_directory(path, runtime)
+        ckpt = _read_checkpoint(path / "trainloop.pt")
+    elif path.is_file():
+        ckpt = _read_checkpoint(path)
+        if "sharded" in ckpt:
+            raise UsageError(f"{path} is part of a sharded checkpoint; pass {path.parent}")
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if state is not None:
+        _restore(state, ckpt, runtime, path)
+    return ckpt
 
 
 def _weights(model: nn.Module) -> dict:
@@ -1577,36 +1610,10 @@ def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
     model.load_state_dict(weights)
 
 
-def _read_shards(parts: dict, path: Path, alone: bool) -> None:
-    """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
-    other processes (torch would warn about that every time)."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
-    except dcp.CheckpointException as e:  # a BaseException holding every process's traceback
-        raise ValueError(_last_line(e)) from None
-
-
 # ---- fit -------------------------------------------------------------------------------------
-
-
-def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
-    if schedule == "onecycle":  # ramp up from lr/25 over `warmup` (default 30%), anneal to ~0
-        warmup = warmup or max(1, int(0.3 * total))
-        if step < warmup:
-            return 1 / 25 + (1 - 1 / 25) * step / warmup
-    elif step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "step":  # x0.1 at half and at three quarters of training
-        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    return 0.5 * (1 + math.cos(math.pi * progress))  # cosine and onecycle
+# fit (at the end) checks its arguments, builds a TrainState and hands it to _train, which
+# resumes, then runs each epoch: _train_epoch (steps, logs, periodic saves, agreed stops), then
+# _end_epoch (evaluation, best.pt, metrics, last.pt). The pieces come first, in that order.
 
 
 def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -1663,6 +1670,18 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
     return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema, ema=ema)
 
 
+def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
+    """`model` with SyncBatchNorm layers when sync_bn=True across processes, else as it is."""
+    if not config.sync_bn or runtime.world_size == 1:
+        return model
+    if runtime.device.type != "cuda":
+        raise UsageError(
+            "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
+            "drop it for CPU processes"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     """What the training step calls: DDP across processes, then torch.compile if asked. A
     sharded model is called as it is (_shard compiled its blocks)."""
@@ -1677,16 +1696,19 @@ def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     return net
 
 
-def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
-    """`model` with SyncBatchNorm layers when sync_bn=True across processes, else as it is."""
-    if not config.sync_bn or runtime.world_size == 1:
-        return model
-    if runtime.device.type != "cuda":
-        raise UsageError(
-            "sync_bn=True needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); "
-            "drop it for CPU processes"
-        )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def _blocks(model: nn.Module, types) -> list:
+    """The modules to shard one by one, innermost first."""
+    if types:
+        found = [m for m in model.modules() if isinstance(m, tuple(types)) and m is not model]
+        if not found:
+            names = [t.__name__ for t in types]
+            raise UsageError(f"shard_blocks={names}: the model holds no such module")
+        return found[::-1]
+    while True:  # go down through wrappers: a module whose parameters all sit in one child
+        holders = [c for c in model.children() if next(c.parameters(), None) is not None]
+        if len(holders) != 1 or next(model.parameters(recurse=False), None) is not None:
+            return holders
+        model = holders[0]
 
 
 def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
@@ -1720,21 +1742,6 @@ def _copy_whole(source: nn.Module, plain: nn.Module) -> None:
         for target, source in pairs:
             if isinstance(target, torch.Tensor):  # not a module's extra state
                 target.copy_(source.full_tensor() if hasattr(source, "full_tensor") else source)
-
-
-def _blocks(model: nn.Module, types) -> list:
-    """The modules to shard one by one, innermost first."""
-    if types:
-        found = [m for m in model.modules() if isinstance(m, tuple(types)) and m is not model]
-        if not found:
-            names = [t.__name__ for t in types]
-            raise UsageError(f"shard_blocks={names}: the model holds no such module")
-        return found[::-1]
-    while True:  # go down through wrappers: a module whose parameters all sit in one child
-        holders = [c for c in model.children() if next(c.parameters(), None) is not None]
-        if len(holders) != 1 or next(model.parameters(recurse=False), None) is not None:
-            return holders
-        model = holders[0]
 
 
 @dataclass(frozen=True)
@@ -1816,7 +1823,7 @@ def _catch_signals(stop: _Stop):
         try:
             note.wrapped(signum, frame)
         except RuntimeError as e:
-            stop.deaths.append(_first_line(e))
+            stop.deaths.append(_line(e))
 
     with contextlib.suppress(ValueError):  # not the main thread: leave signals to the caller
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -1839,6 +1846,11 @@ def _catch_signals(stop: _Stop):
                 signal.signal(sig, old)
 
 
+def _last_checkpoint(out: Path, config: Config) -> Path:
+    """Where the training checkpoint goes: a directory of shards when sharded."""
+    return out / ("last" if config.shard else "last.pt")
+
+
 @dataclass(frozen=True)
 class _Job:
     """What fit decided before training; the epoch loop reads it and never changes it."""
@@ -1858,17 +1870,11 @@ class _Job:
         return self.out and _last_checkpoint(self.out, self.config)
 
 
-def _last_checkpoint(out: Path, config: Config) -> Path:
-    """Where the training checkpoint goes: a directory of shards when sharded."""
-    return out / ("last" if config.shard else "last.pt")
-
-
 @dataclass
 class _LossWindow:
-    """The losses of the steps since the last sync point, still on the device."""
+    """The losses of the steps since the last sync point, still on the device; the last one is
+    of step state.step."""
 
-    first_step: int  # the optimizer step of losses[0], counted from 1
-    epoch: int  # counted from 1
     losses: list = field(default_factory=list)  # one detached device scalar per step
     weights: list = field(default_factory=list)  # what each step's loss counts in the mean
 
@@ -1879,29 +1885,159 @@ class _LossWindow:
         values = torch.stack(self.losses).tolist() if self.losses else []  # sync point
         collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
         n, weighted = len(values), [v * w for v, w in zip(values, self.weights)]
+        first = state.step - n + 1
         sums = _all_reduce(weighted + self.weights + [float(collapsed)], runtime)
         bad = [i for i, v in enumerate(sums[:n]) if not math.isfinite(v)]
         if bad:
             raise NonFiniteLossError(
-                f"the loss became NaN or inf at step {self.first_step + bad[0]} (epoch "
-                f"{self.epoch}) and no checkpoint was written after it; lower the learning rate "
-                f"below lr={_peak_lr(state):g}, use clip_grad=1.0, or check the data"
+                f"the loss became NaN or inf at step {first + bad[0]} (epoch {state.epoch + 1}) "
+                "and no checkpoint was written after it; lower the learning rate below "
+                f"lr={_peak_lr(state):g}, use clip_grad=1.0, or check the data"
             )
         if sums[-1]:
             raise NonFiniteLossError(
                 f"fp16 gradients overflow at every step (loss scale below 2^-16 at step "
-                f"{self.first_step + n - 1}); use precision='bf16' or 'fp32'"
+                f"{state.step}); use precision='bf16' or 'fp32'"
             )
         for loss_sum, weight_sum in zip(sums[:n], sums[n:-1]):  # step by step: the same sums
             state.epoch_loss[0] += loss_sum  # however the steps fall into windows
             state.epoch_loss[1] += weight_sum
-        self.first_step += n
         self.losses, self.weights = [], []
 
 
 def _train_loss(state: TrainState) -> float:
     """The epoch's mean training loss so far, over all samples of all processes."""
     return state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
+
+
+def _out_of_memory(job: _Job, when: str, done: str) -> OutOfMemoryError:
+    """One line: when, the batch size, the device's memory, and what uses less of it."""
+    config, device = job.config, job.runtime.device
+    memory = ""
+    if device.type == "cuda":  # the allocator's own counters: no sync
+        total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
+        memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
+    size, twice = config.batch_size, 2 * config.accumulate
+    knobs = [  # those not in use already
+        f"batch_size={max(1, size // 2)} accumulate={twice} (the same global batch)",
+        "precision='bf16'" if job.runtime.amp_dtype is None else "",
+        "channels_last=True" if not config.channels_last else "",
+        f"image_size={config.image_size // 2}" if config.image_size else "",
+        "shard=True" if job.runtime.world_size > 1 and not config.shard else "",
+    ]
+    knobs = [k for k in knobs if k]
+    use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
+    return OutOfMemoryError(
+        f"out of memory {when} on {device}{memory} at batch_size={size} per process; {done}. "
+        f"Use {use}, then run again"
+    )
+
+
+def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: int):
+    """One line: which worker, how it died, when, what was saved, and what to do."""
+    config = job.config
+    deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
+    while not deaths and time.monotonic() < deadline:
+        time.sleep(0.01)
+    what = (deaths or [_line(error)])[0].split(". ")[0].rstrip(".")  # names the signal
+    what = what if "DataLoader worker" in what else f"a DataLoader worker died ({what})"
+    killed = "Killed" in what  # SIGKILL: most often the kernel's out-of-memory killer
+    fix = (
+        f"; if it recurs, lower workers={workers}, batch_size={config.batch_size} or image_size="
+        f"{config.image_size or '<pixels>'}"
+        if killed
+        else ", or with workers=0 to see the worker's own error"
+    )
+    return WorkerDiedError(
+        f"{what} {when}{', most likely by the out-of-memory killer' if killed else ''}; {done}. "
+        f"Run the same command again to continue{fix}"
+    )
+
+
+def _groups(batches, size: int):
+    """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, size)):
+        yield group
+
+
+def _save(state: TrainState, job: _Job) -> None:
+    if job.out is not None:
+        config = dataclasses.asdict(job.config)
+        save_checkpoint(
+            job.last, state, runtime=job.runtime, config=config, train_size=job.train_size
+        )
+
+
+def _stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> Stopped:
+    why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
+    why = why or f"{signal.Signals(code - 128).name} received"
+    then = f"checkpoint {job.last}" if saved else _kept(job.last)
+    then = f"{then}; run the same command again to continue"
+    then = then if job.out else "nothing was saved (pass out= to be able to continue)"
+    where = f"at step {state.step} (epoch {state.epoch + 1})"
+    job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
+    return Stopped(code)
+
+
+def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=None):
+    """The error to end training with for a fault met in the epoch loop, or in validation
+    (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
+    inside a step (see _faults), and validation changes no state: then the state is
+    whole, and with one process it is saved (mid-epoch once settle() records the position).
+    Workers dead after a stop signal got it too (sent to the process group): that is the stop."""
+    oom = _is_oom(error)
+    tb, entered = error.__traceback__, None
+    while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
+        entered = tb.tb_frame.f_code if tb.tb_frame.f_globals is globals() else entered
+        tb = tb.tb_next
+    # A worker that died holding a batch breaks the reading of that batch in any way.
+    workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
+    broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
+    died = stop.deaths or broken or "DataLoader worker (pid" in str(error)
+    died = died and entered in (_groups.__code__, evaluate.__wrapped__.__code__)
+    if not (oom or died):
+        return None
+    # Several processes save together, not one alone; a step that ran out of memory is half done.
+    saved = job.runtime.world_size == 1 and job.out is not None and (died or settle is None)
+    if saved:
+        if settle is not None:
+            settle()
+        _save(state, job)
+    if died and stop.signal:
+        return _stopped(128 + stop.signal, state, job, saved)
+    done = f"checkpoint {job.last} written" if saved else _kept(job.last)
+    when = f"at step {state.step} (epoch {state.epoch + 1})"
+    if settle is None:
+        when = f"in the validation of epoch {state.epoch + 1}"
+    elif oom:  # the step that ran out is the next one, and half done
+        when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
+        done = f"the step was not counted and {done}"
+    if oom:
+        return _out_of_memory(job, when, done)
+    return _worker_died(error, stop.deaths, job, when, done, workers)
+
+
+@contextlib.contextmanager
+def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
+    """Ends training with one of our errors when the block meets a fault (see _fault)."""
+    try:
+        yield
+    except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
+        fault = _fault(e, state, job, loader=loader, stop=stop, settle=settle)
+        if fault is None:
+            raise
+        raise fault from e
+
+
+def _log_progress(state, job: _Job, advance, speed: float, eta: float, step: int, steps: int):
+    mean = _train_loss(state)
+    advance(advance=0, loss=f"{mean:.4f}", speed=f"{speed:,.0f}")
+    if not job.console.live:
+        job.console.line(
+            f"epoch={state.epoch + 1}/{job.config.epochs} step={step}/{steps} loss={mean:.4f} "
+            f"lr={state.lr:.4g} samples_per_s={speed:.0f} eta={eta:.0f}s"
+        )
 
 
 def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: float) -> int:
@@ -1918,7 +2054,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     # Processes stop at the same step, so they must agree (a collective): one process checks
     # for a signal or the time limit after every step, several at every log point.
     agree_every = 1 if rt.world_size == 1 else config.log_every
-    window, started, counted = _LossWindow(state.step + 1, state.epoch + 1), time.monotonic(), 0
+    window, started, counted = _LossWindow(), time.monotonic(), 0
 
     def settle() -> None:  # a sync point: the epoch's global position and losses, for a save
         done = state.batches - start_batches
@@ -1967,149 +2103,6 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     return 0
 
 
-def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=None):
-    """The error to end training with for a fault met in the epoch loop, or in validation
-    (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
-    inside a step (see _faults), and validation changes no state: then the state is
-    whole, and with one process it is saved (mid-epoch once settle() records the position).
-    Workers dead after a stop signal got it too (sent to the process group): that is the stop."""
-    oom = _is_oom(error)
-    tb, entered = error.__traceback__, None
-    while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
-        entered = tb.tb_frame.f_code.co_name if tb.tb_frame.f_globals is globals() else entered
-        tb = tb.tb_next
-    # A worker that died holding a batch breaks the reading of that batch in any way.
-    workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
-    broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
-    died = stop.deaths or broken or "DataLoader worker (pid" in str(error)
-    died = died and entered in ("_groups", "evaluate")
-    if not (oom or died):
-        return None
-    # Several processes save together, not one alone; a step that ran out of memory is half done.
-    saved = job.runtime.world_size == 1 and job.out is not None and (died or settle is None)
-    if saved:
-        if settle is not None:
-            settle()
-        _save(state, job)
-    if died and stop.signal:
-        _say_stopped(128 + stop.signal, state, job, saved)
-        return Stopped(128 + stop.signal)
-    done = f"checkpoint {job.last} written" if saved else _kept(job.last)
-    when = f"at step {state.step} (epoch {state.epoch + 1})"
-    if settle is None:
-        when = f"in the validation of epoch {state.epoch + 1}"
-    elif oom:  # the step that ran out is the next one, and half done
-        when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
-        done = f"the step was not counted and {done}"
-    if oom:
-        return _out_of_memory(job, when, done)
-    return _worker_died(error, stop.deaths, job, when, done, workers)
-
-
-def _is_oom(error: BaseException) -> bool:
-    # The host's allocator raises a plain RuntimeError, as does a CUDA kernel ("CUDA error: out
-    # of memory"); the CUDA allocator a torch.OutOfMemoryError.
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or bool(
-        isinstance(error, RuntimeError) and re.search("allocate memory|out of mem", str(error))
-    )
-
-
-def _out_of_memory(job: _Job, when: str, done: str) -> OutOfMemoryError:
-    """One line: when, the batch size, the device's memory, and what uses less of it."""
-    config, device = job.config, job.runtime.device
-    memory = ""
-    if device.type == "cuda":  # the allocator's own counters: no sync
-        total, peak = torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_allocated(device)
-        memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
-    size, twice = config.batch_size, 2 * config.accumulate
-    knobs = [  # those not in use already
-        f"batch_size={max(1, size // 2)} accumulate={twice} (the same global batch)",
-        "precision='bf16'" if job.runtime.amp_dtype is None else "",
-        "channels_last=True" if not config.channels_last else "",
-        f"image_size={config.image_size // 2}" if config.image_size else "",
-        "shard=True" if job.runtime.world_size > 1 and not config.shard else "",
-    ]
-    knobs = [k for k in knobs if k]
-    use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
-    return OutOfMemoryError(
-        f"out of memory {when} on {device}{memory} at batch_size={size} per process; {done}. "
-        f"Use {use}, then run again"
-    )
-
-
-def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: int):
-    """One line: which worker, how it died, when, what was saved, and what to do."""
-    config = job.config
-    deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
-    while not deaths and time.monotonic() < deadline:
-        time.sleep(0.01)
-    what = (deaths or [_first_line(error)])[0].split(". ")[0].rstrip(".")  # names the signal
-    what = what if "DataLoader worker" in what else f"a DataLoader worker died ({what})"
-    killed = "Killed" in what  # SIGKILL: most often the kernel's out-of-memory killer
-    fix = (
-        f"; if it recurs, lower workers={workers}, batch_size={config.batch_size} or image_size="
-        f"{config.image_size or '<pixels>'}"
-        if killed
-        else ", or with workers=0 to see the worker's own error"
-    )
-    return WorkerDiedError(
-        f"{what} {when}{', most likely by the out-of-memory killer' if killed else ''}; {done}. "
-        f"Run the same command again to continue{fix}"
-    )
-
-
-@contextlib.contextmanager
-def _faults(state: TrainState, job: _Job, loader, stop: _Stop, settle=None):
-    """Ends training with one of our errors when the block meets a fault (see _fault)."""
-    try:
-        yield
-    except Exception as e:  # _worker_died waits here for a death's SIGCHLD still on its way
-        fault = _fault(e, state, job, loader=loader, stop=stop, settle=settle)
-        if fault is None:
-            raise
-        raise fault from e
-
-
-def _groups(batches, size: int):
-    """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _log_progress(state, job: _Job, advance, speed: float, eta: float, step: int, steps: int):
-    mean = _train_loss(state)
-    advance(advance=0, loss=f"{mean:.4f}", speed=f"{speed:,.0f}")
-    if not job.console.live:
-        job.console.line(
-            f"epoch={state.epoch + 1}/{job.config.epochs} step={step}/{steps} loss={mean:.4f} "
-            f"lr={state.lr:.4g} samples_per_s={speed:.0f} eta={eta:.0f}s"
-        )
-
-
-def _save(state: TrainState, job: _Job) -> None:
-    if job.out is not None:
-        config = dataclasses.asdict(job.config)
-        save_checkpoint(
-            job.last, state, runtime=job.runtime, config=config, train_size=job.train_size
-        )
-
-
-def _say_stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> None:
-    why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
-    why = why or f"{signal.Signals(code - 128).name} received"
-    then = f"checkpoint {job.last}" if saved else _kept(job.last)
-    then = f"{then}; run the same command again to continue"
-    then = then if job.out else "nothing was saved (pass out= to be able to continue)"
-    where = f"at step {state.step} (epoch {state.epoch + 1})"
-    job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
-
-
 def _monitor_name(config: Config, names) -> str:
     """The metric that picks best.pt and early stopping, checked against the metric `names`
     that fit can report (before training) or that an epoch reported."""
@@ -2128,21 +2121,43 @@ def _maximized(name: str, mode: str) -> bool:
     return mode == "max"
 
 
-def _improved(value: float, best: Optional[float], name: str, mode: str) -> bool:
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best if _maximized(name, mode) else value < best
-
-
 def _rebest(state: TrainState, config: Config) -> None:
-    """state.best and best_epoch: the history's first best row by the monitored metric."""
+    """state.best and best_epoch: the history's first best row by the monitored metric (NaN
+    never is)."""
     state.best, state.best_epoch = None, 0
     for row in state.history:
         name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
-        if name in row and _improved(row[name], state.best, name, config.monitor_mode):
-            state.best, state.best_epoch = row[name], row["epoch"]
+        value, best = row.get(name, math.nan), state.best
+        higher = _maximized(name, config.monitor_mode)
+        if not math.isnan(value) and (best is None or (value > best if higher else value < best)):
+            state.best, state.best_epoch = value, row["epoch"]
+
+
+def _step_plateau(scheduler: ReduceLROnPlateau, row: dict, config: Config) -> None:
+    name = _monitor_name(config, row)
+    maximized = _maximized(name, config.monitor_mode)
+    if maximized != (scheduler.mode == "max"):  # it would cut the LR as the metric improves
+        raise UsageError(
+            f"scheduler=ReduceLROnPlateau(mode={scheduler.mode!r}) follows {name}, which is "
+            f"better when {'higher' if maximized else 'lower'}; give it "
+            f"mode={'max' if maximized else 'min'!r} (or set monitor and monitor_mode)"
+        )
+    scheduler.step(row[name])
+
+
+def _write_metrics(history: list, job: _Job, tensorboard) -> None:
+    """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
+    tmp = job.out / ".metrics.jsonl.tmp"
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        os.replace(tmp, job.out / "metrics.jsonl")
+        if tensorboard is not None:
+            for key, value in history[-1].items():
+                if key not in ("epoch", "step"):
+                    tensorboard.add_scalar(key, value, history[-1]["step"])
+            tensorboard.flush()
+    except OSError as e:  # a full disk: the same one line as for a checkpoint
+        raise SaveError(_save_failure(e, job.out / "metrics.jsonl", job.last)) from e
 
 
 def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> bool:
@@ -2151,8 +2166,12 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
     started = time.monotonic()
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
     _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
-    if val is not None:
-        row.update({f"val_{k}": v for k, v in _validate(state, val, job, stop).items()})
+    if val is not None:  # a dead loader worker or out of memory ends the run as in training
+        with _faults(state, job, val, stop):
+            scores = evaluate(
+                state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
+            )
+        row.update({f"val_{k}": v for k, v in scores.items()})
     row["lr"] = state.lr
     row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
     if isinstance(state.scheduler, ReduceLROnPlateau) and config.monitor in (*row, "auto"):
@@ -2175,42 +2194,6 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
     shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
     job.console.line(f"epoch={state.epoch}/{config.epochs} " + " ".join(list(shown)[1:]))
     return bool(config.patience) and state.epoch - state.best_epoch >= config.patience
-
-
-def _step_plateau(scheduler: ReduceLROnPlateau, row: dict, config: Config) -> None:
-    name = _monitor_name(config, row)
-    maximized = _maximized(name, config.monitor_mode)
-    if maximized != (scheduler.mode == "max"):  # it would cut the LR as the metric improves
-        raise UsageError(
-            f"scheduler=ReduceLROnPlateau(mode={scheduler.mode!r}) follows {name}, which is "
-            f"better when {'higher' if maximized else 'lower'}; give it "
-            f"mode={'max' if maximized else 'min'!r} (or set monitor and monitor_mode)"
-        )
-    scheduler.step(row[name])
-
-
-def _validate(state: TrainState, val, job: _Job, stop: _Stop) -> dict:
-    """evaluate the epoch's model; a dead loader worker or out of memory ends the run as in
-    training, after saving the epoch's training (one process)."""
-    with _faults(state, job, val, stop):
-        return evaluate(
-            state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
-        )
-
-
-def _write_metrics(history: list, job: _Job, tensorboard) -> None:
-    """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
-    tmp = job.out / ".metrics.jsonl.tmp"
-    try:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, job.out / "metrics.jsonl")
-        if tensorboard is not None:
-            for key, value in history[-1].items():
-                if key not in ("epoch", "step"):
-                    tensorboard.add_scalar(key, value, history[-1]["step"])
-            tensorboard.flush()
-    except OSError as e:  # a full disk: the same one line as for a checkpoint
-        raise SaveError(_save_failure(e, job.out / "metrics.jsonl", job.last)) from e
 
 
 def _tensorboard(job: _Job):
@@ -2268,52 +2251,10 @@ def _resume_file(config: Config) -> Path:
     return Path(config.resume)
 
 
-def _resume(state: TrainState, job: _Job) -> None:
-    """Continue from the newest good checkpoint, falling back past a corrupt one."""
-    config, rt = job.config, job.runtime
-    candidates = _candidates(config, job.out)
-    earlier = job.out and any((job.out / n).exists() for n in ("metrics.jsonl", "best.pt"))
-    if config.resume == "auto" and earlier and not candidates:
-        job.console.write(
-            f"warning: {job.out} has no checkpoint to resume ({job.last.name}); starting "
-            "over, replacing best.pt and metrics.jsonl"
-        )
-    corrupt = []
-    for i, path in enumerate(candidates):
-        try:
-            ckpt = load_checkpoint(path, runtime=rt)
-        except CheckpointError as e:
-            if i + 1 == len(candidates):  # the last, or the one file named
-                raise CheckpointError(
-                    f"{e}; resume from another checkpoint (resume=PATH) or start over "
-                    "(resume='none')"
-                ) from None
-            job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
-            corrupt.append(path)
-            continue
-        saved = ckpt.get("config", {})
-        if saved.get("optimizer", config.optimizer) != config.optimizer:
-            raise UsageError(
-                f"optimizer={config.optimizer!r}: {path} was trained with "
-                f"{saved['optimizer']!r}; keep it, or start over with resume='none'"
-            )
-        _restore(state, ckpt, rt, path)
-        _warn_changes(ckpt, job)
-        _apply_config(state, job, ckpt)
-        _rebest(state, config)  # by this run's monitor and monitor_mode
-        said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
-        if state.epoch >= config.epochs:
-            said = f"{path}: already complete ({state.epoch} of {config.epochs} epochs); "
-            said += "pass more epochs to train further"
-        job.console.line(said)
-        break
-    _barrier(rt)
-    if rt.is_main:
-        for path in corrupt:  # set aside, so that no save rotates it over a good file
-            aside = path.with_name(path.stem + ".corrupt" + path.suffix)
-            if aside.is_dir():  # a directory is not replaced
-                shutil.rmtree(aside)
-            os.replace(path, aside)
+def _newest_first(paths) -> list:
+    """The paths that exist, newest first: both kinds are there only after --shard changed."""
+    found = [p for p in paths if p.exists()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _candidates(config: Config, out: Optional[Path]) -> list:
@@ -2325,12 +2266,6 @@ def _candidates(config: Config, out: Optional[Path]) -> list:
         return []
     last = [out / "last.pt", out / "last"]
     return _newest_first(last) + _newest_first(map(_previous, last))
-
-
-def _newest_first(paths) -> list:
-    """The paths that exist, newest first: both kinds are there only after --shard changed."""
-    found = [p for p in paths if p.exists()]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _warn_changes(ckpt: dict, job: _Job) -> None:
@@ -2380,6 +2315,54 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for g, base in zip(groups, scheduler.base_lrs):
         g["lr"] = base * factor
+
+
+def _resume(state: TrainState, job: _Job) -> None:
+    """Continue from the newest good checkpoint, falling back past a corrupt one."""
+    config, rt = job.config, job.runtime
+    candidates = _candidates(config, job.out)
+    earlier = job.out and any((job.out / n).exists() for n in ("metrics.jsonl", "best.pt"))
+    if config.resume == "auto" and earlier and not candidates:
+        job.console.write(
+            f"warning: {job.out} has no checkpoint to resume ({job.last.name}); starting "
+            "over, replacing best.pt and metrics.jsonl"
+        )
+    corrupt = []
+    for i, path in enumerate(candidates):
+        try:
+            ckpt = load_checkpoint(path, runtime=rt)
+        except CheckpointError as e:
+            if i + 1 == len(candidates):  # the last, or the one file named
+                raise CheckpointError(
+                    f"{e}; resume from another checkpoint (resume=PATH) or start over "
+                    "(resume='none')"
+                ) from None
+            job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
+            corrupt.append(path)
+            continue
+        saved = ckpt.get("config", {})
+        if saved.get("optimizer", config.optimizer) != config.optimizer:
+            raise UsageError(
+                f"optimizer={config.optimizer!r}: {path} was trained with "
+                f"{saved['optimizer']!r}; keep it, or start over with resume='none'"
+            )
+        _restore(state, ckpt, rt, path)
+        _warn_changes(ckpt, job)
+        _apply_config(state, job, ckpt)
+        _rebest(state, config)  # by this run's monitor and monitor_mode
+        said = f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}"
+        if state.epoch >= config.epochs:
+            said = f"{path}: already complete ({state.epoch} of {config.epochs} epochs); "
+            said += "pass more epochs to train further"
+        job.console.line(said)
+        break
+    _barrier(rt)
+    if rt.is_main:
+        for path in corrupt:  # set aside, so that no save rotates it over a good file
+            aside = path.with_name(path.stem + ".corrupt" + path.suffix)
+            if aside.is_dir():  # a directory is not replaced
+                shutil.rmtree(aside)
+            os.replace(path, aside)
 
 
 def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Console):
@@ -2466,85 +2449,6 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
     return config
 
 
-def fit(
-    model: nn.Module,
-    train_data,
-    val_data=None,
-    *,
-    config: Optional[Config] = None,
-    loss_fn: Optional[Callable] = F.cross_entropy,
-    metrics: Optional[dict] = None,
-    optimizer=None,
-    scheduler=None,
-    shard_blocks=None,
-    log: Optional[Callable] = None,
-    runtime: Optional[Runtime] = None,
-    **overrides,
-) -> list:
-    """Train `model` in place and return the per-epoch history (a list of dicts). With ema > 0
-    the model ends with the EMA's weights, which are what was evaluated and saved as best.pt.
-
-    train_data / val_data: map-style Datasets (loaders are built with make_loader; exact
-    mid-epoch resume) or ready-made DataLoaders. A batch is (inputs, target), (inputs, target,
-    weight) or a dict passed to model(**batch). loss_fn(output, target) -> scalar; None means
-    the model returns its own loss. metrics: {"name": fn(output, target) -> batch mean}.
-    optimizer: an Optimizer over model's parameters, or a name ("sgd", "adamw") for Config.
-    scheduler: a torch LR scheduler on that optimizer, or a function optimizer -> scheduler;
-    it replaces config.schedule and warmup, and is stepped after every optimizer step (a
-    ReduceLROnPlateau after each evaluation, with the monitored metric).
-    shard=True shards the model over the processes with FSDP2 (fit builds the optimizer after
-    sharding, so give its name): each module of the classes `shard_blocks` (default: each child
-    that holds parameters) separately, then the whole. Checkpoints become directories.
-    Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
-    Seeds Python, NumPy and torch from config.seed unless it resumes. Under torchrun it joins
-    the process group. Raises Stopped (a SystemExit) after checkpointing on a signal or the
-    time limit, NonFiniteLossError on a NaN loss, UsageError on bad settings, SaveError when a
-    checkpoint cannot be written, WorkerDiedError when a loader worker dies (after saving, with
-    one process) and OutOfMemoryError when a step runs out of memory.
-    """
-    if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
-        overrides["optimizer"], optimizer = optimizer, None
-    config = _settings(config, overrides)
-    _check_arguments(
-        model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
-    )
-    if config.label_smoothing and loss_fn is not F.cross_entropy:
-        raise UsageError(
-            "label_smoothing is for the default cross-entropy; give your loss_fn its own, e.g. "
-            "nn.CrossEntropyLoss(label_smoothing=0.1)"
-        )
-    if config.label_smoothing:
-        loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-    rt = runtime or setup_device(
-        config.gpus, precision=config.precision, deterministic=config.deterministic
-    )
-    try:
-        model = _unwrap(model)
-        if not config.shard:  # sharding moves only each process's shards (see _shard)
-            model = model.to(rt.device)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        console = _console(log, config.quiet, rt)
-        train = _as_loader(train_data, config, rt, True, console)
-        val = _as_loader(val_data, config, rt, False, console)
-        size = _check_data(train_data, train, val_data, val, rt, config.shard)
-        steps = math.ceil(len(train) / config.accumulate)
-        with _group_of_one(config.shard, rt):
-            net, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
-            state = _new_state(net, config, rt, optimizer, scheduler, steps, ema)
-            out = _prepare_out(config, rt)
-            own = scheduler is None
-            job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
-            history = _train(state, train, val, job)
-            if state.ema is not None or net is not model:  # the weights evaluated, in the model
-                _copy_whole(state.eval_model, model)
-            del state, net, ema  # the sharded copy ends before the process group (see teardown)
-            return history
-    finally:
-        if runtime is None:
-            teardown(rt)
-
-
 def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics, blocks, config):
     """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
     if config.patience and val_data is None and config.monitor != "train_loss":
@@ -2605,6 +2509,22 @@ def _group_of_one(needed: bool, runtime: Runtime):
         dist.destroy_process_group()
 
 
+def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
+    if not state.history:
+        return
+    name = _monitor_name(job.config, state.history[-1])
+    text = f"done: {name} was never a finite number"
+    if state.best is not None:
+        text = f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
+    if stopped_early:
+        text += f" (early stop after epoch {state.epoch}: no better {name} for "
+        text += f"{job.config.patience} epoch{'s' if job.config.patience > 1 else ''})"
+    if job.out is not None:
+        text += f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
+        text += f"metrics {job.out / 'metrics.jsonl'}"
+    job.console.write(text)
+
+
 def _train(state: TrainState, train, val, job: _Job) -> list:
     """Resume if there is a checkpoint, then train epoch by epoch until done or stopped."""
     config, rt = job.config, job.runtime
@@ -2630,15 +2550,13 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
                     reserve = time.monotonic() - started
                     code = stop.agreed(rt, 0.0) if state.epoch < config.epochs else 0
                 if code:
-                    _say_stopped(code, state, job)
-                    raise Stopped(code)
+                    raise _stopped(code, state, job)
     except Exception as e:
         if not stop.signal or isinstance(e, (UsageError, CheckpointError, NonFiniteLossError)):
             raise  # ours: it says what happened
         # The signal reached this process's loader workers too, or a peer stopped alone (its
         # workers died): the stop, without a checkpoint, as the processes could not agree on one.
-        _say_stopped(128 + stop.signal, state, job, saved=False)
-        raise Stopped(128 + stop.signal) from e
+        raise _stopped(128 + stop.signal, state, job, saved=False) from e
     finally:
         if tensorboard is not None:
             with contextlib.suppress(OSError):  # a full disk was already reported
@@ -2647,20 +2565,76 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
     return state.history
 
 
-def _summary(state: TrainState, job: _Job, stopped_early: bool) -> None:
-    if not state.history:
-        return
-    name = _monitor_name(job.config, state.history[-1])
-    text = f"done: {name} was never a finite number"
-    if state.best is not None:
-        text = f"done: best {name}={state.best:.4g} at epoch {state.best_epoch}"
-    if stopped_early:
-        text += f" (early stop after epoch {state.epoch}: no better {name} for "
-        text += f"{job.config.patience} epoch{'s' if job.config.patience > 1 else ''})"
-    if job.out is not None:
-        text += f"; weights {job.out / 'best.pt'}, checkpoint {job.last}, "
-        text += f"metrics {job.out / 'metrics.jsonl'}"
-    job.console.write(text)
+def fit(
+    model: nn.Module,
+    train_data,
+    val_data=None,
+    *,
+    config: Optional[Config] = None,
+    loss_fn: Optional[Callable] = F.cross_entropy,
+    metrics: Optional[dict] = None,
+    optimizer=None,
+    scheduler=None,
+    shard_blocks=None,
+    log: Optional[Callable] = None,
+    runtime: Optional[Runtime] = None,
+    **overrides,
+) -> list:
+    """Train `model` in place and return the per-epoch history (a list of dicts); with ema > 0
+    the model ends with the EMA's weights, those evaluated and saved as best.pt.
+
+    train_data / val_data: map-style Datasets (exact mid-epoch resume) or your own loaders. A
+    batch is (inputs, target), (inputs, target, weight) or a dict for model(**batch).
+    loss_fn(output, target) -> scalar (None: the model returns its loss); metrics: {"name":
+    fn(output, target) -> batch mean}. optimizer: one on the model's parameters, or its name;
+    scheduler: a torch LR scheduler on it, or a function optimizer -> scheduler (it replaces
+    config.schedule). shard=True: FSDP2 shards each module of the classes `shard_blocks`
+    (default: each child with parameters), then the whole; give the optimizer by name.
+    Settings come from `config` with keyword overrides, e.g. fit(..., epochs=5, out="runs/a").
+    Raises Stopped (a SystemExit) after checkpointing on a signal or the time limit, and the
+    other errors of __all__ for bad settings and faults.
+    """
+    if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
+        overrides["optimizer"], optimizer = optimizer, None
+    config = _settings(config, overrides)
+    _check_arguments(
+        model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
+    )
+    if config.label_smoothing and loss_fn is not F.cross_entropy:
+        raise UsageError(
+            "label_smoothing is for the default cross-entropy; give your loss_fn its own, e.g. "
+            "nn.CrossEntropyLoss(label_smoothing=0.1)"
+        )
+    if config.label_smoothing:
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+    rt = runtime or setup_device(
+        config.gpus, precision=config.precision, deterministic=config.deterministic
+    )
+    try:
+        model = _unwrap(model)
+        if not config.shard:  # sharding moves only each process's shards (see _shard)
+            model = model.to(rt.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        console = _console(log, config.quiet, rt)
+        train = _as_loader(train_data, config, rt, True, console)
+        val = _as_loader(val_data, config, rt, False, console)
+        size = _check_data(train_data, train, val_data, val, rt, config.shard)
+        steps = math.ceil(len(train) / config.accumulate)
+        with _group_of_one(config.shard, rt):
+            net, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
+            state = _new_state(net, config, rt, optimizer, scheduler, steps, ema)
+            out = _prepare_out(config, rt)
+            own = scheduler is None
+            job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
+            history = _train(state, train, val, job)
+            if state.ema is not None or net is not model:  # the weights evaluated, in the model
+                _copy_whole(state.eval_model, model)
+            del state, net, ema  # the sharded copy ends before the process group (see teardown)
+            return history
+    finally:
+        if runtime is None:
+            teardown(rt)
 
 
 # ---- CLI: data, models, launcher -------------------------------------------------------------
@@ -2714,43 +2688,30 @@ _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
 
 
-class _ImageFiles(Dataset):
-    """(uint8 RGB image (3, size, size), label) per file, decoded when read: with `augment` a
-    random resized crop and flip from torch's global RNG (which loader workers seed per
-    sample), else a center crop of `ratio` of the shorter side."""
+def _pil_pixels(image) -> torch.Tensor:
+    """uint8 (3, H, W) of an open PIL image, upright, its range kept: PIL's convert clips
+    16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
+    from PIL import Image, ImageOps
 
-    def __init__(self, samples, size: int, augment: bool, ratio: float):
-        self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        gray = np.asarray(image, np.float32) * (255.0 if image.mode == "F" else 255 / 65535)
+        image = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # as PIL asks, before the alpha is dropped
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
-    def __len__(self):
-        return len(self.samples)
 
-    def __getitem__(self, index):
-        from PIL import Image
+def _decode(path, image) -> torch.Tensor:
+    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, else `image` (PIL's)."""
+    from torchvision.io import ImageReadMode, decode_image
 
-        path, label = self.samples[index]
-        try:
-            image = _read_image(path, self.size, self._box)
-        except Image.DecompressionBombError:  # not an OSError; PIL's limit stays: it guards memory
-            why = "larger than PIL's decompression-bomb limit"
-            fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
-            raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
-        except (OSError, ValueError, RuntimeError) as e:
-            why = _first_line(e)
-            raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
-        if self.augment and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, label
-
-    def _box(self, width: int, height: int) -> tuple:
-        """(top, left, height, width) of the crop in the upright image, in pixels."""
-        if not self.augment:
-            side = min(width, height) * self.ratio
-            return (height - side) / 2, (width - side) / 2, side, side
-        from torchvision.transforms.v2 import RandomResizedCrop
-
-        size_only = torch.empty(0, height, width)  # before decoding: get_params reads the size
-        return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
+    try:
+        pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # a format it does not read (BMP, TIFF, ...)
+        return _pil_pixels(image)
+    pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
+    return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
 
 
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
@@ -2777,30 +2738,43 @@ def _read_image(path, size: int, box_fn) -> torch.Tensor:
     return resized_crop(pixels, top, left, max(1, h), max(1, w), [size, size], antialias=True)
 
 
-def _decode(path, image) -> torch.Tensor:
-    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, else `image` (PIL's)."""
-    from torchvision.io import ImageReadMode, decode_image
+class _ImageFiles(Dataset):
+    """(uint8 RGB image (3, size, size), label) per file, decoded when read: with `augment` a
+    random resized crop and flip from torch's global RNG (which loader workers seed per
+    sample), else a center crop of `ratio` of the shorter side."""
 
-    try:
-        pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # a format it does not read (BMP, TIFF, ...)
-        return _pil_pixels(image)
-    pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
-    return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
+    def __init__(self, samples, size: int, augment: bool, ratio: float):
+        self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
 
+    def __len__(self):
+        return len(self.samples)
 
-def _pil_pixels(image) -> torch.Tensor:
-    """uint8 (3, H, W) of an open PIL image, upright, its range kept: PIL's convert clips
-    16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
-    from PIL import Image, ImageOps
+    def __getitem__(self, index):
+        from PIL import Image
 
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        gray = np.asarray(image, np.float32) * (255.0 if image.mode == "F" else 255 / 65535)
-        image = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8))
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # as PIL asks, before the alpha is dropped
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        path, label = self.samples[index]
+        try:
+            image = _read_image(path, self.size, self._box)
+        except Image.DecompressionBombError:  # not an OSError; PIL's limit stays: it guards memory
+            why = "larger than PIL's decompression-bomb limit"
+            fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
+            raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
+        except (OSError, ValueError, RuntimeError) as e:
+            why = _line(e)
+            raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
+        if self.augment and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, label
+
+    def _box(self, width: int, height: int) -> tuple:
+        """(top, left, height, width) of the crop in the upright image, in pixels."""
+        if not self.augment:
+            side = min(width, height) * self.ratio
+            return (height - side) / 2, (width - side) / 2, side, side
+        from torchvision.transforms.v2 import RandomResizedCrop
+
+        size_only = torch.empty(0, height, width)  # before decoding: get_params reads the size
+        return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
 
 
 # Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, and GIF.
@@ -2837,6 +2811,73 @@ def _class_folders(folder: Path, data: str, besides: Optional[Path] = None) -> t
             f"({', '.join(_IMAGE_SUFFIXES)}); add images, or remove the folder(s)"
         )
     return classes, samples
+
+
+def _split(samples, config: Config) -> tuple:
+    """(train, val) samples, split per class by --val-fraction and fixed by the seed: of a
+    class's n images, round(fraction x n) to validation but never all (a class of one image
+    trains); if that holds none out at all, one image of the largest class (even its only one:
+    fit needs a validation image)."""
+    counts = torch.bincount(torch.tensor([label for _, label in samples]))
+    quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
+    if quota.sum() == 0:
+        quota[counts.argmax()] = 1
+    quota, held = quota.tolist(), set()
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
+    for i in order.tolist():  # the first quota[c] images of class c in a shuffled order
+        label = samples[i][1]
+        if quota[label] > 0:
+            quota[label] -= 1
+            held.add(i)
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def _weights_enum(name: str, weights: str):
+    """torchvision's weights enum member that `weights` names for `name`; None for a file."""
+    if Path(weights).is_file():
+        return None
+    if Path(weights).is_dir():
+        raise UsageError(
+            f"weights={weights!r} is a directory; pass a weights file, e.g. OUT/best.pt"
+        )
+    import torchvision
+
+    try:
+        options = list(torchvision.models.get_model_weights(name))
+    except ValueError:  # torchvision has none for this model (smallcnn, or one without)
+        options = []
+    key = weights.split(".")[-1]  # ResNet18_Weights.DEFAULT is DEFAULT
+    names = ["DEFAULT", *(w.name for w in options)] if options else []  # aliases not listed
+    if key not in names:
+        raise UsageError(
+            f"weights={weights!r}: no such file, nor torchvision weights for model={name!r} "
+            f"(it has: {', '.join(names) or 'none'})"
+        )
+    return type(options[0])[key]
+
+
+def _image_settings(config: Config, samples) -> tuple:
+    """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
+    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
+    and per-channel statistics of up to 256 `samples` (center crops at 64 px; the same pick for
+    every --seed and split, so that a run resumed with another normalizes as it began), rounded
+    so that config.json states them exactly."""
+    enum = None
+    with contextlib.suppress(UsageError):  # a file gone since, or a bad name: said when loaded
+        enum = _weights_enum(config.model, config.weights) if config.weights else None
+    preset = enum.transforms() if enum else None
+    default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
+    size = config.image_size or default
+    ratio = preset.crop_size[0] / preset.resize_size[0] if preset else _VAL_CROP
+    mean = _per_channel("mean", config.mean) or (preset and tuple(preset.mean))
+    std = _per_channel("std", config.std) or (preset and tuple(preset.std))
+    if not (mean and std):
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
+        probe = _ImageFiles([samples[i] for i in order[:256].tolist()], 64, False, 1.0)
+        pixels = torch.stack([image for image, _ in probe]).transpose(0, 1).reshape(3, -1) / 255
+        mean = mean or tuple(round(v, 3) for v in pixels.mean(1).tolist())
+        std = std or tuple(round(max(v, 1e-3), 3) for v in pixels.std(1).tolist())
+    return size, ratio, mean, std
 
 
 def _image_folder(config: Config):
@@ -2878,49 +2919,6 @@ def _image_folder(config: Config):
     return _ImageFiles(samples, size, config.augment, ratio), val_files, info
 
 
-def _split(samples, config: Config) -> tuple:
-    """(train, val) samples, split per class by --val-fraction and fixed by the seed: of a
-    class's n images, round(fraction x n) to validation but never all (a class of one image
-    trains); if that holds none out at all, one image of the largest class (even its only one:
-    fit needs a validation image)."""
-    counts = torch.bincount(torch.tensor([label for _, label in samples]))
-    quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
-    if quota.sum() == 0:
-        quota[counts.argmax()] = 1
-    quota, held = quota.tolist(), set()
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
-    for i in order.tolist():  # the first quota[c] images of class c in a shuffled order
-        label = samples[i][1]
-        if quota[label] > 0:
-            quota[label] -= 1
-            held.add(i)
-    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
-
-
-def _image_settings(config: Config, samples) -> tuple:
-    """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
-    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
-    and per-channel statistics of up to 256 `samples` (center crops at 64 px; the same pick for
-    every --seed and split, so that a run resumed with another normalizes as it began), rounded
-    so that config.json states them exactly."""
-    enum = None
-    with contextlib.suppress(UsageError):  # a file gone since, or a bad name: said when loaded
-        enum = _weights_enum(config.model, config.weights) if config.weights else None
-    preset = enum.transforms() if enum else None
-    default = preset.crop_size[0] if preset else 64 if config.model == "smallcnn" else 224
-    size = config.image_size or default
-    ratio = preset.crop_size[0] / preset.resize_size[0] if preset else _VAL_CROP
-    mean = _per_channel("mean", config.mean) or (preset and tuple(preset.mean))
-    std = _per_channel("std", config.std) or (preset and tuple(preset.std))
-    if not (mean and std):
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
-        probe = _ImageFiles([samples[i] for i in order[:256].tolist()], 64, False, 1.0)
-        pixels = torch.stack([image for image, _ in probe]).transpose(0, 1).reshape(3, -1) / 255
-        mean = mean or tuple(round(v, 3) for v in pixels.mean(1).tolist())
-        std = std or tuple(round(max(v, 1e-3), 3) for v in pixels.std(1).tolist())
-    return size, ratio, mean, std
-
-
 def _load_torchvision(config: Config):
     import torchvision
 
@@ -2932,7 +2930,7 @@ def _load_torchvision(config: Config):
         why, fix = ("not downloaded", "check the network") if config.download else off
         raise UsageError(
             f"data={config.data!r}: not found under {config.data_root}/ and {why} "
-            f"({_last_line(e)}); {fix}, or copy the files there"
+            f"({_line(e, -1)}); {fix}, or copy the files there"
         ) from None
     splits = []
     for part in parts:
@@ -2992,92 +2990,12 @@ def small_cnn(channels: int, classes: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128, classes))
 
 
-def build_model(
-    name: str, *, channels: int, classes: int, weights: str = "", mean=None, std=None
-) -> nn.Module:
-    """smallcnn, or a torchvision classification model, with `classes` outputs.
-
-    weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
-    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint): all but the
-    classifier head is loaded. With mean and std (per channel, of 0-1 pixels) the model takes
-    uint8 images and normalizes them itself: nn.Sequential(normalize, model).
-    """
-    model = _bare_model(name, channels, classes)
-    if weights:
-        with torch.device("meta"):  # no memory, no init: only tells the head's tensors apart
-            other = _bare_model(name, channels, classes + 1).state_dict()
-        head = {k for k, v in model.state_dict().items() if other[k].shape != v.shape}
-        state = {k: v for k, v in _pretrained(name, weights).items() if k not in head}
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # a shape differs
-            missing, unexpected = [_first_line(e)], []
-        missing = sorted(set(missing) - head)
-        if missing or unexpected:
-            raise UsageError(
-                f"weights={weights!r} does not fit model={name!r} (missing {missing[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}); pass weights saved from this model"
-            )
-    return model if mean is None else nn.Sequential(_Normalize(mean, std), model)
-
-
 def _bare_model(name: str, channels: int, classes: int) -> nn.Module:
     if name == "smallcnn":
         return small_cnn(channels, classes)
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=classes)
-
-
-def _pretrained(name: str, weights: str) -> dict:
-    """The state_dict of --weights: a file's, or torchvision's (from its cache or downloaded)."""
-    enum = _weights_enum(name, weights)
-    if enum is not None:
-        import torchvision
-
-        _check_fetchable(enum, weights)
-        return torchvision.models.get_model(name, weights=enum).state_dict()
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state.get("ema") or state["model"]  # a trainloop checkpoint's weights to use
-        if not isinstance(state, dict):
-            raise TypeError(f"it holds a {type(state).__name__}")
-    except Exception as e:  # torch.load raises many kinds
-        # A refused unpickling opens with torch's advice to load unsafely; the cause comes after.
-        cause = re.search(r"WeightsUnpickler error:\s*(.*)", str(e))
-        why = cause[1].split(". ")[0] if cause else _first_line(e)
-        raise UsageError(
-            f"weights={weights!r}: not a readable state_dict ({why}); pass a file "
-            "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
-        ) from None
-    if "0.mean" in state:  # build_model's normalization in front: keep the model inside
-        state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
-    return state
-
-
-def _weights_enum(name: str, weights: str):
-    """torchvision's weights enum member that `weights` names for `name`; None for a file."""
-    if Path(weights).is_file():
-        return None
-    if Path(weights).is_dir():
-        raise UsageError(
-            f"weights={weights!r} is a directory; pass a weights file, e.g. OUT/best.pt"
-        )
-    import torchvision
-
-    try:
-        options = list(torchvision.models.get_model_weights(name))
-    except ValueError:  # torchvision has none for this model (smallcnn, or one without)
-        options = []
-    key = weights.split(".")[-1]  # ResNet18_Weights.DEFAULT is DEFAULT
-    names = ["DEFAULT", *(w.name for w in options)] if options else []  # aliases not listed
-    if key not in names:
-        raise UsageError(
-            f"weights={weights!r}: no such file, nor torchvision weights for model={name!r} "
-            f"(it has: {', '.join(names) or 'none'})"
-        )
-    return type(options[0])[key]
 
 
 def _check_fetchable(enum, weights: str) -> None:
@@ -3108,6 +3026,62 @@ def _check_fetchable(enum, weights: str) -> None:
         )
 
 
+def _pretrained(name: str, weights: str) -> dict:
+    """The state_dict of --weights: a file's, or torchvision's (from its cache or downloaded)."""
+    enum = _weights_enum(name, weights)
+    if enum is not None:
+        import torchvision
+
+        _check_fetchable(enum, weights)
+        return torchvision.models.get_model(name, weights=enum).state_dict()
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state.get("ema") or state["model"]  # a trainloop checkpoint's weights to use
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}")
+    except Exception as e:  # torch.load raises many kinds
+        # A refused unpickling opens with torch's advice to load unsafely; the cause comes after.
+        cause = re.search(r"WeightsUnpickler error:\s*(.*)", str(e))
+        why = cause[1].split(". ")[0] if cause else _line(e)
+        raise UsageError(
+            f"weights={weights!r}: not a readable state_dict ({why}); pass a file "
+            "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
+        ) from None
+    if "0.mean" in state:  # build_model's normalization in front: keep the model inside
+        state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
+    return state
+
+
+def build_model(
+    name: str, *, channels: int, classes: int, weights: str = "", mean=None, std=None
+) -> nn.Module:
+    """smallcnn, or a torchvision classification model, with `classes` outputs.
+
+    weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
+    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint): all but the
+    classifier head is loaded. With mean and std (per channel, of 0-1 pixels) the model takes
+    uint8 images and normalizes them itself: nn.Sequential(normalize, model).
+    """
+    model = _bare_model(name, channels, classes)
+    if weights:
+        with torch.device("meta"):  # no memory, no init: only tells the head's tensors apart
+            other = _bare_model(name, channels, classes + 1).state_dict()
+        head = {k for k, v in model.state_dict().items() if other[k].shape != v.shape}
+        state = {k: v for k, v in _pretrained(name, weights).items() if k not in head}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape differs
+            missing, unexpected = [_line(e)], []
+        missing = sorted(set(missing) - head)
+        if missing or unexpected:
+            raise UsageError(
+                f"weights={weights!r} does not fit model={name!r} (missing {missing[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); pass weights saved from this model"
+            )
+    return model if mean is None else nn.Sequential(_Normalize(mean, std), model)
+
+
 def _check_model_name(name: str) -> None:
     if name == "smallcnn":
         return
@@ -3120,6 +3094,12 @@ def _check_model_name(name: str) -> None:
         raise UsageError(
             f"model={name!r} is not smallcnn or a torchvision classification model; {hint}"
         )
+
+
+def _unset_from(config: Config, saved: dict, names) -> Config:
+    """`config` with those of the settings `names` that it leaves at their defaults from `saved`."""
+    unset = [k for k in names if k in saved and getattr(config, k) == getattr(Config(), k)]
+    return dataclasses.replace(config, **{k: saved[k] for k in unset})
 
 
 def _eval_checkpoint(config: Config) -> tuple:
@@ -3135,12 +3115,6 @@ def _eval_checkpoint(config: Config) -> tuple:
     ckpt = load_checkpoint(path)
     names = "data data_root val_fraction seed model image_size mean std weights".split()
     return _unset_from(config, ckpt.get("config", {}), names), path, ckpt
-
-
-def _unset_from(config: Config, saved: dict, names) -> Config:
-    """`config` with those of the settings `names` that it leaves at their defaults from `saved`."""
-    unset = [k for k in names if k in saved and getattr(config, k) == getattr(Config(), k)]
-    return dataclasses.replace(config, **{k: saved[k] for k in unset})
 
 
 def _resumed_settings(config: Config) -> tuple:
@@ -3216,13 +3190,6 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
     val = _as_loader(val, config, runtime, False, console)
     scores = evaluate(model.to(runtime.device), val, runtime=runtime)
     console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
-
-
-def _worker(options: dict) -> None:
-    """Entry point of each process started by _launch_local."""
-    code = _exit_code_of(lambda: _run_command(Config(**options)))
-    if code:
-        sys.exit(code)
 
 
 def _launch_local(config: Config, nproc: int) -> int:
@@ -3301,7 +3268,7 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     except (*codes, UsageError) as e:
         code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
         everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
-        message = _last_line(e)
+        message = _line(e, -1)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
     message = re.sub(r"^[\w.]*Error: ", "", message)  # a worker's traceback ends "XError: ..."
@@ -3311,6 +3278,13 @@ def _exit_code_of(job: Callable[[], int]) -> int:
         where = f"(rank {rank}) " if rank or named else ""
         print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
     return code
+
+
+def _worker(options: dict) -> None:
+    """Entry point of each process started by _launch_local."""
+    code = _exit_code_of(lambda: _run_command(Config(**options)))
+    if code:
+        sys.exit(code)
 
 
 # ---- CLI: command line -----------------------------------------------------------------------
