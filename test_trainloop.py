@@ -507,6 +507,69 @@ def test_evaluate_accuracy_leaves_out_ignored_labels():
     assert scores["acc"] == 1.0  # (it counted the ignored positions as wrong: 0.5)
 
 
+def test_evaluate_weighs_accuracy_by_labels_and_the_loss_as_training_does():
+    logits = torch.stack([torch.ones(8, 10), -torch.ones(8, 10)], 1)  # (8, 2, 10): class 0
+    few = torch.full((8, 10), -100)
+    few[:, 0] = 1  # 8 labels, all wrong
+    many = torch.zeros(8, 10, dtype=torch.long)  # 80 labels, all right
+    losses = [F.cross_entropy(logits, target).item() for target in (few, many)]
+    scores = tl.evaluate(nn.Identity(), [(logits, few), (logits, many)], runtime=CPU)
+    assert scores["acc"] == pytest.approx(80 / 88)  # (batches weighed by samples: 0.5)
+    assert scores["loss"] == pytest.approx(sum(losses) / 2)  # as train_loss: 8 samples each
+    weighed = tl.evaluate(nn.Identity(), [(logits, few, 8), (logits, many, 80)], runtime=CPU)
+    assert weighed["loss"] == pytest.approx((8 * losses[0] + 80 * losses[1]) / 88)  # (ignored)
+
+
+def test_evaluate_accuracy_leaves_out_labels_beyond_the_classes():
+    logits = torch.tensor([[5.0, 0], [0, 5], [5, 0], [5, 0]])
+    target = torch.tensor([0, 1, 255, 255])  # a VOC-style ignore label
+    loss_fn = nn.CrossEntropyLoss(ignore_index=255)
+    scores = tl.evaluate(nn.Identity(), [(logits, target)], runtime=CPU, loss_fn=loss_fn)
+    assert scores["acc"] == 1.0  # (it counted 255 as wrong: 0.5)
+
+
+@pytest.mark.parametrize(
+    "metrics,message",
+    [
+        ({"loss": lambda out, y: out.abs().mean()}, "metrics={'loss': ...} would replace the loss"),
+        ({"m": lambda out, y: None}, "metrics['m'] returned None; return the batch's mean"),
+        ([len], "metrics must be a dict of functions"),
+    ],
+)
+def test_evaluate_refuses_metrics_it_cannot_report_in_one_line(metrics, message):
+    with pytest.raises(tl.UsageError, match=re.escape(message)):
+        tl.evaluate(mlp(), [(torch.randn(4, 8), torch.zeros(4).long())], metrics=metrics)
+
+
+def test_sizes_count_per_sample_tensors_of_a_list_as_samples():
+    images, boxes = torch.randn(3, 8), [torch.rand(k, 4) for k in (1, 5, 2)]  # boxes per image
+    assert tl._sizes([(images, boxes)]) == (3, [3.0])  # (it counted the first image's: 1)
+    two_tasks = [torch.zeros(3).long(), torch.zeros(3, 2)]  # a batched target per task
+    assert tl._sizes([(images, two_tasks)]) == (3, [3.0])
+    per_image = (torch.randn(3, 4, 4), torch.randn(3, 6, 6))  # a list of images, not batched
+    assert tl._sizes([(per_image, [{"boxes": b} for b in boxes[:2]])]) == (2, [2.0])
+
+
+def test_train_step_refuses_a_loss_that_is_not_one_tensor_in_one_line():
+    state = one_step_state(mlp())
+    batch = [(torch.randn(4, 8), torch.zeros(4).long())]
+    with pytest.raises(tl.UsageError, match="the loss is a tuple, not a tensor"):
+        tl.train_step(state, batch, loss_fn=lambda out, y: (F.cross_entropy(out, y), {}))
+    with pytest.raises(tl.UsageError, match=re.escape("CrossEntropyLoss is a class; pass an")):
+        tl.train_step(state, batch, loss_fn=nn.CrossEntropyLoss)
+    with pytest.raises(tl.UsageError, match=re.escape("cross-entropy cannot take output (4, 3)")):
+        tl.train_step(state, [(torch.randn(4, 8), torch.zeros(4))], loss_fn=nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.L1Loss(), nn.HuberLoss()])
+def test_train_step_refuses_an_elementwise_loss_of_shapes_that_broadcast(loss_fn):
+    state = one_step_state(nn.Linear(8, 1))
+    with pytest.raises(tl.UsageError, match=re.escape("output (4, 1) float32 with target (4,)")):
+        tl.train_step(state, [(torch.randn(4, 8), torch.randn(4))], loss_fn=loss_fn)
+    tl.train_step(state, [(torch.randn(4, 8), torch.randn(4, 1))], loss_fn=loss_fn)
+    assert state.step == 1
+
+
 def test_evaluate_metrics_take_a_dict_batch_whole():
     seen = []
 
@@ -1379,6 +1442,7 @@ def test_nan_validation_metric_never_counts_as_the_best(tmp_path):
         batch_size=16,
         patience=2,
         monitor="val_odd",
+        monitor_mode="min",  # a name that says no direction needs one
         metrics=nan_first,
         **quiet(),
     )
@@ -1719,6 +1783,7 @@ def test_fit_early_stopping_stops_at_the_right_epoch(tmp_path):
         batch_size=16,
         patience=2,
         monitor="val_const",
+        monitor_mode="min",
         metrics=constant,
         out=str(tmp_path),
         **quiet(),
@@ -1967,6 +2032,37 @@ def test_fit_monitor_any_metric_with_its_direction(tmp_path):
     assert history[best_min - 1]["val_loss"] == min(r["val_loss"] for r in history)
     best_max, history = run("max")
     assert history[best_max - 1]["val_loss"] == max(r["val_loss"] for r in history)
+
+
+@pytest.mark.parametrize(
+    "name,higher",
+    [
+        ("val_acc", True), ("val_top5", True), ("val_f1_macro", True), ("val_r2", True),
+        ("val_dice", True), ("val_mAP50", True), ("val_psnr", True), ("val_loss", False),
+        ("train_loss", False), ("val_top1_error", False), ("val_iou_loss", False),
+        ("val_mape", False), ("val_rmse", False),
+    ],
+)  # fmt: skip
+def test_monitor_mode_auto_reads_the_direction_from_the_words_of_the_name(name, higher):
+    assert tl._maximized(name, "auto") is higher  # (r2, dice, mAP, psnr were minimized)
+
+
+def test_fit_refuses_a_monitor_whose_direction_it_cannot_tell_before_training(tmp_path):
+    margin = {"margin": lambda out, y: out.max(1).values.mean()}
+    settings = dict(metrics=margin, monitor="val_margin", out=tmp_path, epochs=1)
+    with pytest.raises(tl.UsageError, match="is a higher val_margin better.*monitor_mode='max'"):
+        fit_mlp(32, blobs(16), **settings)
+    assert not (tmp_path / "config.json").exists()
+    history = fit_mlp(32, blobs(16), monitor_mode="max", **settings)
+    assert "val_margin" in history[0]
+
+
+def test_set_epoch_warns_that_a_shuffling_dataloader_cannot_resume_mid_epoch_exactly():
+    loader = DataLoader(list(range(20)), batch_size=4, shuffle=True)
+    with pytest.warns(UserWarning, match="the rest of the epoch may repeat or skip samples"):
+        tl.set_epoch(loader, 0, batches=2)
+    ordered = DataLoader(list(range(20)), batch_size=4)
+    assert [b.tolist() for b in tl.set_epoch(ordered, 0, batches=4)] == [[16, 17, 18, 19]]
 
 
 def test_fit_resumed_with_another_monitor_mode_finds_its_best_again(tmp_path):

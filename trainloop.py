@@ -723,6 +723,14 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
         settings = "multiprocessing_context persistent_workers pin_memory_device collate_fn timeout"
         settings += " num_workers pin_memory worker_init_fn generator prefetch_factor in_order"
         kept = {k: getattr(loader, k) for k in settings.split() if hasattr(loader, k)}
+        order = getattr(sampler, "sampler", None)  # torch's random samplers draw from generator
+        if hasattr(order, "generator") and not hasattr(order, "set_epoch"):
+            warnings.warn(
+                "resuming mid-epoch a DataLoader whose sampler draws a new order each time (as "
+                "shuffle=True does): the rest of the epoch may repeat or skip samples; for an "
+                "exact resume give fit the Dataset, or use make_loader or a sampler with set_epoch",
+                stacklevel=2,
+            )
         with torch.random.fork_rng(devices=[]):  # a RandomSampler draws its seed
             rest = list(sampler)[batches:]  # the seen batches leave the sampler: none is loaded
         loader, batches = DataLoader(loader.dataset, batch_sampler=rest, **kept), 0
@@ -750,14 +758,16 @@ def _split_batch(batch):
 
 def _count(obj) -> int:
     """Samples in a batch part, from host metadata (no sync): a tensor's first dimension; for a
-    dict, that of its first value; for a list or tuple, that of its first tensor, or its length
-    when it holds one item per sample (such as detection targets, one dict each)."""
+    dict, that of its first value; for a list or tuple of batched tensors (one first dimension),
+    that dimension, else its length: one item per sample (detection targets: a dict or a
+    tensor of boxes per image)."""
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.shape else 1
     if isinstance(obj, dict):
         return _count(next(iter(obj.values()), None))
     if isinstance(obj, (list, tuple)) and obj:
-        return _count(obj[0]) if isinstance(obj[0], torch.Tensor) else len(obj)
+        firsts = {v.shape[0] if isinstance(v, torch.Tensor) and v.dim() else -1 for v in obj}
+        return firsts.pop() if len(firsts) == 1 and -1 not in firsts else len(obj)
     return 0
 
 
@@ -811,6 +821,18 @@ def _is_oom(error: BaseException) -> bool:
     )
 
 
+def _is_cross_entropy(loss_fn) -> bool:
+    """Whether loss_fn compares class logits (N, C, ...) with labels: cross-entropy or NLL."""
+    function = getattr(loss_fn, "func", loss_fn)  # a partial's
+    classes = (nn.CrossEntropyLoss, nn.NLLLoss)
+    return function in (F.cross_entropy, F.nll_loss) or isinstance(loss_fn, classes)
+
+
+# Losses that compare output and target element by element: other shapes broadcast, silently.
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_ELEMENTWISE_CLASSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
     if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
@@ -836,17 +858,33 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
                 f"dict / object with a 'loss' entry (got {type(output).__name__})"
             )
     else:
+        function = getattr(loss_fn, "func", loss_fn)
+        elementwise = function in _ELEMENTWISE or isinstance(loss_fn, _ELEMENTWISE_CLASSES)
+        if elementwise and getattr(output, "shape", None) != getattr(target, "shape", None):
+            raise UsageError(  # (N, 1) against (N,) broadcasts to (N, N): a loss that never falls
+                f"the loss compares output {_kind(output)} with target {_kind(target)} element "
+                "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
+            )
         try:
             loss = loss_fn(output, target)
         except (RuntimeError, IndexError, TypeError, ValueError) as e:
             faults = _is_oom(e) or "CUDA error" in str(e)  # maybe an earlier kernel's, async
-            if getattr(loss_fn, "func", loss_fn) is not F.cross_entropy or faults:
+            if isinstance(loss_fn, type) and not faults:  # nn.MSELoss for nn.MSELoss()
+                name = loss_fn.__name__
+                raise UsageError(f"loss_fn={name} is a class; pass an instance: {name}()") from None
+            if not _is_cross_entropy(loss_fn) or faults:
                 raise  # the user's own loss's error, or a fault
+            other = "; else pass your own loss_fn" if function is F.cross_entropy else ""
             raise UsageError(
-                f"the default cross-entropy cannot take output {_kind(output)} with target "
+                f"cross-entropy cannot take output {_kind(output)} with target "
                 f"{_kind(target)} ({_line(e)}); it takes class logits (N, C, ...) and int64 "
-                "class indices (N, ...) below C; else pass your own loss_fn"
+                f"class indices (N, ...) below C{other}"
             ) from None
+    if not isinstance(loss, torch.Tensor):
+        raise UsageError(
+            f"the loss is a {type(loss).__name__}, not a tensor; return one number as a tensor "
+            "(report other values through metrics=)"
+        )
     if loss.ndim:  # one number in any shape is taken as it is; more, backward cannot start from
         if loss.numel() != 1:
             raise UsageError(f"the loss has shape {tuple(loss.shape)}; reduce it to one number")
@@ -1022,27 +1060,46 @@ def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))  # cosine and onecycle
 
 
-def _batch_metrics(output, target, loss, metrics: dict, classes_first: bool) -> dict:
-    """The batch's mean loss, accuracy and top-5 (for class logits (N, C, ...) against integer
-    labels (N, ...), leaving out labels below 0, such as cross-entropy's ignore_index) and
-    `metrics`. Logits that also read as (N, ..., C), classes last, count only when
-    `classes_first`: the loss says which axis holds the classes."""
-    values = {"loss": loss.float()}
+def _batch_metrics(output, target, loss, sizes: tuple, metrics: dict, classes_first) -> dict:
+    """{name: (sum, weight)} of one batch of `sizes` (samples, weight): the loss weighted as in
+    training, `metrics` (batch means) by samples, and accuracy and top-5 by labels, for class
+    logits (N, C, ...) against integer labels (N, ...), leaving out those outside 0..C-1 (such
+    as cross-entropy's ignore_index). Logits that also read as (N, ..., C), classes last,
+    count only when `classes_first`: the loss says which axis holds the classes."""
+    samples, weight = sizes
+    values = {"loss": (loss.float() * weight, weight)}
     tensors = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
     labels = tensors and not target.is_floating_point() and target.dtype != torch.bool
     fits = labels and output.is_floating_point() and output.dim() > 1 and output.shape[1] > 1
     fits = fits and output.shape[:1] + output.shape[2:] == target.shape
     classes_last = fits and output.dim() > 2 and output.shape[1:-1] == target.shape[1:]
     if fits and (classes_first or not classes_last):
-        valid = target >= 0
-        counted = valid.sum().clamp(min=1)
-        values["acc"] = ((output.argmax(1) == target) & valid).sum() / counted
+        valid = (target >= 0) & (target < output.shape[1])
+        counted = valid.sum()
+        values["acc"] = (((output.argmax(1) == target) & valid).sum(), counted)
         if output.shape[1] > 5:
             top5 = (output.topk(5, dim=1).indices == target.unsqueeze(1)).any(1)
-            values["top5"] = (top5 & valid).sum() / counted
+            values["top5"] = ((top5 & valid).sum(), counted)
     for name, fn in metrics.items():
-        values[name] = torch.as_tensor(fn(output, target)).float().mean()
+        value = fn(output, target)
+        try:
+            values[name] = (torch.as_tensor(value).float().mean() * samples, samples)
+        except (TypeError, RuntimeError, ValueError):
+            raise UsageError(
+                f"metrics[{name!r}] returned {value!r:.40}; return the batch's mean as a number "
+                "or tensor"
+            ) from None
     return values
+
+
+def _check_metrics(metrics) -> dict:
+    """`metrics` ({} for None), or a UsageError."""
+    functions = isinstance(metrics, dict) and all(map(callable, metrics.values()))
+    if metrics is not None and not functions:
+        raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
+    if metrics and "loss" in metrics:
+        raise UsageError("metrics={'loss': ...} would replace the loss; name it otherwise")
+    return metrics or {}
 
 
 @torch.no_grad()
@@ -1055,13 +1112,11 @@ def evaluate(
     metrics: Optional[dict] = None,
 ) -> dict:
     """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`,
-    weighted by samples and summed over all processes. Restores the model's mode."""
+    summed over all processes: the loss weighted as in training (a batch's weight, else its
+    samples), accuracy by labels, metrics by samples. Restores the model's mode."""
     rt = runtime or Runtime(_device_of(model))
-    sums, count, batch, extra = {}, 0, None, 0
-    function = getattr(loss_fn, "func", loss_fn)  # a partial's
-    classes_first = function in (F.cross_entropy, F.nll_loss) or isinstance(
-        loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)
-    )
+    sums, weights, batch, extra = {}, {}, None, 0
+    metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
         most, fewest = _all_reduce([len(data), -len(data)], rt, dist.ReduceOp.MAX)
         if fewest == 0:  # -0: a process without a batch has no input to take part with
@@ -1072,21 +1127,22 @@ def evaluate(
     try:
         for batch in data:
             output, loss, target = _forward(model, batch, loss_fn, rt)
-            n = _sizes([batch])[0]
-            scores = _batch_metrics(output, target, loss, metrics or {}, classes_first)
-            for name, value in scores.items():
-                sums[name] = sums.get(name, 0.0) + value.detach() * n
-            count += n
+            samples, [weight] = _sizes([batch])
+            scores = _batch_metrics(output, target, loss, (samples, weight), metrics, classes_first)
+            for name, (value, counted) in scores.items():
+                sums[name] = sums.get(name, 0) + value.detach()
+                weights[name] = weights.get(name, 0) + counted
         for _ in range(extra):  # so that this process takes part in the others' last gathers
             _forward(model, batch, loss_fn, rt)
     finally:  # also when a batch fails
         model.train(was_training)
     # A process that had no batch does not know the metric names.
     names = sorted(set().union(*_gather(sorted(sums), rt)))
-    totals = [sums.get(k, torch.zeros((), device=rt.device)).to(rt.device) for k in names]
-    totals = torch.stack(totals).tolist() if names else []  # sync point: once per evaluation
-    totals = _all_reduce(totals + [count], rt)
-    return {name: value / max(totals[-1], 1) for name, value in zip(names, totals)}
+    parts = [d.get(k, 0) for d in (sums, weights) for k in names]
+    totals = [torch.as_tensor(v, device=rt.device).float() for v in parts]
+    totals = _all_reduce(torch.stack(totals).tolist() if names else [], rt)  # sync point
+    pairs = zip(names, totals[: len(names)], totals[len(names) :])
+    return {name: value / weight if weight else 0.0 for name, value, weight in pairs}
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -2114,11 +2170,25 @@ def _monitor_name(config: Config, names) -> str:
     return name
 
 
+# Words of a metric's name (between _ and -) that say which way is better, for monitor_mode auto.
+_LOWER_BETTER = r"\w*loss|err|errors?|r?mse|mae|s?mape|nll|ppl|perplexity|wer|cer|bp[cb]"
+_HIGHER_BETTER = (
+    r"acc\w*|top\d+|f\d\w*|auc\w*|au[pr]oc|auprc|iou|miou|dice|precision|recall|r2|m?ap\d*|"
+    r"bleu\w*|rouge\w*|psnr|ssim|ndcg\w*|mrr|kappa|mcc|corr\w*|pearson|spearman|score"
+)
+
+
 def _maximized(name: str, mode: str) -> bool:
-    """Whether a higher `name` is better: monitor_mode, or for 'auto' the metric's kind."""
-    if mode == "auto":
-        return bool(re.search(r"acc|top\d|f1|auc|iou|precision|recall", name))
-    return mode == "max"
+    """Whether a higher `name` is better: monitor_mode, or for 'auto' the words of its name."""
+    if mode != "auto":
+        return mode == "max"
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    for pattern, higher in ((_LOWER_BETTER, False), (_HIGHER_BETTER, True)):
+        if any(re.fullmatch(pattern, word) for word in words):
+            return higher
+    raise UsageError(
+        f"monitor={name!r}: is a higher {name} better? Say so with monitor_mode='max' or 'min'"
+    )
 
 
 def _rebest(state: TrainState, config: Config) -> None:
@@ -2455,8 +2525,9 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
         raise UsageError(
             "patience needs validation data to watch; pass val_data, or monitor='train_loss'"
         )
-    reported = ("loss", "acc", "top5", *(metrics or {}))
-    _monitor_name(config, ["train_loss", *(f"val_{m}" for m in reported if val_data is not None)])
+    reported = ("loss", "acc", "top5", *_check_metrics(metrics))
+    names = ["train_loss", *(f"val_{m}" for m in reported if val_data is not None)]
+    _maximized(_monitor_name(config, names), config.monitor_mode)
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
@@ -2476,9 +2547,6 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
             f"scheduler={scheduler!r} is not a scheduler; pass a torch LR scheduler, a function "
             "optimizer -> scheduler, or a schedule name as schedule='cosine'"
         )
-    functions = isinstance(metrics, dict) and all(map(callable, metrics.values()))
-    if metrics is not None and not functions:
-        raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
     if blocks is not None and not config.shard:
         raise UsageError("shard_blocks is for shard=True; pass both, or neither")
     classes = isinstance(blocks, (list, tuple)) and blocks
