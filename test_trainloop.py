@@ -938,6 +938,36 @@ def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
     assert "eval run/best.pt: val_acc=" in result.output
 
 
+def test_cli_eval_only_out_of_memory_is_one_line_with_its_status(tmp_path, monkeypatch):
+    args = ["--epochs", "1", "--batch-size", "64", "--workers", "0", "--out", "run"]
+    cli_args = args + ["--image-size", "8"]
+    assert cli(cli_args, tmp_path, monkeypatch).exit_code == 0
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    monkeypatch.setattr(tl, "evaluate", out_of_memory)
+    result = cli(cli_args + ["--eval-only"], tmp_path, monkeypatch)
+    assert result.exit_code == tl.EXIT_MEMORY, result.output  # (1, and a traceback)
+    assert "out of memory on cpu evaluating run/best.pt at --batch-size 64; use a smaller" in (
+        result.output
+    )
+
+
+def test_cli_resume_refuses_a_compressed_checkpoint_before_loading_any_of_it(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fit_mlp(32, epochs=1, out=out)
+    with zipfile.ZipFile(out / "last.pt") as src:
+        entries = [(info.filename, src.read(info.filename)) for info in src.infolist()]
+    with zipfile.ZipFile(out / "last.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in entries:  # a zip bomb's shape: it inflates when torch.load reads it
+            dst.writestr(name, data)
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(args))
+    assert tl._resumed_settings(tl.Config(out=str(out))) == (tl.Config(out=str(out)), False)
+    assert loaded == []  # (torch.load inflated it before the archive was checked)
+
+
 def test_cli_resumed_run_keeps_its_normalization_and_needs_no_weights_file(tmp_path, monkeypatch):
     from PIL import Image
 
@@ -1270,6 +1300,31 @@ def test_flipped_byte_and_truncation_are_reported_as_corrupt(tmp_path):
     truncated.write_bytes(path.read_bytes()[: len(blob) // 2])
     with pytest.raises(tl.CheckpointError, match="truncated.pt is corrupt or truncated"):
         tl.load_checkpoint(truncated)
+
+
+@pytest.mark.parametrize("where", ["encrypted flag", "name length"])
+def test_damaged_zip_headers_are_reported_as_corrupt_and_resume_falls_back(where, tmp_path):
+    out = tmp_path / "run"
+    fit_mlp(64, epochs=2, out=out)
+    blob = bytearray((out / "last.pt").read_bytes())
+    if where == "encrypted flag":  # zipfile: RuntimeError "... is encrypted, password required"
+        blob[blob.find(b"PK\x01\x02") + 8] ^= 1
+    else:  # the high byte of the first entry's name length: UnicodeDecodeError
+        blob[27] ^= 1
+    (out / "last.pt").write_bytes(bytes(blob))
+    with pytest.raises(tl.CheckpointError, match="last.pt is corrupt or truncated"):
+        tl.load_checkpoint(out / "last.pt")  # (a traceback, and no fallback)
+    lines = []
+    history = fit_mlp(64, epochs=3, out=out, log=lines.append)
+    assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt
+    assert any("falling back to" in line for line in lines), lines
+
+
+def test_mid_epoch_checkpoint_records_the_time_spent_in_its_epoch(tmp_path):
+    fit_mlp(80, epochs=1, save_every=2, out=tmp_path)  # saves at steps 2 and 4, then 5
+    mid_epoch = tl.load_checkpoint(tmp_path / "last.prev.pt")
+    # (it was 0: an epoch resumed from it reported only the seconds after the resume)
+    assert mid_epoch["step"] == 4 and mid_epoch["epoch_seconds"] > 0
 
 
 def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
@@ -3779,7 +3834,8 @@ def test_fit_full_disk_at_the_start_keeps_the_run_and_names_its_checkpoint(tmp_p
         with pytest.raises(tl.SaveError, match=f"config.json: no space left on device{kept}"):
             fit_mlp(32, epochs=2, out=tmp_path)
     monkeypatch.setattr(tensorboard, "SummaryWriter", disk_full)  # its file's header
-    with pytest.raises(tl.SaveError, match=f"{tmp_path}: no space left on device{kept}"):
+    events = re.escape(f"{tmp_path / 'events.out.tfevents.*'}: no space left on device{kept}")
+    with pytest.raises(tl.SaveError, match=events):
         fit_mlp(32, epochs=2, out=tmp_path)
     assert tl.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
@@ -3851,6 +3907,42 @@ def test_fit_out_of_memory_names_the_step_and_the_knobs_and_keeps_the_checkpoint
         "channels_last=True, then run again"
     ), failed.value
     assert tl.load_checkpoint(out / "last.pt")["step"] == 6
+
+
+class FailsToRead(Dataset):
+    """blobs(n) read one sample at a time; reading sample `at` raises `error` once."""
+
+    def __init__(self, n: int, at: int, error: Exception):
+        self.data, self.at, self.error = blobs(n), at, error
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if i == self.at and self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.data[i]
+
+
+def test_fit_out_of_memory_reading_a_batch_saves_the_last_step_and_names_the_loader(tmp_path):
+    data = FailsToRead(160, at=37, error=MemoryError())
+    with pytest.raises(tl.OutOfMemoryError) as failed:
+        tl.fit(mlp(), data, epochs=1, batch_size=16, workers=0, out=tmp_path, **quiet())
+    message = str(failed.value)
+    assert message.startswith("out of memory reading a batch at step "), message
+    assert f"checkpoint {tmp_path / 'last.pt'} written" in message  # (the steps were lost)
+    assert "precision" not in message and "channels_last" not in message  # not a step's
+    step = int(message.split("at step ")[1].split()[0])
+    assert tl.load_checkpoint(tmp_path / "last.pt")["step"] == step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error", [EOFError("Ran out of input"), ConnectionResetError(104, "x")])
+def test_fit_a_datasets_own_eof_or_connection_error_in_a_worker_is_not_a_dead_worker(error):
+    data = FailsToRead(64, at=5, error=error)
+    with pytest.raises(type(error), match="Caught .* in DataLoader worker process"):
+        tl.fit(mlp(), data, epochs=1, batch_size=16, workers=1, **quiet())  # (WorkerDiedError)
 
 
 class FailsInValidation(nn.Module):

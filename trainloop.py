@@ -1406,16 +1406,16 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             compressed = [e for e in archive.infolist() if e.compress_type != zipfile.ZIP_STORED]
-            if compressed:
-                raise CheckpointError(
-                    f"{path} refused: entry {compressed[0].filename!r} is compressed, which "
-                    "torch.save never writes (a possible zip bomb)"
-                )
-            damaged = archive.testzip()  # reads every entry and checks its CRC-32
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            damaged = None if compressed else archive.testzip()  # reads and checks every CRC-32
+    except Exception as e:  # damaged bytes raise many kinds (a flipped flag: "is encrypted")
         raise CheckpointError(
-            f"{path} is corrupt or truncated (not a complete torch.save archive: {e})"
+            f"{path} is corrupt or truncated (not a complete torch.save archive: {_line(e)})"
         ) from None
+    if compressed:
+        raise CheckpointError(
+            f"{path} refused: entry {compressed[0].filename!r} is compressed, which "
+            "torch.save never writes (a possible zip bomb)"
+        )
     if damaged is not None:
         raise CheckpointError(f"{path} is corrupt: entry {damaged!r} fails its checksum")
 
@@ -1966,8 +1966,9 @@ def _train_loss(state: TrainState) -> float:
     return state.epoch_loss[0] / max(state.epoch_loss[1], 1e-12)
 
 
-def _out_of_memory(job: _Job, when: str, done: str) -> OutOfMemoryError:
-    """One line: when, the batch size, the device's memory, and what uses less of it."""
+def _out_of_memory(job: _Job, when: str, done: str, reading=False, workers=0) -> OutOfMemoryError:
+    """One line: when, the batch size, the device's memory, and what uses less of it (`reading`
+    a batch, fewer loader `workers` also do)."""
     config, device = job.config, job.runtime.device
     memory = ""
     if device.type == "cuda":  # the allocator's own counters: no sync
@@ -1975,9 +1976,10 @@ def _out_of_memory(job: _Job, when: str, done: str) -> OutOfMemoryError:
         memory = f" ({total / 2**30:.1f} GiB, peak use {peak / 2**30:.1f} GiB)"
     size, twice = config.batch_size, 2 * config.accumulate
     knobs = [  # those not in use already
+        f"workers={workers // 2}" if reading and workers else "",
         f"batch_size={max(1, size // 2)} accumulate={twice} (the same global batch)",
-        "precision='bf16'" if job.runtime.amp_dtype is None else "",
-        "channels_last=True" if not config.channels_last else "",
+        "precision='bf16'" if job.runtime.amp_dtype is None and not reading else "",
+        "channels_last=True" if not (config.channels_last or reading) else "",
         f"image_size={config.image_size // 2}" if config.image_size else "",
         "shard=True" if job.runtime.world_size > 1 and not config.shard else "",
     ]
@@ -2047,15 +2049,17 @@ def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=N
     while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
         entered = tb.tb_frame.f_code if tb.tb_frame.f_globals is globals() else entered
         tb = tb.tb_next
-    # A worker that died holding a batch breaks the reading of that batch in any way.
+    reading = entered in (_groups.__code__, evaluate.__wrapped__.__code__)  # not in a step
+    # A worker that died holding a batch breaks the reading of that batch in any way; an error
+    # the worker's own code raised comes back re-raised by torch ("Caught X in DataLoader ...").
     workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
-    broken = workers > 0 and isinstance(error, (EOFError, ConnectionError))
-    died = stop.deaths or broken or "DataLoader worker (pid" in str(error)
-    died = died and entered in (_groups.__code__, evaluate.__wrapped__.__code__)
+    own = "in DataLoader worker process" in str(error)
+    broken = workers > 0 and isinstance(error, (EOFError, ConnectionError)) and not own
+    died = (stop.deaths or broken or "DataLoader worker (pid" in str(error)) and reading
     if not (oom or died):
         return None
     # Several processes save together, not one alone; a step that ran out of memory is half done.
-    saved = job.runtime.world_size == 1 and job.out is not None and (died or settle is None)
+    saved = job.runtime.world_size == 1 and job.out is not None and (reading or settle is None)
     if saved:
         if settle is not None:
             settle()
@@ -2066,11 +2070,12 @@ def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=N
     when = f"at step {state.step} (epoch {state.epoch + 1})"
     if settle is None:
         when = f"in the validation of epoch {state.epoch + 1}"
-    elif oom:  # the step that ran out is the next one, and half done
+    elif oom and not reading:  # the step that ran out is the next one, and half done
         when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
         done = f"the step was not counted and {done}"
     if oom:
-        return _out_of_memory(job, when, done)
+        when = f"reading a batch {when}" if reading else when
+        return _out_of_memory(job, when, done, reading, workers)
     return _worker_died(error, stop.deaths, job, when, done, workers)
 
 
@@ -2101,7 +2106,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     schedule. Returns 0, or the exit status of an early stop (its checkpoint written).
     `reserve`: seconds the end of an epoch last took (evaluation and checkpoint)."""
     config, rt = job.config, job.runtime
-    start_batches, start_seen = state.batches, state.seen
+    start_batches, start_seen, start_seconds = state.batches, state.seen, state.epoch_seconds
     loader = set_epoch(loader, state.epoch, seen=state.seen, batches=state.batches)
     sampler = getattr(loader, "batch_sampler", None)
     ours = isinstance(sampler, _EpochBatches)
@@ -2115,6 +2120,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
     def settle() -> None:  # a sync point: the epoch's global position and losses, for a save
         done = state.batches - start_batches
         state.seen = sampler.seen_after(done) if ours else start_seen + counted * rt.world_size
+        state.epoch_seconds = start_seconds + time.monotonic() - started
         window.drain(state, rt)
 
     state.net.train()
@@ -2155,7 +2161,6 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
             if code:
                 return code
     settle()  # nothing leaves the epoch unchecked
-    state.epoch_seconds += time.monotonic() - started
     return 0
 
 
@@ -2215,19 +2220,23 @@ def _step_plateau(scheduler: ReduceLROnPlateau, row: dict, config: Config) -> No
     scheduler.step(row[name])
 
 
+_EVENTS = "events.out.tfevents.*"  # TensorBoard's file
+
+
 def _write_metrics(history: list, job: _Job, tensorboard) -> None:
     """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
-    tmp = job.out / ".metrics.jsonl.tmp"
+    tmp, path = job.out / ".metrics.jsonl.tmp", job.out / "metrics.jsonl"
     try:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, job.out / "metrics.jsonl")
+        os.replace(tmp, path)
         if tensorboard is not None:
+            path = job.out / _EVENTS
             for key, value in history[-1].items():
                 if key not in ("epoch", "step"):
                     tensorboard.add_scalar(key, value, history[-1]["step"])
             tensorboard.flush()
     except OSError as e:  # a full disk: the same one line as for a checkpoint
-        raise SaveError(_save_failure(e, job.out / "metrics.jsonl", job.last)) from e
+        raise SaveError(_save_failure(e, path, job.last)) from e
 
 
 def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> bool:
@@ -2276,7 +2285,7 @@ def _tensorboard(job: _Job):
     try:
         return SummaryWriter(str(job.out), filename_suffix=".trainloop")
     except OSError as e:  # it writes its file's header at once
-        raise SaveError(_save_failure(e, job.out, job.last)) from e
+        raise SaveError(_save_failure(e, job.out / _EVENTS, job.last)) from e
 
 
 def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
@@ -3192,6 +3201,7 @@ def _resumed_settings(config: Config) -> tuple:
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
+            _check_archive(file)  # before torch.load inflates anything
             saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["config"]
         if saved is not None:
             break
@@ -3256,7 +3266,17 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
         raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
     console = _console(None, False, runtime)
     val = _as_loader(val, config, runtime, False, console)
-    scores = evaluate(model.to(runtime.device), val, runtime=runtime)
+    try:
+        scores = evaluate(model.to(runtime.device), val, runtime=runtime)
+    except Exception as e:  # the faults of training's validation, as one line
+        oom, died = _is_oom(e), "DataLoader worker (pid" in str(e)
+        if not (oom or died):
+            raise
+        why = f"out of memory on {runtime.device}" if oom else _line(e).rstrip(".")
+        raise (OutOfMemoryError if oom else WorkerDiedError)(
+            f"{why} evaluating {path} at batch_size={config.batch_size}; use a smaller "
+            f"batch_size or fewer workers (now {config.workers}), then run again"
+        ) from e
     console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
 
 
