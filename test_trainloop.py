@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 import types
+import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -546,8 +547,10 @@ def test_sizes_count_per_sample_tensors_of_a_list_as_samples():
     assert tl._sizes([(images, boxes)]) == (3, [3.0])  # (it counted the first image's: 1)
     two_tasks = [torch.zeros(3).long(), torch.zeros(3, 2)]  # a batched target per task
     assert tl._sizes([(images, two_tasks)]) == (3, [3.0])
-    per_image = (torch.randn(3, 4, 4), torch.randn(3, 6, 6))  # a list of images, not batched
-    assert tl._sizes([(per_image, [{"boxes": b} for b in boxes[:2]])]) == (2, [2.0])
+    two_each = [torch.rand(2, 4)] * 3  # as many boxes in every image: the inputs tell
+    assert tl._sizes([(images, two_each)]) == (3, [3.0])
+    named = (torch.zeros(3).long(), ["a.jpg", "b.jpg", "c.jpg"])  # labels and file names
+    assert tl._sizes([(images, named)]) == (3, [3.0])
 
 
 def test_train_step_refuses_a_loss_that_is_not_one_tensor_in_one_line():
@@ -557,6 +560,15 @@ def test_train_step_refuses_a_loss_that_is_not_one_tensor_in_one_line():
         tl.train_step(state, batch, loss_fn=lambda out, y: (F.cross_entropy(out, y), {}))
     with pytest.raises(tl.UsageError, match=re.escape("CrossEntropyLoss is a class; pass an")):
         tl.train_step(state, batch, loss_fn=nn.CrossEntropyLoss)
+    with pytest.raises(tl.UsageError, match=re.escape("loss_fn=MSELoss is a class")):
+        tl.train_step(state, [(torch.randn(1, 8), torch.zeros(1, 3))], loss_fn=nn.MSELoss)
+
+    class Focal(nn.CrossEntropyLoss):  # the user's own loss, built on torch's
+        def forward(self, output, target):
+            raise RuntimeError("a bug in my focal loss")
+
+    with pytest.raises(RuntimeError, match="a bug in my focal loss"):  # its own error, whole
+        tl.train_step(state, batch, loss_fn=Focal())
     with pytest.raises(tl.UsageError, match=re.escape("cross-entropy cannot take output (4, 3)")):
         tl.train_step(state, [(torch.randn(4, 8), torch.zeros(4))], loss_fn=nn.CrossEntropyLoss())
 
@@ -777,6 +789,22 @@ def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
         tl.fit(Features(8, 3), DictBatches(16), workers=0, **quiet())
 
 
+def test_train_step_default_loss_on_a_model_that_returns_its_loss_says_loss_fn_none():
+    class ReturnsLoss(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return {"logits": logits, "loss": logits.square().mean()}
+
+    state = one_step_state(ReturnsLoss(8, 3))
+    with pytest.raises(tl.UsageError, match="returns its own loss: pass loss_fn=None"):
+        tl.train_step(state, [(torch.randn(4, 8), torch.zeros(4).long())])  # (own loss_fn)
+    no_labels = types.SimpleNamespace(logits=torch.zeros(4, 3), loss=None)  # called without
+    state = one_step_state(nn.Linear(8, 3))
+    state.net = lambda x: no_labels
+    with pytest.raises(tl.UsageError, match="below C; else pass your own loss_fn$"):
+        tl.train_step(state, [(torch.randn(4, 8), torch.zeros(4).long())])
+
+
 def test_fit_per_sample_weights_count_by_their_total():
     x, y = blobs(8).tensors
     weights = torch.tensor([1.0, 1, 1, 1, 3, 3, 3, 3])
@@ -949,7 +977,7 @@ def test_cli_eval_only_out_of_memory_is_one_line_with_its_status(tmp_path, monke
     monkeypatch.setattr(tl, "evaluate", out_of_memory)
     result = cli(cli_args + ["--eval-only"], tmp_path, monkeypatch)
     assert result.exit_code == tl.EXIT_MEMORY, result.output  # (1, and a traceback)
-    assert "out of memory on cpu evaluating run/best.pt at --batch-size 64; use a smaller" in (
+    assert "out of memory on cpu evaluating run/best.pt at --batch-size 64; use a smaller " in (
         result.output
     )
 
@@ -2107,6 +2135,8 @@ def test_fit_refuses_a_monitor_whose_direction_it_cannot_tell_before_training(tm
     settings = dict(metrics=margin, monitor="val_margin", out=tmp_path, epochs=1)
     with pytest.raises(tl.UsageError, match="is a higher val_margin better.*monitor_mode='max'"):
         fit_mlp(32, blobs(16), **settings)
+    with pytest.raises(tl.UsageError, match="is a higher val_brier_score better"):
+        tl._maximized("val_brier_score", "auto")  # a score, better when lower
     assert not (tmp_path / "config.json").exists()
     history = fit_mlp(32, blobs(16), monitor_mode="max", **settings)
     assert "val_margin" in history[0]
@@ -2117,7 +2147,9 @@ def test_set_epoch_warns_that_a_shuffling_dataloader_cannot_resume_mid_epoch_exa
     with pytest.warns(UserWarning, match="the rest of the epoch may repeat or skip samples"):
         tl.set_epoch(loader, 0, batches=2)
     ordered = DataLoader(list(range(20)), batch_size=4)
-    assert [b.tolist() for b in tl.set_epoch(ordered, 0, batches=4)] == [[16, 17, 18, 19]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its order is the epoch's: no warning
+        assert [b.tolist() for b in tl.set_epoch(ordered, 0, batches=4)] == [[16, 17, 18, 19]]
 
 
 def test_fit_resumed_with_another_monitor_mode_finds_its_best_again(tmp_path):

@@ -170,7 +170,7 @@ class Config:
     log_every: int = _opt(50, "Log (and, with several processes, agree to stop) every N steps.", R)
     patience: int = _opt(0, "Stop after N epochs without a better --monitor (0 = off).", R)
     monitor: str = _opt("auto", "Metric for best.pt and early stop (auto: val_acc/val_loss).", R)
-    monitor_mode: str = _opt("auto", "max | min | auto (max for accuracies, else min).", R)
+    monitor_mode: str = _opt("auto", "max | min | auto (from the name: min for loss, max acc).", R)
     time_limit: str = _opt("", "Checkpoint and exit 75 before this time, e.g. 2h30m or 90s.", R)
     deterministic: bool = _opt(False, "Deterministic CUDA kernels (slower; CPU is always).", R)
     eval_only: bool = _opt(False, "Only evaluate the --resume checkpoint (auto: OUT/best.pt).", R)
@@ -756,18 +756,20 @@ def _split_batch(batch):
     )
 
 
-def _count(obj) -> int:
+def _count(obj, samples: Optional[int] = None) -> int:
     """Samples in a batch part, from host metadata (no sync): a tensor's first dimension; for a
-    dict, that of its first value; for a list or tuple of batched tensors (one first dimension),
-    that dimension, else its length: one item per sample (detection targets: a dict or a
-    tensor of boxes per image)."""
+    dict, that of its first value; for a list or tuple, its length when it holds one item per
+    sample (detection targets: a dict or a tensor of boxes per image), else the one first
+    dimension of its tensors (batched parts). `samples`, the inputs' count, tells the two
+    apart when every item is a tensor of the same first dimension."""
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.shape else 1
     if isinstance(obj, dict):
         return _count(next(iter(obj.values()), None))
     if isinstance(obj, (list, tuple)) and obj:
-        firsts = {v.shape[0] if isinstance(v, torch.Tensor) and v.dim() else -1 for v in obj}
-        return firsts.pop() if len(firsts) == 1 and -1 not in firsts else len(obj)
+        firsts = {v.shape[0] for v in obj if isinstance(v, torch.Tensor) and v.dim()}
+        batched = isinstance(obj[0], torch.Tensor) and len(firsts) == 1 and len(obj) != samples
+        return firsts.pop() if batched else len(obj)
     return 0
 
 
@@ -778,7 +780,8 @@ def _sizes(batches: list) -> tuple:
     samples, weights = 0, []
     for batch in batches:
         inputs, target, weight = _split_batch(batch)
-        count = _count(target) or _count(inputs)
+        count = _count(target, _count(inputs) if isinstance(inputs, torch.Tensor) else None)
+        count = count or _count(inputs)
         if isinstance(weight, torch.Tensor):  # per-sample weights or token counts: their total
             weight = weight.sum()
         samples += count
@@ -833,6 +836,42 @@ _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 _ELEMENTWISE_CLASSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 
 
+def _returned_loss(output):
+    """The loss a model returned: a scalar output, or output["loss"] / output.loss; else None."""
+    if isinstance(output, torch.Tensor):
+        return output if output.numel() == 1 else None
+    return output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+
+
+def _loss_of(loss_fn, output, target):
+    """loss_fn(output, target), with the mistakes of torch's own losses said in one line."""
+    function = getattr(loss_fn, "func", loss_fn)  # a partial's
+    if isinstance(loss_fn, type):  # nn.MSELoss for nn.MSELoss()
+        name = loss_fn.__name__
+        raise UsageError(f"loss_fn={name} is a class; pass an instance: {name}()")
+    elementwise = function in _ELEMENTWISE or isinstance(loss_fn, _ELEMENTWISE_CLASSES)
+    if elementwise and getattr(output, "shape", None) != getattr(target, "shape", None):
+        raise UsageError(  # (N, 1) against (N,) broadcasts to (N, N): a loss that never falls
+            f"the loss compares output {_kind(output)} with target {_kind(target)} element "
+            "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
+        )
+    try:
+        return loss_fn(output, target)
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        faults = _is_oom(e) or "CUDA error" in str(e)  # maybe an earlier kernel's, async
+        plain = function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
+        if faults or not plain:
+            raise  # a fault, or the error of a loss of the user's own (a subclass, too)
+        other = "; else pass your own loss_fn" if function is F.cross_entropy else ""
+        if other and _returned_loss(output) is not None:
+            other = "; the model returns its own loss: pass loss_fn=None"
+        raise UsageError(
+            f"cross-entropy cannot take output {_kind(output)} with target "
+            f"{_kind(target)} ({_line(e)}); it takes class logits (N, C, ...) and int64 "
+            f"class indices (N, ...) below C{other}"
+        ) from None
+
+
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
     if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
@@ -848,38 +887,13 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     else:
         output = net(inputs)
     target = batch if target is None else target  # a dict batch: loss and metrics take it whole
-    if loss_fn is None and isinstance(output, torch.Tensor) and output.numel() == 1:
-        loss = output  # the model's own loss: a scalar output, or output["loss"] / output.loss
-    elif loss_fn is None:
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if loss is None:
-            raise UsageError(
-                "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
-                f"dict / object with a 'loss' entry (got {type(output).__name__})"
-            )
-    else:
-        function = getattr(loss_fn, "func", loss_fn)
-        elementwise = function in _ELEMENTWISE or isinstance(loss_fn, _ELEMENTWISE_CLASSES)
-        if elementwise and getattr(output, "shape", None) != getattr(target, "shape", None):
-            raise UsageError(  # (N, 1) against (N,) broadcasts to (N, N): a loss that never falls
-                f"the loss compares output {_kind(output)} with target {_kind(target)} element "
-                "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
-            )
-        try:
-            loss = loss_fn(output, target)
-        except (RuntimeError, IndexError, TypeError, ValueError) as e:
-            faults = _is_oom(e) or "CUDA error" in str(e)  # maybe an earlier kernel's, async
-            if isinstance(loss_fn, type) and not faults:  # nn.MSELoss for nn.MSELoss()
-                name = loss_fn.__name__
-                raise UsageError(f"loss_fn={name} is a class; pass an instance: {name}()") from None
-            if not _is_cross_entropy(loss_fn) or faults:
-                raise  # the user's own loss's error, or a fault
-            other = "; else pass your own loss_fn" if function is F.cross_entropy else ""
-            raise UsageError(
-                f"cross-entropy cannot take output {_kind(output)} with target "
-                f"{_kind(target)} ({_line(e)}); it takes class logits (N, C, ...) and int64 "
-                f"class indices (N, ...) below C{other}"
-            ) from None
+    if loss_fn is not None:
+        loss = _loss_of(loss_fn, output, target)
+    elif (loss := _returned_loss(output)) is None:
+        raise UsageError(
+            "loss_fn=None needs the model to return its loss: a scalar tensor, or a "
+            f"dict / object with a 'loss' entry (got {type(output).__name__})"
+        )
     if not isinstance(loss, torch.Tensor):
         raise UsageError(
             f"the loss is a {type(loss).__name__}, not a tensor; return one number as a tensor "
@@ -1400,13 +1414,14 @@ def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
             dist.broadcast(buffer, 0)
 
 
-def _check_archive(path: Path) -> None:
-    """Refuse anything torch.save does not write, and any entry whose CRC-32 does not match,
-    before unpickling a byte of it."""
+def _check_archive(path: Path, checksums: bool = True) -> None:
+    """Refuse anything torch.save does not write, and (with `checksums`) any entry whose CRC-32
+    does not match, before unpickling a byte of it."""
     try:
         with zipfile.ZipFile(path) as archive:
             compressed = [e for e in archive.infolist() if e.compress_type != zipfile.ZIP_STORED]
-            damaged = None if compressed else archive.testzip()  # reads and checks every CRC-32
+            check = checksums and not compressed
+            damaged = archive.testzip() if check else None  # reads and checks every CRC-32
     except Exception as e:  # damaged bytes raise many kinds (a flipped flag: "is encrypted")
         raise CheckpointError(
             f"{path} is corrupt or truncated (not a complete torch.save archive: {_line(e)})"
@@ -2179,7 +2194,7 @@ def _monitor_name(config: Config, names) -> str:
 _LOWER_BETTER = r"\w*loss|err|errors?|r?mse|mae|s?mape|nll|ppl|perplexity|wer|cer|bp[cb]"
 _HIGHER_BETTER = (
     r"acc\w*|top\d+|f\d\w*|auc\w*|au[pr]oc|auprc|iou|miou|dice|precision|recall|r2|m?ap\d*|"
-    r"bleu\w*|rouge\w*|psnr|ssim|ndcg\w*|mrr|kappa|mcc|corr\w*|pearson|spearman|score"
+    r"bleu\w*|rouge\w*|psnr|ssim|ndcg\w*|mrr|kappa|mcc|corr\w*|pearson|spearman"
 )
 
 
@@ -3201,7 +3216,7 @@ def _resumed_settings(config: Config) -> tuple:
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
-            _check_archive(file)  # before torch.load inflates anything
+            _check_archive(file, checksums=False)  # before torch.load inflates anything
             saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["config"]
         if saved is not None:
             break
@@ -3273,9 +3288,10 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
         if not (oom or died):
             raise
         why = f"out of memory on {runtime.device}" if oom else _line(e).rstrip(".")
+        fewer = "--batch-size" if oom else "--workers or --batch-size"
         raise (OutOfMemoryError if oom else WorkerDiedError)(
             f"{why} evaluating {path} at batch_size={config.batch_size}; use a smaller "
-            f"batch_size or fewer workers (now {config.workers}), then run again"
+            f"{fewer}, then run again"
         ) from e
     console.write(f"eval {path}: " + " ".join(f"val_{k}={v:.4f}" for k, v in scores.items()))
 
