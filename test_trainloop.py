@@ -4377,6 +4377,8 @@ def test_shard_blocks_names_the_modules_sharded_one_by_one():
     assert tl._blocks(model, None) == [model[1][0], model[1][2]]  # through the wrapper
     blocks = tl._blocks(model, [nn.Linear])
     assert blocks == [model[1][2], model[1][0]]  # innermost first
+    stack = Stack(2)  # its blocks in a ModuleList, which has no forward to shard
+    assert tl._blocks(stack, None) == [*stack.hidden, stack.head]  # (the ModuleList: a ValueError)
 
 
 SHARDED = dict(ELASTIC, shard=True, ema=0.9, epochs=2, batch_norm=True)
@@ -4495,6 +4497,57 @@ def test_fit_shard_casts_weights_for_compute_with_bf16_and_takes_a_scheduler_fun
     assert set(dtypes) == {torch.bfloat16}  # FSDP's MixedPrecisionPolicy, not only autocast
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert history[-1]["lr"] == pytest.approx(0.1 * 0.1**2)  # 18 steps: two StepLR decays
+
+
+def test_fit_shard_trains_batchnorm_in_bf16():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    settings = dict(epochs=3, batch_size=16, lr=0.1, shard=True, precision="bf16")
+    history = tl.fit(model, blobs(96), **settings, **quiet())  # (bf16 weights, fp32 statistics:
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]  # a RuntimeError)
+
+
+class Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.layer = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.relu(self.layer(x))
+
+
+def test_fit_shard_evaluates_the_ema_with_its_current_weights_without_checkpoints(tmp_path):
+    def val_losses(out):
+        torch.manual_seed(0)  # the root holds both Linears: FSDP keeps them gathered after eval
+        model = nn.Sequential(nn.Linear(8, 16), Residual(16), nn.Linear(16, 3))
+        settings = dict(epochs=3, batch_size=16, shard=True, shard_blocks=[Residual], ema=0.9)
+        history = tl.fit(model, blobs(96), blobs(32, seed=1), out=out, **settings, **quiet())
+        return [row["val_loss"] for row in history]
+
+    assert val_losses("") == val_losses(tmp_path)  # (without saves, the EMA's root stayed stale)
+
+
+class Stack(nn.Module):
+    def __init__(self, depth: int):
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def test_a_sharded_checkpoint_is_refused_by_a_model_or_optimizer_that_holds_less(tmp_path):
+    tl.fit(Stack(2), blobs(96), epochs=1, batch_size=16, shard=True, out=tmp_path, **quiet())
+    missing = "hidden.1.bias: in the checkpoint, not in the model"
+    with pytest.raises(tl.UsageError, match=re.escape(missing)):  # (it resumed, silently)
+        tl.fit(Stack(1), blobs(96), epochs=2, batch_size=16, shard=True, out=tmp_path, **quiet())
+    with pytest.raises(tl.UsageError, match=re.escape(missing)):
+        tl.load_checkpoint(tmp_path / "last", one_step_state(Stack(1)))
+    with pytest.raises(tl.UsageError, match="2 optimizer groups in the checkpoint, 1 here"):
+        tl.load_checkpoint(tmp_path / "last", one_step_state(Stack(2)))  # (group 0's decay for all)
 
 
 def test_resuming_a_sharded_checkpoint_into_another_model_names_the_mismatch(tmp_path):

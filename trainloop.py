@@ -1150,6 +1150,8 @@ def evaluate(
             _forward(model, batch, loss_fn, rt)
     finally:  # also when a batch fails
         model.train(was_training)
+        if _is_sharded(model):  # FSDP keeps a root's weights gathered after no-grad forwards,
+            model.reshard()  # and an EMA update of its shards would not reach them
     # A process that had no batch does not know the metric names.
     names = sorted(set().union(*_gather(sorted(sums), rt)))
     parts = [d.get(k, 0) for d in (sums, weights) for k in names]
@@ -1520,11 +1522,31 @@ def _check_fits(model: nn.Module, saved: dict) -> None:
             raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
 
 
+def _check_shards_fit(parts: dict, path: Path) -> None:
+    """A ValueError naming the first entry of a part (model, ema) that the sharded checkpoint
+    `path` and `parts` do not both hold, or another number of optimizer groups: DCP reads what
+    `parts` asks for and ignores the rest."""
+    with open(path / ".metadata", "rb") as f:  # (checked by _check_directory)
+        saved = _CheckpointRecords(f).load().state_dict_metadata
+    for part, state in parts.items():
+        if part == "optimizer":
+            groups = {k.split(".")[2] for k in saved if k.startswith("optimizer.param_groups.")}
+            if len(groups) != len(state["param_groups"]):
+                mine = len(state["param_groups"])
+                raise ValueError(f"{len(groups)} optimizer groups in the checkpoint, {mine} here")
+            continue
+        theirs = {k[len(part) + 1 :] for k in saved if k.startswith(f"{part}.")}
+        for name in sorted(theirs ^ set(state)):
+            there = "in the checkpoint, not" if name in theirs else "not in the checkpoint, but"
+            raise ValueError(f"{name}: {there} in the model")
+
+
 def _read_shards(parts: dict, path: Path, alone: bool) -> None:
     """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
     other processes (torch would warn about that every time)."""
     import torch.distributed.checkpoint as dcp
 
+    _check_shards_fit(parts, path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
@@ -1767,6 +1789,18 @@ def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     return net
 
 
+def _holders(module: nn.Module) -> list:
+    """The children that hold parameters, with a ModuleList's or ModuleDict's own in its place
+    (such a container has no forward, which FSDP needs)."""
+    found = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            found += _holders(child)
+        elif next(child.parameters(), None) is not None:
+            found.append(child)
+    return found
+
+
 def _blocks(model: nn.Module, types) -> list:
     """The modules to shard one by one, innermost first."""
     if types:
@@ -1776,7 +1810,7 @@ def _blocks(model: nn.Module, types) -> list:
             raise UsageError(f"shard_blocks={names}: the model holds no such module")
         return found[::-1]
     while True:  # go down through wrappers: a module whose parameters all sit in one child
-        holders = [c for c in model.children() if next(c.parameters(), None) is not None]
+        holders = _holders(model)
         if len(holders) != 1 or next(model.parameters(recurse=False), None) is not None:
             return holders
         model = holders[0]
@@ -1796,11 +1830,16 @@ def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema else None  # FSDP cannot copy
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=runtime.amp_dtype, reduce_dtype=torch.float32)
+    whole = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # fp32, as under autocast
     for module in [m for m in (model, ema) if m is not None]:
+        for norm in module.modules() if runtime.amp_dtype else ():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm is not module:
+                fully_shard(norm, mesh=mesh, mp_policy=whole)  # fp32 statistics need fp32 weights
         for block in _blocks(module, blocks):
             if config.compile and module is model:
                 block.compile()  # in place: the checkpoint's names stay plain
-            fully_shard(block, mesh=mesh, mp_policy=policy)
+            if not _is_sharded(block):  # (a BatchNorm, already)
+                fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(module, mesh=mesh, mp_policy=policy)
     return model, ema
 
