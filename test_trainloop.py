@@ -4380,6 +4380,13 @@ def test_shard_blocks_names_the_modules_sharded_one_by_one():
     stack = Stack(2)  # its blocks in a ModuleList, which has no forward to shard
     assert tl._blocks(stack, None) == [*stack.hidden, stack.head]  # (the ModuleList: a ValueError)
 
+    class Heads(nn.ModuleList):  # a container with a forward of its own: one block
+        def forward(self, x):
+            return torch.stack([head(x) for head in self]).mean(0)
+
+    heads = nn.Sequential(nn.Linear(8, 8), Heads(nn.Linear(8, 3) for _ in range(2)))
+    assert tl._blocks(heads, None) == [heads[0], heads[1]]
+
 
 SHARDED = dict(ELASTIC, shard=True, ema=0.9, epochs=2, batch_norm=True)
 
@@ -4548,6 +4555,32 @@ def test_a_sharded_checkpoint_is_refused_by_a_model_or_optimizer_that_holds_less
         tl.load_checkpoint(tmp_path / "last", one_step_state(Stack(1)))
     with pytest.raises(tl.UsageError, match="2 optimizer groups in the checkpoint, 1 here"):
         tl.load_checkpoint(tmp_path / "last", one_step_state(Stack(2)))  # (group 0's decay for all)
+
+
+class Counts(nn.Linear):
+    """A Linear whose extra state is a dict, which DCP saves flattened (counts.calls, ...)."""
+
+    def __init__(self):
+        super().__init__(8, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+    def get_extra_state(self):
+        return {"calls": self.calls, "scale": torch.ones(1)}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+
+
+def test_a_sharded_checkpoint_of_a_model_with_extra_state_resumes(tmp_path):
+    tl.fit(Counts(), blobs(96), epochs=1, batch_size=16, shard=True, out=tmp_path, **quiet())
+    history = tl.fit(
+        Counts(), blobs(96), epochs=2, batch_size=16, shard=True, out=tmp_path, **quiet()
+    )
+    assert [row["epoch"] for row in history] == [1, 2]  # (refused: "_extra_state: not in the ...")
 
 
 def test_resuming_a_sharded_checkpoint_into_another_model_names_the_mismatch(tmp_path):

@@ -1522,6 +1522,17 @@ def _check_fits(model: nn.Module, saved: dict) -> None:
             raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
 
 
+def _unflattened(name: str, state: dict) -> str:
+    """The entry of `state` that DCP's flattened `name` is part of (extra state that is a dict
+    is saved as name.key), else `name`."""
+    prefix = name
+    while "." in prefix:
+        prefix = prefix.rsplit(".", 1)[0]
+        if prefix in state:
+            return prefix
+    return name
+
+
 def _check_shards_fit(parts: dict, path: Path) -> None:
     """A ValueError naming the first entry of a part (model, ema) that the sharded checkpoint
     `path` and `parts` do not both hold, or another number of optimizer groups: DCP reads what
@@ -1535,7 +1546,9 @@ def _check_shards_fit(parts: dict, path: Path) -> None:
                 mine = len(state["param_groups"])
                 raise ValueError(f"{len(groups)} optimizer groups in the checkpoint, {mine} here")
             continue
-        theirs = {k[len(part) + 1 :] for k in saved if k.startswith(f"{part}.")}
+        theirs = {
+            _unflattened(k[len(part) + 1 :], state) for k in saved if k.startswith(f"{part}.")
+        }
         for name in sorted(theirs ^ set(state)):
             there = "in the checkpoint, not" if name in theirs else "not in the checkpoint, but"
             raise ValueError(f"{name}: {there} in the model")
@@ -1794,7 +1807,8 @@ def _holders(module: nn.Module) -> list:
     (such a container has no forward, which FSDP needs)."""
     found = []
     for child in module.children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+        container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
+        if container and type(child).forward is nn.Module.forward:
             found += _holders(child)
         elif next(child.parameters(), None) is not None:
             found.append(child)
