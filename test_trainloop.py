@@ -4583,6 +4583,29 @@ def test_a_sharded_checkpoint_of_a_model_with_extra_state_resumes(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]  # (refused: "_extra_state: not in the ...")
 
 
+class SpareHead(nn.Module):
+    """An MLP beside a head that forward never uses: its parameters never get a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.spare = mlp(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_sharded_run_with_a_parameter_never_trained_resumes_exactly(tmp_path):
+    settings = dict(batch_size=16, shard=True, schedule="constant", **quiet())
+    tl.fit(SpareHead(), blobs(96), epochs=2, out=tmp_path / "straight", **settings)
+    tl.fit(SpareHead(), blobs(96), epochs=1, out=tmp_path / "resumed", **settings)
+    # (refused: "Missing key in checkpoint state_dict: optimizer.state.spare.weight...")
+    tl.fit(SpareHead(), blobs(96), epochs=2, out=tmp_path / "resumed", **settings)
+    runs = [tmp_path / "straight" / "last", tmp_path / "resumed" / "last"]
+    straight, resumed = (sharded_tensors(run, SpareHead()) for run in runs)
+    assert_same_tensors(straight, resumed)
+
+
 def test_resuming_a_sharded_checkpoint_into_another_model_names_the_mismatch(tmp_path):
     fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
     with pytest.raises(tl.UsageError, match=r"does not match this model.*model\.0\.weight"):

@@ -1533,12 +1533,17 @@ def _unflattened(name: str, state: dict) -> str:
     return name
 
 
+def _saved_entries(path: Path) -> dict:
+    """A sharded checkpoint's entries by DCP's flattened names (model.layer.weight, ...)."""
+    with open(path / ".metadata", "rb") as f:  # (checked by _check_directory)
+        return _CheckpointRecords(f).load().state_dict_metadata
+
+
 def _check_shards_fit(parts: dict, path: Path) -> None:
     """A ValueError naming the first entry of a part (model, ema) that the sharded checkpoint
     `path` and `parts` do not both hold, or another number of optimizer groups: DCP reads what
     `parts` asks for and ignores the rest."""
-    with open(path / ".metadata", "rb") as f:  # (checked by _check_directory)
-        saved = _CheckpointRecords(f).load().state_dict_metadata
+    saved = _saved_entries(path)
     for part, state in parts.items():
         if part == "optimizer":
             groups = {k.split(".")[2] for k in saved if k.startswith("optimizer.param_groups.")}
@@ -1575,11 +1580,18 @@ def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) ->
     from torch.distributed.checkpoint import state_dict as sd
 
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
+    saved = _saved_entries(path)  # DCP makes state for every parameter; a checkpoint has none
+    for name, values in list(optimizer["state"].items()):  # for those that had no gradient yet
+        values = {k: v for k, v in values.items() if f"optimizer.state.{name}.{k}" in saved}
+        if values:
+            optimizer["state"][name] = values
+        else:
+            del optimizer["state"][name]
     alone = not _is_sharded(state.model)  # whole tensors: no process needs another
     _read_shards({"model": model, "optimizer": optimizer}, path, alone)
-    sd.set_state_dict(
-        state.model, state.optimizer, model_state_dict=model, optim_state_dict=optimizer
-    )
+    sd.set_model_state_dict(state.model, model)
+    lenient = sd.StateDictOptions(strict=False)  # (those parameters keep no state)
+    sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=lenient)
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
         _read_shards({"ema" if "ema" in ckpt["sharded"] else "model": ema}, path, alone)
