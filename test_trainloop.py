@@ -727,6 +727,52 @@ def test_fit_writes_the_run_directory(tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
 
 
+def test_fit_refuses_an_out_that_another_run_is_using(tmp_path):
+    out = tmp_path / "run"
+    fit_mlp(32, epochs=1, out=out)
+    holder = subprocess.Popen(  # another process holds the run's lock, as a running fit does
+        [sys.executable, "-c", HOLDS_A_LOCK, str(out / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(tl.UsageError, match=r"out=.* is in use by another run \(pid \d+ on "):
+            fit_mlp(32, epochs=2, out=out)
+        assert tl.load_checkpoint(out / "last.pt")["epoch"] == 1  # nothing was touched
+    finally:
+        holder.communicate("")  # it lets go when it ends
+    assert len(fit_mlp(32, epochs=2, out=out)) == 2
+
+
+HOLDS_A_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a+") as f:
+    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write("pid 12345 on elsewhere")
+    f.flush()
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_rerun_of_a_finished_run_writes_nothing_and_a_refused_resume_keeps_config(tmp_path):
+    out = tmp_path / "run"
+    fit_mlp(32, blobs(16), epochs=2, out=out)
+
+    def files():  # all but the lock, which a read-only out goes without
+        return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("[!.]*")}
+
+    before = files()
+    fit_mlp(32, blobs(16), epochs=2, out=out)  # complete: a read-only out would do
+    assert files() == before
+    with pytest.raises(tl.UsageError, match="trained with 'sgd'"):
+        fit_mlp(32, blobs(16), epochs=3, optimizer="adamw", out=out)
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "sgd"
+
+
 def test_checkpoint_holds_the_unwrapped_model_and_loads_weights_only(tmp_path):
     model = mlp()
     compiled = torch.compile(model)  # not run: only its wrapper's key prefix matters here
@@ -1213,7 +1259,8 @@ def test_sigterm_to_the_process_group_stops_with_143_though_the_loader_workers_d
     stopped = finish(proc, tmp_path)
     assert stopped.returncode == 143, stopped.stderr
     assert (
-        "stopped: SIGTERM received at step 12 (epoch 2); checkpoint run/last.pt;" in stopped.stdout
+        "stopped: SIGTERM received at step 12 (the end of epoch 1); checkpoint run/last.pt;"
+        in stopped.stdout
     )
     ckpt = tl.load_checkpoint(tmp_path / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 12)
@@ -1271,7 +1318,8 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
         assert loadable
         ckpt = tl.load_checkpoint(loadable[0])  # the newest file present is always whole
         assert ckpt["model"]["weight"].eq(ckpt["step"]).all()  # of one save, not a mix
-    tl._prepare_out(tl.Config(out=str(tmp_path)), CPU)
+    with tl._run_directory(tl.Config(out=str(tmp_path)), CPU):
+        pass
     assert not list(tmp_path.glob(".*.tmp"))  # what killed saves left behind is cleaned up
 
 
@@ -1406,6 +1454,18 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path):
     tl.fit(mlp(), blobs(64), epochs=2, batch_size=8, out=out, log=lines.append)
     warning = next(line for line in lines if line.startswith("warning: resuming"))
     assert "batch_size 16 -> 8" in warning
+
+
+def test_resume_warns_of_no_change_that_leaves_the_run_as_it_was(tmp_path):
+    def scheduler(optimizer):  # the user's own: epochs and schedule are not what drives it
+        return torch.optim.lr_scheduler.StepLR(optimizer, 4)
+
+    out, lines = str(tmp_path / "run"), []
+    fit_mlp(epochs=1, out=out, gpus="cpu", scheduler=scheduler)
+    fit_mlp(epochs=2, out=out, gpus="", schedule="step", scheduler=scheduler, log=lines.append)
+    assert not any(line.startswith("warning") for line in lines), lines  # any gpus, one device
+    fit_mlp(epochs=3, out=out, scheduler=scheduler, momentum=0.5, log=lines.append)
+    assert "momentum 0.9 -> 0.5" in lines[-2] and "epochs" not in lines[-2], lines
 
 
 def test_resume_of_a_users_scheduler_without_it_names_trainloops_own(tmp_path):
@@ -3850,7 +3910,7 @@ def disk_full(*args, **kwargs):
 def test_fit_full_disk_while_writing_metrics_is_a_save_error(tmp_path, monkeypatch):
     fit_mlp(32, epochs=1, out=tmp_path)
     monkeypatch.setattr(Path, "write_text", disk_full)
-    monkeypatch.setattr(tl, "_prepare_out", lambda config, runtime: tmp_path)
+    monkeypatch.setattr(tl, "_write_config", lambda job: None)
     kept = f"the last good checkpoint {tmp_path / 'last.pt'} is intact"
     with pytest.raises(tl.SaveError, match=f"metrics.jsonl: no space left on device; {kept}"):
         fit_mlp(32, epochs=2, out=tmp_path)
@@ -4664,7 +4724,7 @@ def test_a_failed_sharded_save_leaves_no_partial_directory(tmp_path, monkeypatch
     monkeypatch.setattr(tl, "_checksums", disk_full)
     with pytest.raises(tl.SaveError, match="no space left on device; there is no checkpoint yet"):
         fit_mlp(n=96, epochs=1, out=tmp_path, shard=True)
-    assert not list(tmp_path.glob("*last*")) and not list(tmp_path.glob(".*"))
+    assert not list(tmp_path.glob("*last*")) and not list(tmp_path.glob(".*tmp"))
 
 
 @pytest.mark.slow

@@ -1243,7 +1243,7 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
         raise SaveError(_save_failure(e, path, checkpoint or path)) from e
     finally:
         with contextlib.suppress(OSError):  # read-only: even a missing file raises; next start
-            tmp.unlink()  # clears what is left (_prepare_out)
+            tmp.unlink()  # clears what is left (_run_directory)
 
 
 def _runtime_of(model: nn.Module) -> Runtime:
@@ -2107,13 +2107,20 @@ def _save(state: TrainState, job: _Job) -> None:
         )
 
 
+def _position(state: TrainState) -> str:
+    """Where training stands, as a message says it."""
+    if state.epoch and not state.batches:
+        return f"at step {state.step} (the end of epoch {state.epoch})"
+    return f"at step {state.step} (epoch {state.epoch + 1})"
+
+
 def _stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> Stopped:
     why = "time limit reached" if code == EXIT_TIME_LIMIT else ""
     why = why or f"{signal.Signals(code - 128).name} received"
     then = f"checkpoint {job.last}" if saved else _kept(job.last)
     then = f"{then}; run the same command again to continue"
     then = then if job.out else "nothing was saved (pass out= to be able to continue)"
-    where = f"at step {state.step} (epoch {state.epoch + 1})"
+    where = _position(state)
     job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
     return Stopped(code)
 
@@ -2147,7 +2154,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=N
     if died and stop.signal:
         return _stopped(128 + stop.signal, state, job, saved)
     done = f"checkpoint {job.last} written" if saved else _kept(job.last)
-    when = f"at step {state.step} (epoch {state.epoch + 1})"
+    when = _position(state)
     if settle is None:
         when = f"in the validation of epoch {state.epoch + 1}"
     elif oom and not reading:  # the step that ran out is the next one, and half done
@@ -2368,36 +2375,73 @@ def _tensorboard(job: _Job):
         raise SaveError(_save_failure(e, job.out / _EVENTS, job.last)) from e
 
 
-def _prepare_out(config: Config, runtime: Runtime) -> Optional[Path]:
-    """Create the run directory (rank 0), clear temporaries of a killed save, record config."""
-    if not config.out:
-        return None
-    out = Path(config.out)
-    if runtime.is_main:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"out={config.out!r} is a file; pick a directory for the run")
+@contextlib.contextmanager
+def _run_directory(config: Config, runtime: Runtime):
+    """Yields the run directory (None without out), created, locked and cleared of what a killed
+    save left. The lock, out/.lock, refuses a second run on the same out (two would overwrite
+    each other's checkpoints): a POSIX lock, which the kernel drops when the process ends,
+    however it ends, and which loader workers do not inherit."""
+    out = Path(config.out) if config.out else None
+    with contextlib.ExitStack() as stack:
+        if out is not None and runtime.is_main:
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"out={config.out!r} is a file; pick a directory for the run")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(
+                    f"out={config.out!r} is not writable ({e.strerror}); pick another directory"
+                ) from None
+            with contextlib.suppress(OSError):  # read-only: a finished run's rerun writes nothing
+                _lock(stack.enter_context(open(out / ".lock", "a+")), config)
+                for tmp in out.glob(".*.tmp"):  # a file, or a directory of shards
+                    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        _barrier(runtime)
+        yield out
+
+
+def _lock(file, config: Config) -> None:
+    """Lock the open `file` for this process, or a UsageError naming the process that holds it."""
+    with contextlib.suppress(ImportError):  # Windows: no lock
+        import fcntl
+
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            for tmp in out.glob(".*.tmp"):  # a file, or a directory of shards
-                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-            record = dict(dataclasses.asdict(config), world_size=runtime.world_size)
-            record["trainloop"] = __version__
-            (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        except OSError as e:  # a run to go on with, or a disk's fault: not the path's
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(out.glob("last*")):
-                last = _last_checkpoint(out, config)
-                raise SaveError(_save_failure(e, out / "config.json", last)) from e
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without locks
+                return
+            file.seek(0)
             raise UsageError(
-                f"out={config.out!r} is not writable ({e.strerror}); pick another directory"
+                f"out={config.out!r} is in use by another run ({file.read().strip()}); wait "
+                "for it to end or stop it, or pick another out"
             ) from None
-    _barrier(runtime)
-    return out
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        file.flush()
+
+
+def _write_config(job: _Job) -> None:
+    """Record the run's settings in config.json before it trains: also the first write, which
+    finds early that out cannot be written."""
+    if not job.runtime.is_main:
+        return
+    record = dict(dataclasses.asdict(job.config), world_size=job.runtime.world_size)
+    record["trainloop"] = __version__
+    path = job.out / "config.json"
+    try:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:  # a run to go on with, or a disk's fault: not the path's
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(job.out.glob("last*")):
+            raise SaveError(_save_failure(e, path, job.last)) from e
+        raise UsageError(
+            f"out={job.config.out!r} is not writable ({e.strerror}); pick another directory"
+        ) from None
 
 
 # Settings that change a run's trajectory; resuming with another value is warned about.
 _NOT_TRAJECTORY = set(
     "out resume quiet log_every save_every time_limit eval_only patience workers download "
-    "data_root monitor monitor_mode".split()
+    "data_root monitor monitor_mode gpus".split()
 )
 
 
@@ -2428,11 +2472,15 @@ def _candidates(config: Config, out: Optional[Path]) -> list:
 
 
 def _warn_changes(ckpt: dict, job: _Job) -> None:
+    moot = _NOT_TRAJECTORY | (set() if job.own_schedule else {"epochs", "schedule", "warmup"})
     changes = [
         f"{k} {v} -> {getattr(job.config, k)}"
         for k, v in ckpt.get("config", {}).items()
-        if k not in _NOT_TRAJECTORY and getattr(job.config, k, v) != v
+        if k not in moot and getattr(job.config, k, v) != v
     ]
+    gpu, was_gpu = job.runtime.device.type == "cuda", ckpt["rng"][0]["cuda"] is not None
+    if gpu != was_gpu:  # (which GPUs, or how gpus chose them, changes nothing)
+        changes.append(f"device {'a GPU' if was_gpu else 'no GPU'} -> {job.runtime.device}")
     if ckpt["world_size"] != job.runtime.world_size:
         why = "elastic resume: each remaining sample of the epoch is still seen once"
         changes.append(f"world_size {ckpt['world_size']} -> {job.runtime.world_size} ({why})")
@@ -2694,9 +2742,12 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
             f"processes resumed from different steps ({-low:.0f} and {high:.0f}): out must be "
             "on a filesystem that every machine shares"
         )
+    training = state.epoch < config.epochs  # a finished run's rerun writes nothing
+    if job.out is not None and training:
+        _write_config(job)
     state.net = _wrap(state.model, config, rt)
     stop, stop_early, reserve = _Stop(parse_duration(config.time_limit)), False, 1.0
-    tensorboard = _tensorboard(job)
+    tensorboard = _tensorboard(job) if training else None
     try:
         with _catch_signals(stop):
             while state.epoch < config.epochs and not stop_early:
@@ -2781,10 +2832,10 @@ def fit(
         with _group_of_one(config.shard, rt):
             net, ema = _shard(model, config, rt, shard_blocks) if config.shard else (model, None)
             state = _new_state(net, config, rt, optimizer, scheduler, steps, ema)
-            out = _prepare_out(config, rt)
-            own = scheduler is None
-            job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
-            history = _train(state, train, val, job)
+            with _run_directory(config, rt) as out:
+                own = scheduler is None
+                job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
+                history = _train(state, train, val, job)
             if state.ema is not None or net is not model:  # the weights evaluated, in the model
                 _copy_whole(state.eval_model, model)
             del state, net, ema  # the sharded copy ends before the process group (see teardown)
