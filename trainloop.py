@@ -2653,6 +2653,8 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
             f"fit() got {command_line[0]}=...: a setting of the command line, which builds the "
             "data and model; fit trains the model and data it is given"
         )
+    if config.eval_only:  # (the other command-line settings in a config are only recorded)
+        raise UsageError("fit() trains; to only evaluate a model, call evaluate(model, data)")
     return config
 
 
