@@ -489,6 +489,21 @@ def test_evaluate_reports_top5_only_with_more_than_five_classes():
     assert "top5" not in few
 
 
+def test_a_batchnorm_frozen_with_eval_stays_frozen_through_fit_and_evaluate():
+    def model_with_norm():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+    frozen = model_with_norm()
+    frozen[1].eval()  # the user's: keep its statistics
+    tl.fit(frozen, blobs(64), blobs(32), epochs=2, batch_size=16, **quiet())
+    assert not frozen[1].training and frozen[0].training
+    assert frozen[1].running_mean.eq(0).all() and frozen[1].num_batches_tracked == 0
+    whole = model_with_norm().eval()  # a model in eval mode as a whole trains
+    tl.fit(whole, blobs(64), epochs=1, batch_size=16, **quiet())
+    assert whole[1].num_batches_tracked == 4
+
+
 def test_evaluate_accuracy_only_on_the_class_axis():
     tokens = torch.randint(0, 4, (6, 3))  # (N, T) labels of 4 classes
     logits = F.one_hot(tokens, 4).float()  # (N, T, C): classes last, all right
@@ -1510,7 +1525,8 @@ def test_resume_of_a_users_scheduler_without_it_names_trainloops_own(tmp_path):
     tl.fit(model, blobs(64), epochs=1, optimizer=optimizer, scheduler=onecycle, out=tmp_path)
     with pytest.raises(tl.UsageError, match=r"OneCycleLR, not LambdaLR \(trainloop's own sch"):
         fit_mlp(64, epochs=2, out=tmp_path)
-    state = tl.TrainState(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1))  # none at all
+    model = mlp()
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))  # none at all
     with pytest.raises(tl.UsageError, match="OneCycleLR, not None; pass the same kind"):
         tl.load_checkpoint(tmp_path / "last.pt", state)
 
@@ -2543,16 +2559,101 @@ def test_save_checkpoint_refuses_extras_it_could_not_load_back(tmp_path):
         tl.save_checkpoint(tmp_path / "c.pt", state, step=100)
     with pytest.raises(tl.UsageError, match="holds a Config"):
         tl.save_checkpoint(tmp_path / "c.pt", state, config=tl.Config())
-    with pytest.raises(tl.UsageError, match=r"config=\.\.\.\) holds a (Posix|Windows)Path"):
+    with pytest.raises(
+        tl.UsageError, match=r"config=\.\.\.\)\['out'\] holds a (Posix|Windows)Path"
+    ):
         tl.save_checkpoint(tmp_path / "c.pt", state, config={"out": Path("runs")})
     state.scheduler.lr_lambdas[0] = Stopwatch()  # a callable object: its __dict__ is saved
-    with pytest.raises(tl.UsageError, match="scheduler.s state_dict.. holds a builtin_function"):
+    with pytest.raises(
+        tl.UsageError,
+        match=r"checkpoint\['scheduler'\]\['lr_lambdas'\]\[0\]\[.*\] holds a builtin_function",
+    ):
         tl.save_checkpoint(tmp_path / "c.pt", state)
     assert not (tmp_path / "c.pt").exists()
     (tmp_path / "run").mkdir()
     with pytest.raises(tl.UsageError, match="run is a directory; pass a file path"):
         tl.save_checkpoint(tmp_path / "run", state)  # (it moved the directory to run.prev)
     assert (tmp_path / "run").is_dir() and not (tmp_path / "run.prev").exists()
+
+
+def test_save_checkpoint_never_writes_what_loading_refuses_in_the_model_or_optimizer(tmp_path):
+    class Noted(nn.Sequential):
+        def get_extra_state(self):
+            return {"stats": self.stats}
+
+        def set_extra_state(self, state):
+            self.stats = state["stats"]
+
+    model = Noted(nn.Linear(8, 3))
+    model.stats = np.float32(2.0)  # a NumPy number is saved as a Python one
+    state = one_step_state(model)
+    state.optimizer.state[model[0].weight]["scale"] = np.float64(0.5)
+    tl.save_checkpoint(tmp_path / "c.pt", state)
+    tl.load_checkpoint(tmp_path / "c.pt", state)  # (it was refused as holding Python objects)
+    assert (model.stats, state.optimizer.state[model[0].weight]["scale"]) == (2.0, 0.5)
+    model.stats = np.zeros(3)
+    with pytest.raises(tl.UsageError, match=r"\['model'\]\['_extra_state'\]\['stats'\] holds a nd"):
+        tl.save_checkpoint(tmp_path / "d.pt", state)
+    assert not (tmp_path / "d.pt").exists()
+
+
+def test_building_blocks_refuse_plausible_mistakes_in_one_line(tmp_path, monkeypatch):
+    model, other = mlp(), mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    refusals = [  # (what a user wrote, what the error says)
+        (lambda: tl.TrainState(model.state_dict(), sgd), "model must be a torch.nn.Module"),
+        (lambda: tl.TrainState(model, torch.optim.LBFGS(model.parameters())), "without a clos"),
+        (lambda: tl.TrainState(model, torch.optim.SGD(other.parameters())), "holds none of"),
+        (lambda: tl.TrainState(model, sgd, lambda o: L.StepLR(o, 2)), "not a function: call it"),
+        (
+            lambda: tl.TrainState(model, sgd, torch.amp.GradScaler("cpu")),
+            r"goes to TrainState\(\.\.\., sc",
+        ),
+        (lambda: tl.train_step(state, [x, y]), "takes a list of micro-batches.*pass .batch."),
+        (lambda: tl.train_step(state, (x, y, y)), "not a tuple of tensors; pass .batch."),
+        (lambda: tl.train_step(state, {"x": x}), "not a dict of tensors"),
+        (lambda: tl.train_step(state, [(x, y)], runtime="cpu"), "runtime='cpu' is not a trainl"),
+        (
+            lambda: tl.evaluate(state, [(x, y)]),
+            r"takes a model \(state.eval_model\), not a TrainSt",
+        ),
+        (lambda: tl.evaluate(model, blobs(16)), "takes batches: a DataLoader, make_loader"),
+        (lambda: tl.load_checkpoint(tmp_path / "c.pt", model), "restores a TrainState, not a Seq"),
+        (lambda: tl.make_loader((x, y), batch_size=4), "map-style Dataset, not a tuple"),
+        (lambda: tl.make_loader(Stream(8), batch_size=4), "map-style Dataset, not a Stream"),
+    ]
+    frozen = mlp().requires_grad_(False)
+    refusals.append((lambda: tl.TrainState(frozen, torch.optim.SGD(frozen.parameters())), "none"))
+    state = tl.TrainState(model, sgd)
+    ((x, y),) = DataLoader(blobs(16), batch_size=16)
+    tl.save_checkpoint(tmp_path / "c.pt", state)
+    for mistake, message in refusals:
+        with pytest.raises(tl.UsageError, match=message):
+            mistake()
+    with pytest.warns(UserWarning, match="not wrapped in DistributedDataParallel.*trains alone"):
+        tl.train_step(state, [(x, y)], runtime=tl.Runtime(torch.device("cpu"), world_size=2))
+    monkeypatch.setattr(tl.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tl.dist, "get_world_size", lambda: 2)
+    with pytest.warns(UserWarning, match="without runtime= gives every process all the batches"):
+        tl.make_loader(blobs(16), batch_size=4)
+
+
+def test_a_chained_scheduler_of_other_kinds_is_refused_and_a_new_directory_made(tmp_path):
+    def state(second):
+        model = mlp()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        chained = L.SequentialLR(sgd, [L.LinearLR(sgd), second(sgd)], milestones=[2])
+        return tl.TrainState(model, sgd, chained)
+
+    path = tmp_path / "new" / "dir" / "c.pt"  # made, as torch.save would not
+    tl.save_checkpoint(path, state(lambda o: L.ExponentialLR(o, 0.9)))
+    tl.load_checkpoint(path, state(lambda o: L.ExponentialLR(o, 0.9)))
+    with pytest.raises(tl.UsageError, match=r"SequentialLR\(LinearLR, ExponentialLR\), not Seq"):
+        tl.load_checkpoint(path, state(lambda o: L.CosineAnnealingLR(o, 4)))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["scheduler"]["type"] = "SequentialLR"  # as 0.3.2 saved it: taken
+    torch.save(ckpt, path)
+    tl.load_checkpoint(path, state(lambda o: L.CosineAnnealingLR(o, 4)))
 
 
 def test_load_checkpoint_of_another_optimizer_is_refused(tmp_path):

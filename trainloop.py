@@ -214,6 +214,33 @@ def _is_sharded(model: nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
+def _check_state_parts(model, optimizer, scheduler) -> None:
+    """A UsageError for parts of a TrainState that cannot train together."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, torch.optim.LBFGS):
+        raise UsageError(  # (LBFGS needs a closure, which train_step does not pass)
+            f"optimizer={optimizer!r:.40} is not a torch optimizer that steps without a closure; "
+            "build one on the model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
+        )
+    mine = {id(p) for p in model.parameters()}  # (it may also hold a loss's own parameters)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(id(p) in mine for p in params):
+        raise UsageError("the optimizer holds none of the model's parameters; build it on them")
+    if not any(p.requires_grad for p in params):
+        raise UsageError("the optimizer's parameters all have requires_grad=False: none trains")
+    if scheduler is not None and not hasattr(scheduler, "state_dict"):  # a GradScaler has one
+        what = "a function: call it" if callable(scheduler) else f"a {type(scheduler).__name__}"
+        raise UsageError(f"scheduler= takes an LR scheduler, not {what}")
+    if isinstance(scheduler, torch.amp.GradScaler):
+        raise UsageError("a GradScaler goes to TrainState(..., scaler=...), not scheduler")
+    if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        raise UsageError(
+            "the scheduler is built on another optimizer; build it on the one given (fit "
+            "also takes a function optimizer -> scheduler, which works with its own optimizer)"
+        )
+
+
 @dataclass
 class TrainState:
     """Everything a checkpoint restores, in one object; train_step updates it in place.
@@ -235,7 +262,7 @@ class TrainState:
     net: Optional[nn.Module] = None
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
-    seen: int = 0  # samples of the current epoch consumed, all processes together
+    seen: int = 0  # samples of this epoch consumed by all processes (fit keeps it, not train_step)
     batches: int = 0  # micro-batches of the current epoch consumed by this process
     best: Optional[float] = None  # best value of the monitored metric
     best_epoch: int = 0  # the epoch that reached it
@@ -247,16 +274,7 @@ class TrainState:
     _fast_path: tuple = field(default=(None, None), init=False, repr=False)  # _step_scheduler
 
     def __post_init__(self):
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise UsageError(
-                f"optimizer={self.optimizer!r} is not a torch optimizer; build one on the "
-                "model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
-            )
-        if getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
-            raise UsageError(
-                "the scheduler is built on another optimizer; build it on the one given (fit "
-                "also takes a function optimizer -> scheduler, which works with its own optimizer)"
-            )
+        _check_state_parts(self.model, self.optimizer, self.scheduler)
         self.net = self.model if self.net is None else self.net
         self.model = _unwrap(self.model)  # checkpoints hold the plain module's names
         self.scaler = self.scaler or torch.amp.GradScaler("cpu", enabled=False)
@@ -408,6 +426,15 @@ class Runtime:
     @functools.cached_property
     def on_cpu(self) -> bool:  # read every step; device.type builds a new string each time
         return self.device.type == "cpu"
+
+
+def _given(runtime) -> Optional[Runtime]:
+    """`runtime` when it is a Runtime or None; else a UsageError."""
+    if runtime is None or isinstance(runtime, Runtime):
+        return runtime
+    raise UsageError(
+        f"runtime={runtime!r} is not a trainloop.Runtime; pass what setup_device() returns"
+    )
 
 
 def _check_gpus_exist(ids: tuple) -> None:
@@ -650,7 +677,19 @@ def make_loader(
     fast path (moved onto the GPU when it fits); anything else gets a DataLoader with `workers`
     processes (-1 = default_workers()).
     """
-    rt = runtime or Runtime(torch.device("cpu"))
+    rt = _given(runtime) or Runtime(torch.device("cpu"))
+    if runtime is None and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            "make_loader without runtime= gives every process all the batches; pass the "
+            "Runtime of setup_device() to shard them",
+            stacklevel=2,
+        )
+    tensors = isinstance(dataset, tuple) and all(map(torch.is_tensor, dataset))  # (x, y)
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or tensors:
+        raise UsageError(
+            f"make_loader takes a map-style Dataset, not a {type(dataset).__name__}; batch a "
+            "stream with a DataLoader of your own, or tensors (x, y) as TensorDataset(x, y)"
+        )
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} must be at least 1")
     workers = default_workers(rt.world_size) if workers < 0 else workers
@@ -1017,7 +1056,18 @@ def train_step(
     big batch even when the last micro-batch is short. `clip_grad` > 0 clips the global
     gradient norm; `channels_last` moves 4-d inputs to that memory format (off the CPU).
     """
-    runtime = runtime or Runtime(_device_of(state.model))
+    runtime = _given(runtime) or Runtime(_device_of(state.model))
+    if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
+        raise UsageError(
+            f"train_step takes a list of micro-batches, not a {type(batches).__name__} of "
+            "tensors; pass [batch] for one batch"
+        )
+    if runtime.world_size > 1 and not _reduces_gradients(state.net):
+        warnings.warn(
+            "train_step with several processes on a model that is not wrapped in "
+            "DistributedDataParallel (or sharded): each process trains alone; set state.net",
+            stacklevel=2,
+        )
     if runtime.amp_dtype is torch.float16 and not state.scaler.is_enabled():
         raise UsageError(  # fp16 gradients underflow to zero without loss scaling
             "fp16 training needs a loss scaler: TrainState(..., scaler=torch.amp.GradScaler())"
@@ -1051,6 +1101,15 @@ def train_step(
         _update_ema(state._ema_tensors, state.ema_decay, state.step)
     state.step += 1
     return step_loss
+
+
+def _reduces_gradients(net: nn.Module) -> bool:
+    """Whether `net`, maybe compiled, averages gradients over processes: DDP, or sharded."""
+    while not isinstance(net, nn.parallel.DistributedDataParallel) and not _is_sharded(net):
+        net = getattr(net, "_orig_mod", None)
+        if not isinstance(net, nn.Module):
+            return False
+    return True
 
 
 def _peak_lr(state: TrainState) -> float:
@@ -1127,8 +1186,16 @@ def evaluate(
 ) -> dict:
     """Mean loss, accuracy (and top-5 with more than 5 classes) and `metrics` over `data`,
     summed over all processes: the loss weighted as in training (a batch's weight, else its
-    samples), accuracy by labels, metrics by samples. Restores the model's mode."""
-    rt = runtime or Runtime(_device_of(model))
+    samples), accuracy by labels, metrics by samples. Restores each module's mode (a BatchNorm
+    you froze with .eval() stays so)."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"evaluate takes a model (state.eval_model), not a {type(model).__name__}")
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        raise UsageError(
+            "evaluate takes batches: a DataLoader, make_loader(dataset, batch_size=..., "
+            "train=False) or a list of batches, not a Dataset"
+        )
+    rt = _given(runtime) or Runtime(_device_of(model))
     sums, weights, batch, extra = {}, {}, None, 0
     metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
@@ -1136,7 +1203,7 @@ def evaluate(
         if fewest == 0:  # -0: a process without a batch has no input to take part with
             raise UsageError("evaluate on a sharded model needs a batch on every process")
         extra = int(most) - len(data)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         for batch in data:
@@ -1149,7 +1216,8 @@ def evaluate(
         for _ in range(extra):  # so that this process takes part in the others' last gathers
             _forward(model, batch, loss_fn, rt)
     finally:  # also when a batch fails
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         if _is_sharded(model):  # FSDP keeps a root's weights gathered after no-grad forwards,
             model.reshard()  # and an EMA update of its shards would not reach them
     # A process that had no batch does not know the metric names.
@@ -1228,9 +1296,10 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
     failure raises SaveError naming the run's last good `checkpoint` and leaves what was there;
     without `checkpoint`, `path` is it, and its previous version is kept as `<name>.prev.pt`."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
-    payload = _map_tensors(payload, lambda t: t.detach().cpu())
+    payload = _plain(payload, "the checkpoint")  # (a model's extra state, an optimizer's state)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -1307,7 +1376,7 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
     try:
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
-            tmp.mkdir()
+            tmp.mkdir(parents=True)
             _atomic_save({"sharded": sorted(tensors), **header}, tmp / "trainloop.pt", path)
         _barrier(runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
@@ -1336,21 +1405,23 @@ _LOADABLE = (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, t
 
 
 def _plain(value, where: str):
-    """`value` as weights_only loading takes it back: NumPy numbers become Python's; anything but
-    numbers, strings, tensors and lists, tuples and dicts of them is refused before a save
-    writes a checkpoint that could not be loaded."""
-    if isinstance(value, np.generic):
-        return _plain(value.item(), where)
+    """`value` as weights_only loading takes it back: tensors detached on the CPU, NumPy numbers
+    as Python's; anything but tensors, numbers, strings and lists, tuples and dicts of them is
+    refused, naming where it is, before a save writes a checkpoint that could not be loaded."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         kind = next(k for k in (list, set, tuple) if isinstance(value, k))  # torch.Size: a tuple
-        return kind(_plain(v, where) for v in value)
-    if isinstance(value, dict):
-        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
+        return kind(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, np.generic):
+        return value.item()
     if value is None or isinstance(value, _LOADABLE):
         return value
     raise UsageError(
-        f"{where} holds a {type(value).__name__}, which loading refuses; keep to numbers, "
-        "strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
+        f"{where} holds a {type(value).__name__}, which loading refuses; keep to tensors, "
+        "numbers, strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
     )
 
 
@@ -1362,6 +1433,13 @@ def _check_extra(extra: dict) -> dict:
     return {key: _plain(value, f"save_checkpoint(..., {key}=...)") for key, value in extra.items()}
 
 
+def _scheduler_kind(scheduler) -> str:
+    """A scheduler's class, with those it chains: SequentialLR(LinearLR, CosineAnnealingLR)."""
+    inner = getattr(scheduler, "_schedulers", None)
+    name = type(scheduler).__name__
+    return f"{name}({', '.join(map(_scheduler_kind, inner))})" if inner else name
+
+
 def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = None, **extra):
     """Write a complete checkpoint of `state` (and the plain values `extra`) atomically to `path`.
 
@@ -1371,7 +1449,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     sharded model (FSDP2's fully_shard at its root) is saved as a directory instead, every
     process writing its own shards (see _save_sharded).
     """
-    runtime = runtime or _runtime_of(state.model)
+    runtime = _given(runtime) or _runtime_of(state.model)
     extra = _check_extra(extra)
     sharded = _is_sharded(state.model)
     if not sharded and Path(path).is_dir():
@@ -1387,9 +1465,9 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
         )
     scheduler = state.scheduler
     if scheduler is not None:
-        scheduler = {"type": type(scheduler).__name__, **scheduler.state_dict()}
+        scheduler = {"type": _scheduler_kind(scheduler), **scheduler.state_dict()}
     header = {
-        "scheduler": _plain(scheduler, "the scheduler's state_dict()"),
+        "scheduler": scheduler,
         "optimizer_type": type(state.optimizer).__name__,
         "scaler": state.scaler.state_dict(),
         **{k: getattr(state, k) for k in _COUNTERS},
@@ -1400,9 +1478,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     if sharded:
         _save_sharded(Path(path), state, header, runtime)
     elif runtime.is_main:
-        optimizer = state.optimizer.state_dict()
-        optimizer["param_groups"] = _plain(optimizer["param_groups"], "the optimizer's settings")
-        tensors = {"model": state.model.state_dict(), "optimizer": optimizer}
+        tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
         ema = state.ema.state_dict() if state.ema is not None else None
         _atomic_save({**tensors, "ema": ema, **header}, Path(path))
     _barrier(runtime)
@@ -1635,8 +1711,10 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
             "the same kind of optimizer, or start over with resume='none'"
         )
     saved = ckpt["scheduler"]
-    kind = type(state.scheduler).__name__ if state.scheduler is not None else None
+    kind = _scheduler_kind(state.scheduler) if state.scheduler is not None else None
     saved_kind = saved.get("type", "LambdaLR") if saved is not None else None  # 0.1: LambdaLR
+    if kind and saved_kind and "(" not in saved_kind:  # saved by 0.3.2 and before
+        kind = kind.split("(")[0]
     if saved_kind != kind:  # checked before anything of the state changes
         own = getattr(getattr(state.scheduler, "lr_lambdas", [None])[0], "func", None)
         if own is _lr_factor:
@@ -1688,7 +1766,12 @@ def load_checkpoint(
     of processes, and a file into either; with several processes every one must call it.
     """
     path = Path(path)
-    runtime = runtime or _runtime_of(state.model if state else nn.Module())
+    if state is not None and not isinstance(state, TrainState):
+        raise UsageError(
+            f"load_checkpoint(path, state) restores a TrainState, not a {type(state).__name__}; "
+            "for weights alone: model.load_state_dict(load_checkpoint(path)['model'])"
+        )
+    runtime = _given(runtime) or _runtime_of(state.model if state else nn.Module())
     if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
         inside = [p for p in (path / "last.pt", path / "last", path / "best.pt") if p.exists()]
         example = f", e.g. {inside[0]}" if inside else " (it holds none yet)"
@@ -2210,7 +2293,6 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
         state.epoch_seconds = start_seconds + time.monotonic() - started
         window.drain(state, rt)
 
-    state.net.train()
     title = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = _progress_bar(job.console, title, per_epoch, per_epoch - left)
     with bar as advance, _faults(state, job, loader, stop, settle):
@@ -2677,10 +2759,6 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
             f"optimizer={optimizer!r} is not an optimizer; pass one built on the model's "
             "parameters, or a name: 'sgd' or 'adamw'"
         )
-    params = {id(p) for p in model.parameters()}  # (it may also hold a loss's own parameters)
-    groups = optimizer.param_groups if optimizer is not None else []
-    if groups and not any(id(p) in params for g in groups for p in g["params"]):
-        raise UsageError("optimizer holds none of the model's parameters; build it on them")
     if scheduler is not None and not (callable(scheduler) or hasattr(scheduler, "step")):
         raise UsageError(
             f"scheduler={scheduler!r} is not a scheduler; pass a torch LR scheduler, a function "
@@ -2747,6 +2825,8 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
     training = state.epoch < config.epochs  # a finished run's rerun writes nothing
     if job.out is not None and training:
         _write_config(job)
+    if not state.model.training:  # a model in eval mode trains whole; parts you froze with
+        state.model.train()  # .eval() in a model in train mode stay frozen
     state.net = _wrap(state.model, config, rt)
     stop, stop_early, reserve = _Stop(parse_duration(config.time_limit)), False, 1.0
     tensorboard = _tensorboard(job) if training else None
