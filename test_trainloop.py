@@ -5,6 +5,7 @@ Distributed tests run real processes with torchrun and the gloo backend.
 
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -1035,6 +1036,31 @@ def test_cli_trains_on_an_image_folder_with_its_own_split(tmp_path, monkeypatch)
     assert ckpt["model"]["1.0.weight"].shape[1] == 3  # folders are read as RGB, even gray ones
     assert ckpt["model"]["1.13.weight"].shape[0] == 2  # two classes
     assert ckpt["train_size"] == 36  # 40 images less a 10% validation split
+
+
+def test_cli_records_the_class_names_and_refuses_data_whose_classes_changed(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=6)
+    run = ["--data", "pets", "--batch-size", "4", "--workers", "0", "--out", "run"]
+    assert cli([*run, "--epochs", "1"], tmp_path, monkeypatch).exit_code == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == ["cat", "dog"]
+    for name in ("last.pt", "best.pt"):  # what each output means, for a user of the weights
+        assert tl.load_checkpoint(tmp_path / "run" / name)["classes"] == ["cat", "dog"]
+    (root / "cat").rename(root / "zebra")  # labels 0 and 1 would swap
+    for more in (["--epochs", "2"], ["--eval-only"]):
+        result = cli([*run, *more], tmp_path, monkeypatch)
+        assert result.exit_code == 2, result.output
+        assert "was trained on other classes (-cat, +zebra); use the data" in result.output
+
+
+def test_cli_unreadable_validation_image_keeps_the_epoch_trained(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "pets" / "train", per_class=6)
+    make_image_folder(tmp_path / "pets" / "val", per_class=1)
+    (root.parent / "val" / "dog" / "broken.png").write_bytes(b"not a png")
+    run = ["--data", "pets", "--batch-size", "4", "--workers", "0", "--out", "run", "--epochs", "2"]
+    result = cli(run, tmp_path, monkeypatch)
+    assert result.exit_code == 2 and "broken.png" in result.output, result.output
+    assert "in the validation of epoch 1; checkpoint run/last.pt written)" in result.output
+    assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3  # (it was lost)
 
 
 def test_build_model_torchvision_by_name():
@@ -3680,6 +3706,81 @@ def test_load_data_skips_hidden_folders_at_every_level(tmp_path):
     samples = [*train.samples, *val.samples]
     assert info["classes"] == 2 and len(samples) == 6
     assert {(Path(path).parent.name, label) for path, label in samples} == {("cat", 0), ("dog", 1)}
+
+
+def test_a_damaged_png_is_one_error_naming_it_not_a_crash(tmp_path):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "pets", per_class=2)
+    saved = io.BytesIO()
+    Image.fromarray(photo(64, 48)).save(saved, format="PNG")
+    data = bytearray(saved.getvalue())
+    data[data.index(b"IDAT") + 104] ^= 0x55  # one bad byte: torchvision's decoder segfaulted
+    (root / "cat" / "damaged.png").write_bytes(bytes(data))
+    code = f"""
+import trainloop as tl
+train, _, _ = tl.load_data(tl.Config(data={str(root)!r}, mean="0.5", std="0.2", val_fraction=0.2))
+[train[i] for i in range(len(train))]
+"""
+    read = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert read.returncode == 1, read  # not -11
+    assert re.search(r"_DataError: cannot read image .*damaged.png \(.*\); fix or", read.stderr)
+
+
+def test_orientation_is_applied_to_webp_and_phone_jpegs_take_the_fast_path(tmp_path):
+    from PIL import Image
+
+    upright = Image.fromarray(photo(30, 60))
+    turned = Image.Exif()
+    turned[0x0112] = 6  # shown rotated 90 degrees clockwise
+    root = tmp_path / "pets"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        upright.save(root / name / "upright.png")
+        upright.rotate(90, expand=True).save(
+            root / name / "turned.webp", exif=turned, lossless=True
+        )
+    big = Image.fromarray(photo(1600, 1200))
+    big.save(root / "cat" / "plain.jpg", quality=95)
+    big.save(root / "cat" / "phone.jpg", "MPO", quality=95, save_all=True, append_images=[big])
+    config = tl.Config(data=str(root), image_size=16, augment=False, mean="0.5", std="0.2")
+    files = tl.load_data(config)[0]
+    files.samples = [(str(p), 0) for p in sorted(root.glob("*/*"))]
+    images = {
+        Path(p).parent.name + "/" + Path(p).name: files[i][0]
+        for i, (p, _) in enumerate(files.samples)
+    }
+    for name in ("cat", "dog"):  # (WebP came out sideways)
+        difference = (images[f"{name}/turned.webp"].float() - images[f"{name}/upright.png"]).abs()
+        assert difference.mean() < 2
+    assert torch.equal(images["cat/phone.jpg"], images["cat/plain.jpg"])  # both decoded reduced
+
+
+def test_image_folder_layouts_a_user_makes(tmp_path):
+    def classes(root, **settings):
+        config = tl.Config(data=str(root), mean="0.5", std="0.2", **settings)
+        train, val, info = tl.load_data(config)
+        return train.classes, len(train), len(val)
+
+    root = tmp_path / "splits"  # Windows' and macOS's capitalized names
+    make_image_folder(root / "Train", per_class=3)
+    make_image_folder(root / "Val", per_class=2)
+    assert classes(root) == (["cat", "dog"], 6, 4)
+    loop = make_image_folder(tmp_path / "loop", per_class=3)
+    (loop / "cat" / "up").symlink_to("..")  # a link up the tree: each file once
+    (loop / "cat" / "again").symlink_to(".")
+    make_image_folder(loop / "cat" / "@eaDir", classes=("thumbs",), per_class=2)  # a NAS's
+    (loop / "dog" / "more.jfif").write_bytes((loop / "dog" / "0.png").read_bytes())
+    assert classes(loop, val_fraction=0.25) == (["cat", "dog"], 5, 2)
+    nested = make_image_folder(tmp_path / "nested", per_class=2)
+    make_image_folder(nested / "test", per_class=2)  # test/cat/, test/dog/: no class "test"
+    with pytest.raises(tl.UsageError, match="class folder test/ of .* holds only folders: a spl"):
+        classes(nested)
+    inside = make_image_folder(tmp_path / "here", per_class=3)
+    make_image_folder(inside / "runs" / "x", classes=("y",), per_class=1)  # a run's files
+    (inside / "old" / "run").mkdir(parents=True)  # an earlier run's out, without images
+    (inside / "old" / "run" / "config.json").write_text("{}")
+    assert classes(inside, out=str(inside / "runs" / "x"), val_fraction=0.4)[0] == ["cat", "dog"]
 
 
 def test_load_data_splits_each_class_and_keeps_a_training_image_of_each(tmp_path):

@@ -2083,6 +2083,7 @@ class _Job:
     train_size: int  # samples in the training set (0: unknown)
     steps_per_epoch: int
     own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
+    classes: Optional[list]  # the name of each label, when the training data says (_classes)
 
     @property
     def last(self) -> Optional[Path]:
@@ -2185,9 +2186,8 @@ def _groups(batches, size: int):
 def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
-        save_checkpoint(
-            job.last, state, runtime=job.runtime, config=config, train_size=job.train_size
-        )
+        extra = dict(config=config, train_size=job.train_size, classes=job.classes)
+        save_checkpoint(job.last, state, runtime=job.runtime, **extra)
 
 
 def _position(state: TrainState) -> str:
@@ -2213,20 +2213,24 @@ def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=N
     (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
     inside a step (see _faults), and validation changes no state: then the state is
     whole, and with one process it is saved (mid-epoch once settle() records the position).
-    Workers dead after a stop signal got it too (sent to the process group): that is the stop."""
+    Workers dead after a stop signal got it too (sent to the process group): that is the stop.
+    A data set's unreadable file (_DataError) is met in a fetch too."""
     oom = _is_oom(error)
-    tb, entered = error.__traceback__, None
-    while tb is not None:  # the innermost frame of this file: a loop over a loader, or a step
-        entered = tb.tb_frame.f_code if tb.tb_frame.f_globals is globals() else entered
+    tb, entered = error.__traceback__, set()
+    while tb is not None:  # the functions of this file it passed: a loop over a loader, a step
+        if tb.tb_frame.f_globals is globals():
+            entered.add(tb.tb_frame.f_code)
         tb = tb.tb_next
-    reading = entered in (_groups.__code__, evaluate.__wrapped__.__code__)  # not in a step
+    in_evaluate = evaluate.__wrapped__.__code__ in entered and _forward.__code__ not in entered
+    reading = _groups.__code__ in entered or in_evaluate  # not in a step
     # A worker that died holding a batch breaks the reading of that batch in any way; an error
     # the worker's own code raised comes back re-raised by torch ("Caught X in DataLoader ...").
     workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
     own = "in DataLoader worker process" in str(error)
     broken = workers > 0 and isinstance(error, (EOFError, ConnectionError)) and not own
     died = (stop.deaths or broken or "DataLoader worker (pid" in str(error)) and reading
-    if not (oom or died):
+    unreadable = isinstance(error, _DataError) and reading  # a damaged image file
+    if not (oom or died or unreadable):
         return None
     # Several processes save together, not one alone; a step that ran out of memory is half done.
     saved = job.runtime.world_size == 1 and job.out is not None and (reading or settle is None)
@@ -2243,6 +2247,9 @@ def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=N
     elif oom and not reading:  # the step that ran out is the next one, and half done
         when = f"in step {state.step + 1} (epoch {state.epoch + 1})"
         done = f"the step was not counted and {done}"
+    if unreadable:  # a worker's comes re-raised: "... trainloop._DataError: cannot read ..."
+        cause = re.sub(r"^[\w.]*Error: ", "", _line(error, -1))
+        return _DataError(f"{cause}, then run the same command again to continue ({when}; {done})")
     if oom:
         when = f"reading a batch {when}" if reading else when
         return _out_of_memory(job, when, done, reading, workers)
@@ -2434,6 +2441,7 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
     if job.out is not None and job.runtime.is_main:
         if improved:  # best.pt: the weights to deploy, without training state
             record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
+            record["classes"] = job.classes
             best = {"model": weights, **record, "config": dataclasses.asdict(config)}
             _atomic_save(best, job.out / "best.pt", job.last)
         _write_metrics(state.history, job, tensorboard)
@@ -2508,7 +2516,7 @@ def _write_config(job: _Job) -> None:
     if not job.runtime.is_main:
         return
     record = dict(dataclasses.asdict(job.config), world_size=job.runtime.world_size)
-    record["trainloop"] = __version__
+    record.update(classes=job.classes, trainloop=__version__)
     path = job.out / "config.json"
     try:
         path.write_text(json.dumps(record, indent=2) + "\n")
@@ -2551,6 +2559,19 @@ def _candidates(config: Config, out: Optional[Path]) -> list:
         return []
     last = [out / "last.pt", out / "last"]
     return _newest_first(last) + _newest_first(map(_previous, last))
+
+
+def _check_classes(path: Path, saved: Optional[list], classes: Optional[list]) -> None:
+    """A UsageError when the data's class names differ from those `path` was trained on (a
+    renamed folder): its labels would mean other classes."""
+    if saved is None or classes is None or saved == classes:
+        return
+    gone, new = [c for c in saved if c not in classes], [c for c in classes if c not in saved]
+    change = ", ".join([*(f"-{c}" for c in gone[:3]), *(f"+{c}" for c in new[:3])])
+    raise UsageError(
+        f"{path} was trained on other classes ({change or 'in another order'}); use the data "
+        "it was trained on, or start over with resume='none'"
+    )
 
 
 def _warn_changes(ckpt: dict, job: _Job) -> None:
@@ -2635,6 +2656,7 @@ def _resume(state: TrainState, job: _Job) -> None:
                 f"optimizer={config.optimizer!r}: {path} was trained with "
                 f"{saved['optimizer']!r}; keep it, or start over with resume='none'"
             )
+        _check_classes(path, ckpt.get("classes"), job.classes)
         _restore(state, ckpt, rt, path)
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
@@ -2673,6 +2695,14 @@ def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Co
         workers=config.workers,
         runtime=runtime,
     )
+
+
+def _classes(data) -> Optional[list]:
+    """The name of each label, from the training data's `classes` (an image folder's, a
+    torchvision data set's, a DataLoader's data set's), else None."""
+    names = getattr(data, "classes", getattr(getattr(data, "dataset", None), "classes", None))
+    plain = isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+    return list(names) if plain and names else None
 
 
 def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool) -> int:
@@ -2916,7 +2946,8 @@ def fit(
             state = _new_state(net, config, rt, optimizer, scheduler, steps, ema)
             with _run_directory(config, rt) as out:
                 own = scheduler is None
-                job = _Job(config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
+                parts = (config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
+                job = _Job(*parts, _classes(train_data))
                 history = _train(state, train, val, job)
             if state.ema is not None or net is not model:  # the weights evaluated, in the model
                 _copy_whole(state.eval_model, model)
@@ -2933,9 +2964,9 @@ def fit(
 class _ImageTensors(TensorDataset):
     """In-memory images (N, C, H, W) with labels; augment_pad > 0 turns on crop + flip."""
 
-    def __init__(self, images, labels, augment_pad: int = 0):
+    def __init__(self, images, labels, augment_pad: int = 0, classes=None):
         super().__init__(images, labels)
-        self.augment_pad = augment_pad
+        self.augment_pad, self.classes = augment_pad, classes
 
 
 def synthetic_images(
@@ -2978,6 +3009,9 @@ _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
 
 
+_JPEG = ("JPEG", "MPO")  # PIL's names: MPO, a phone's JPEG with a second picture after it
+
+
 def _pil_pixels(image) -> torch.Tensor:
     """uint8 (3, H, W) of an open PIL image, upright, its range kept: PIL's convert clips
     16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
@@ -2993,15 +3027,16 @@ def _pil_pixels(image) -> torch.Tensor:
 
 
 def _decode(path, image) -> torch.Tensor:
-    """uint8 (3, H, W), upright: torchvision.io for JPEG/PNG/WebP/GIF, else `image` (PIL's)."""
+    """uint8 (3, H, W), upright: torchvision.io for a JPEG, else PIL's `image` (torchvision's
+    PNG decoder crashes the process on a damaged file, its WebP reader ignores EXIF)."""
     from torchvision.io import ImageReadMode, decode_image
 
-    try:
-        pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # a format it does not read (BMP, TIFF, ...)
+    if image.format not in _JPEG:
         return _pil_pixels(image)
-    pixels = pixels[0] if pixels.dim() == 4 else pixels  # an animated GIF: its first frame
-    return pixels if pixels.dtype == torch.uint8 else (pixels.int() // 257).byte()  # 16-bit
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # a JPEG it does not read
+        return _pil_pixels(image)
 
 
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
@@ -3013,7 +3048,7 @@ def _read_image(path, size: int, box_fn) -> torch.Tensor:
 
     pixels = box = None
     with Image.open(path) as image:
-        if image.format == "JPEG":  # its size is known before decoding, so it can decode less
+        if image.format in _JPEG:  # its size is known before decoding, so it can decode less
             turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
             width, height = image.size[::-1] if turned else image.size
             box = box_fn(width, height)
@@ -3033,8 +3068,9 @@ class _ImageFiles(Dataset):
     random resized crop and flip from torch's global RNG (which loader workers seed per
     sample), else a center crop of `ratio` of the shorter side."""
 
-    def __init__(self, samples, size: int, augment: bool, ratio: float):
+    def __init__(self, samples, size: int, augment: bool, ratio: float, classes=None):
         self.samples, self.size, self.augment, self.ratio = samples, size, augment, ratio
+        self.classes = classes  # the name of each label, as torchvision's data sets have
 
     def __len__(self):
         return len(self.samples)
@@ -3067,39 +3103,66 @@ class _ImageFiles(Dataset):
         return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
 
 
-# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, and GIF.
-_IMAGE_SUFFIXES = tuple(".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
+# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, GIF and JPEG's
+# other endings.
+_IMAGE_SUFFIXES = tuple(".jpg .jpeg .jpe .jfif .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
 
 
-def _is_image(path: str, root: str) -> bool:
-    """An image file by its name (_IMAGE_SUFFIXES), but nothing hidden below root, file or
-    folder (the ._name.jpg metadata a Mac leaves on other disks, .thumbs/)."""
-    # make_dataset joins every path onto root; only the parts below it count (~/.cache/data is
-    # fine), and slicing is 35x faster than relpath: 7 s of a start on ImageNet's 1.28 M files
-    parts = path[len(root) :].split(os.sep)
-    hidden = any(part.startswith(".") for part in parts)
-    return not hidden and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
+def _image_files(folder: str) -> list:
+    """The image files below `folder` (by _IMAGE_SUFFIXES, any case) in torchvision's order, each
+    once, without what is hidden (the ._name.jpg a Mac leaves, .ipynb_checkpoints/), a NAS's
+    thumbnails (@eaDir/), or a link up the tree (cat/up -> ..: it would add the other classes)."""
+    top = os.path.realpath(folder)
+    walked, found = {top}, []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        kept = []
+        for name in dirs:
+            real = os.path.realpath(os.path.join(root, name))
+            up = (top + os.sep).startswith(real + os.sep)
+            if not (name.startswith(".") or name == "@eaDir" or up or real in walked):
+                walked.add(real)
+                kept.append(name)
+        dirs[:] = kept
+        images = [f for f in files if f.lower().endswith(_IMAGE_SUFFIXES) and f[0] != "."]
+        found.append((root, sorted(images)))
+    return [os.path.join(root, name) for root, images in sorted(found) for name in images]
 
 
-def _class_folders(folder: Path, data: str, besides: Optional[Path] = None) -> tuple:
+def _holds_run(folder: Path) -> bool:
+    """Whether `folder` is a run directory (it holds a config.json) or holds one."""
+    return (folder / "config.json").is_file() or any(folder.glob("*/config.json"))
+
+
+# Folders that hold a data set's splits, by their lower-case names.
+_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
+
+
+def _class_folders(folder: Path, data: str, besides=()) -> tuple:
     """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
-    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder), nor is
-    `besides` (a val/ inside the folder)."""
-    from torchvision.datasets.folder import make_dataset
-
-    kept = [p for p in folder.iterdir() if p.is_dir() and p != besides]
-    classes = sorted(p.name for p in kept if not p.name.startswith("."))
-    index = {name: label for label, name in enumerate(classes)}
-    found = functools.partial(_is_image, root=str(folder))
-    samples = (
-        make_dataset(str(folder), index, is_valid_file=found, allow_empty=True) if index else []
-    )
+    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder), nor are the
+    folders `besides` (a val/ inside it) or one that holds them (the run's own out), nor a run
+    directory of an earlier run."""
+    besides = [p.resolve() for p in besides]
+    kept = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    kept = [p for p in kept if not any(p.resolve() in (b, *b.parents) for b in besides)]
+    files = {p.name: _image_files(str(p)) for p in kept if p.name != "@eaDir"}
+    runs = {n for n, found in files.items() if not found and _holds_run(folder / n)}
+    classes = sorted(files.keys() - runs)  # (an earlier run's out, such as runs/, is no class)
+    samples = [(f, label) for label, name in enumerate(classes) for f in files[name]]
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
         raise UsageError(
             f"{data}: the class folder(s) {', '.join(empty)} of {folder} hold no image file "
             f"({', '.join(_IMAGE_SUFFIXES)}); add images, or remove the folder(s)"
         )
+    for label, name in enumerate(classes):  # Test/<class>/*.jpg taken for a class "Test"
+        inside = os.path.join(folder, name)
+        split = name.lower() in (*_TRAIN_NAMES, *_VAL_NAMES, "test")
+        if split and not any(os.path.dirname(p) == inside for p, i in samples if i == label):
+            raise UsageError(
+                f"{data}: the class folder {name}/ of {folder} holds only folders: a split, not "
+                "a class? Use DIR/train/<class>/ and DIR/val/<class>/, or move it out of DIR"
+            )
     return classes, samples
 
 
@@ -3171,8 +3234,8 @@ def _image_settings(config: Config, samples) -> tuple:
 
 
 def _image_folder(config: Config):
-    """DIR/train + DIR/val (or DIR/valid), or DIR/train or DIR split per class by
-    --val-fraction (_split). Without DIR/train, a DIR/valid is a class (valid/invalid)."""
+    """DIR/train + DIR/val (or valid, validation; any case), or DIR/train or DIR split per class
+    by --val-fraction (_split). Without DIR/train, a DIR/valid is a class (valid/invalid)."""
     root = Path(config.data)
     data = f"data={str(root)!r}"
     if not root.is_dir():
@@ -3180,12 +3243,16 @@ def _image_folder(config: Config):
             f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
             + ", ".join(_BUILTIN_DATA)
         )
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    names = ("val", "valid") if train_dir != root else ("val",)  # valid/: Kaggle's, Roboflow's
-    val_dir = next((root / name for name in names if (root / name).is_dir()), None)
+    splits = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()}  # train/ > Train/
+    train_dir = next((splits[n] for n in _TRAIN_NAMES if n in splits), root)
+    names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class here
+    val_dir = next((splits[n] for n in names if n in splits), None)
+    run = [Path(config.out)] if config.out else []  # a run directory inside DIR is no class
     try:
-        classes, samples = _class_folders(train_dir, data, besides=val_dir)
-        val_classes, val_samples = _class_folders(val_dir, data) if val_dir else (classes, None)
+        classes, samples = _class_folders(train_dir, data, run + ([val_dir] if val_dir else []))
+        val_classes, val_samples = (
+            _class_folders(val_dir, data, run) if val_dir else (classes, None)
+        )
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(classes) < 2:
@@ -3205,8 +3272,8 @@ def _image_folder(config: Config):
     if val_samples is None:
         samples, val_samples = _split(samples, config)
     info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std)
-    val_files = _ImageFiles(val_samples, size, False, ratio)
-    return _ImageFiles(samples, size, config.augment, ratio), val_files, info
+    val_files = _ImageFiles(val_samples, size, False, ratio, classes)
+    return _ImageFiles(samples, size, config.augment, ratio, classes), val_files, info
 
 
 def _load_torchvision(config: Config):
@@ -3229,7 +3296,7 @@ def _load_torchvision(config: Config):
         splits.append((images.float().div_(255), torch.as_tensor(np.asarray(part.targets))))
     mean = splits[0][0].mean(dim=(0, 2, 3), keepdim=True)  # (std_mean's differs in the last bit)
     std = splits[0][0].std(dim=(0, 2, 3), keepdim=True)
-    return [((x - mean) / std, y) for x, y in splits]
+    return [((x - mean) / std, y) for x, y in splits], list(parts[0].classes)
 
 
 def load_data(config: Config, rgb: bool = False):
@@ -3239,9 +3306,9 @@ def load_data(config: Config, rgb: bool = False):
     if config.data not in _BUILTIN_DATA:
         return _image_folder(config)
     if config.data == "synthetic":
-        splits = synthetic_images(config.seed, size=config.image_size or 32)
+        splits, classes = synthetic_images(config.seed, size=config.image_size or 32), None
     else:
-        splits = _load_torchvision(config)
+        splits, classes = _load_torchvision(config)
     (x_train, y_train), (x_val, y_val) = splits
     if config.image_size and x_train.shape[-1] != config.image_size:
         size = (config.image_size, config.image_size)
@@ -3253,7 +3320,11 @@ def load_data(config: Config, rgb: bool = False):
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
     info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
     info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
-    return _ImageTensors(x_train, y_train, pad), _ImageTensors(x_val, y_val), info
+    train, val = (
+        _ImageTensors(x_train, y_train, pad, classes),
+        _ImageTensors(x_val, y_val, 0, classes),
+    )
+    return train, val, info
 
 
 class _Normalize(nn.Module):
@@ -3473,6 +3544,7 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
     if not config.eval_only:
         fit(model, train, val, config=config, runtime=runtime)
         return
+    _check_classes(path, ckpt.get("classes"), _classes(train))
     try:
         _load_weights(model, ckpt, path)
     except (RuntimeError, ValueError) as e:
