@@ -4,6 +4,7 @@ Distributed tests run real processes with torchrun and the gloo backend.
 """
 
 import dataclasses
+import enum
 import errno
 import io
 import json
@@ -2602,7 +2603,9 @@ def test_save_checkpoint_refuses_extras_it_could_not_load_back(tmp_path):
     assert (tmp_path / "run").is_dir() and not (tmp_path / "run.prev").exists()
 
 
-def test_save_checkpoint_never_writes_what_loading_refuses_in_the_model_or_optimizer(tmp_path):
+def test_save_checkpoint_never_writes_what_loading_refuses_in_the_model_or_optimizer(
+    tmp_path, monkeypatch
+):
     class Noted(nn.Sequential):
         def get_extra_state(self):
             return {"stats": self.stats}
@@ -2617,10 +2620,20 @@ def test_save_checkpoint_never_writes_what_loading_refuses_in_the_model_or_optim
     tl.save_checkpoint(tmp_path / "c.pt", state)
     tl.load_checkpoint(tmp_path / "c.pt", state)  # (it was refused as holding Python objects)
     assert (model.stats, state.optimizer.state[model[0].weight]["scale"]) == (2.0, 0.5)
-    model.stats = np.zeros(3)
-    with pytest.raises(tl.UsageError, match=r"\['model'\]\['_extra_state'\]\['stats'\] holds a nd"):
-        tl.save_checkpoint(tmp_path / "d.pt", state)
+    for bad, kind in ((np.zeros(3), "ndarray"), (Mode.FAST, "Mode")):  # an int that is no int
+        model.stats = bad
+        with pytest.raises(tl.UsageError, match=rf"\['_extra_state'\]\['stats'\] holds a {kind}"):
+            tl.save_checkpoint(tmp_path / "d.pt", state)
     assert not (tmp_path / "d.pt").exists()
+    other = tl.Runtime(torch.device("cpu"), rank=1, world_size=2)  # one of two processes:
+    monkeypatch.setattr(tl, "_gather", lambda value, runtime: [value, value])
+    monkeypatch.setattr(tl, "_barrier", lambda runtime: None)
+    with pytest.raises(tl.UsageError, match="holds a Mode"):  # it refuses too, not only rank 0
+        tl.save_checkpoint(tmp_path / "d.pt", state, runtime=other)
+
+
+class Mode(enum.IntEnum):
+    FAST = 1
 
 
 def test_building_blocks_refuse_plausible_mistakes_in_one_line(tmp_path, monkeypatch):
@@ -2628,7 +2641,10 @@ def test_building_blocks_refuse_plausible_mistakes_in_one_line(tmp_path, monkeyp
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     refusals = [  # (what a user wrote, what the error says)
         (lambda: tl.TrainState(model.state_dict(), sgd), "model must be a torch.nn.Module"),
-        (lambda: tl.TrainState(model, torch.optim.LBFGS(model.parameters())), "without a clos"),
+        (
+            lambda: tl.TrainState(model, torch.optim.LBFGS(model.parameters())),
+            "^LBFGS steps with a",
+        ),
         (lambda: tl.TrainState(model, torch.optim.SGD(other.parameters())), "holds none of"),
         (lambda: tl.TrainState(model, sgd, lambda o: L.StepLR(o, 2)), "not a function: call it"),
         (
@@ -2648,8 +2664,7 @@ def test_building_blocks_refuse_plausible_mistakes_in_one_line(tmp_path, monkeyp
         (lambda: tl.make_loader((x, y), batch_size=4), "map-style Dataset, not a tuple"),
         (lambda: tl.make_loader(Stream(8), batch_size=4), "map-style Dataset, not a Stream"),
     ]
-    frozen = mlp().requires_grad_(False)
-    refusals.append((lambda: tl.TrainState(frozen, torch.optim.SGD(frozen.parameters())), "none"))
+    refusals.append((lambda: tl.fit(model, blobs(16), runtime="cpu"), "runtime='cpu' is not"))
     state = tl.TrainState(model, sgd)
     ((x, y),) = DataLoader(blobs(16), batch_size=16)
     tl.save_checkpoint(tmp_path / "c.pt", state)
@@ -3756,6 +3771,27 @@ def test_orientation_is_applied_to_webp_and_phone_jpegs_take_the_fast_path(tmp_p
     assert torch.equal(images["cat/phone.jpg"], images["cat/plain.jpg"])  # both decoded reduced
 
 
+def test_a_folder_split_moves_no_other_file_when_one_is_removed_or_the_folder_moves(tmp_path):
+    def split(root):
+        config = tl.Config(data=str(root), mean="0.5", std="0.2", val_fraction=0.3)
+        train, val, _ = tl.load_data(config)
+        return sorted(Path(p).relative_to(root).as_posix() for p, _ in val.samples)
+
+    root = make_image_folder(tmp_path / "pets", per_class=20)
+    before = split(root)
+    kept = sorted(set(n for n in (f"cat/{i}.png" for i in range(20))) - set(before))[0]
+    (root / kept).unlink()  # a training image fixed or removed, as an error advises
+    assert split(root) == before  # (every file was drawn anew)
+    root.rename(tmp_path / "moved")
+    assert split(tmp_path / "moved") == before
+    vehicles = make_image_folder(tmp_path / "vehicles", classes=("Bus", "Car", "Train"))
+    assert tl.load_data(tl.Config(data=str(vehicles), mean="0.5", std="0.2"))[0].classes == [
+        "Bus",
+        "Car",
+        "Train",
+    ]  # Train/ holds images: a class, not a split
+
+
 def test_image_folder_layouts_a_user_makes(tmp_path):
     def classes(root, **settings):
         config = tl.Config(data=str(root), mean="0.5", std="0.2", **settings)
@@ -3770,8 +3806,12 @@ def test_image_folder_layouts_a_user_makes(tmp_path):
     (loop / "cat" / "up").symlink_to("..")  # a link up the tree: each file once
     (loop / "cat" / "again").symlink_to(".")
     make_image_folder(loop / "cat" / "@eaDir", classes=("thumbs",), per_class=2)  # a NAS's
+    (loop / "dog" / "b").symlink_to(loop / "cat" / "@eaDir" / "thumbs")  # (taken once, as "b")
+    (loop / "dog" / "a").symlink_to(loop / "cat" / "@eaDir" / "thumbs")
     (loop / "dog" / "more.jfif").write_bytes((loop / "dog" / "0.png").read_bytes())
-    assert classes(loop, val_fraction=0.25) == (["cat", "dog"], 5, 2)
+    assert classes(loop, val_fraction=0.25) == (["cat", "dog"], 6, 3)
+    dog = tl.load_data(tl.Config(data=str(loop), mean="0.5", std="0.2"))[0]
+    assert not any("/dog/b/" in path for path, _ in dog.samples)  # the first by name: a/
     nested = make_image_folder(tmp_path / "nested", per_class=2)
     make_image_folder(nested / "test", per_class=2)  # test/cat/, test/dog/: no class "test"
     with pytest.raises(tl.UsageError, match="class folder test/ of .* holds only folders: a spl"):
@@ -4319,6 +4359,14 @@ class FailsInValidation(nn.Module):
             error, self.error = self.error, None
             raise error
         return self.net(x)
+
+
+def test_fit_out_of_memory_in_a_validation_metric_is_not_called_reading(tmp_path):
+    def greedy(output, target):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(tl.OutOfMemoryError, match="^out of memory in the validation of epoch 1 "):
+        fit_mlp(32, blobs(16), epochs=1, metrics={"greedy": greedy}, out=tmp_path)
 
 
 def test_fit_out_of_memory_in_validation_saves_the_epochs_training_first(tmp_path):

@@ -17,6 +17,7 @@ import difflib
 import errno
 import functools
 import gc
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -218,22 +219,21 @@ def _check_state_parts(model, optimizer, scheduler) -> None:
     """A UsageError for parts of a TrainState that cannot train together."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, torch.optim.LBFGS):
-        raise UsageError(  # (LBFGS needs a closure, which train_step does not pass)
-            f"optimizer={optimizer!r:.40} is not a torch optimizer that steps without a closure; "
-            "build one on the model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(
+            f"optimizer={repr(optimizer).splitlines()[0]:.60} is not a torch optimizer; build one "
+            "on the model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
         )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise UsageError("LBFGS steps with a closure, which train_step does not pass; use another")
     mine = {id(p) for p in model.parameters()}  # (it may also hold a loss's own parameters)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not any(id(p) in mine for p in params):
+    if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
         raise UsageError("the optimizer holds none of the model's parameters; build it on them")
-    if not any(p.requires_grad for p in params):
-        raise UsageError("the optimizer's parameters all have requires_grad=False: none trains")
-    if scheduler is not None and not hasattr(scheduler, "state_dict"):  # a GradScaler has one
-        what = "a function: call it" if callable(scheduler) else f"a {type(scheduler).__name__}"
-        raise UsageError(f"scheduler= takes an LR scheduler, not {what}")
     if isinstance(scheduler, torch.amp.GradScaler):
         raise UsageError("a GradScaler goes to TrainState(..., scaler=...), not scheduler")
+    if scheduler is not None and not hasattr(scheduler, "step"):
+        what = "a function: call it" if callable(scheduler) else f"a {type(scheduler).__name__}"
+        raise UsageError(f"scheduler= takes an LR scheduler, not {what}")
     if getattr(scheduler, "optimizer", optimizer) is not optimizer:
         raise UsageError(
             "the scheduler is built on another optimizer; build it on the one given (fit "
@@ -828,6 +828,13 @@ def _sizes(batches: list) -> tuple:
     return samples, weights
 
 
+def _groups(batches, size: int):
+    """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, size)):
+        yield group
+
+
 def _map_tensors(obj, fn: Callable):
     """Apply `fn` to every tensor inside nested dicts, lists and tuples (named ones too)."""
     if isinstance(obj, torch.Tensor):
@@ -1104,8 +1111,10 @@ def train_step(
 
 
 def _reduces_gradients(net: nn.Module) -> bool:
-    """Whether `net`, maybe compiled, averages gradients over processes: DDP, or sharded."""
+    """Whether `net`, maybe compiled, averages gradients over processes: DDP, FSDP or sharded."""
     while not isinstance(net, nn.parallel.DistributedDataParallel) and not _is_sharded(net):
+        if type(net).__name__ == "FullyShardedDataParallel":  # FSDP1: not imported unless used
+            return True
         net = getattr(net, "_orig_mod", None)
         if not isinstance(net, nn.Module):
             return False
@@ -1193,7 +1202,8 @@ def evaluate(
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         raise UsageError(
             "evaluate takes batches: a DataLoader, make_loader(dataset, batch_size=..., "
-            "train=False) or a list of batches, not a Dataset"
+            "train=False) or a list of batches, not a Dataset (of ready batches: pass "
+            "DataLoader(dataset, batch_size=None))"
         )
     rt = _given(runtime) or Runtime(_device_of(model))
     sums, weights, batch, extra = {}, {}, None, 0
@@ -1206,7 +1216,7 @@ def evaluate(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        for batch in data:
+        for [batch] in _groups(data, 1):  # (the loader's own frame, for _fault)
             output, loss, target = _forward(model, batch, loss_fn, rt)
             samples, [weight] = _sizes([batch])
             scores = _batch_metrics(output, target, loss, (samples, weight), metrics, classes_first)
@@ -1291,12 +1301,37 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# What weights_only loading takes back, beside None and lists, tuples, sets and dicts of these:
+# exactly these types (a subclass, such as an IntEnum, is refused), and tensors, dtypes, devices.
+_SCALARS = (bool, int, float, complex, str, bytes)
+
+
+def _plain(value, where: str):
+    """`value` as weights_only loading takes it back (NumPy numbers as Python's), or a UsageError
+    naming where it holds anything else, so that no checkpoint is written that cannot load."""
+    if isinstance(value, (torch.Tensor, torch.dtype, torch.device)) or type(value) in _SCALARS:
+        return value
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        kind = next(k for k in (list, set, tuple) if isinstance(value, k))  # torch.Size: a tuple
+        return kind(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None:
+        return value
+    raise UsageError(
+        f"{where} holds a {type(value).__name__}, which loading refuses; keep to tensors, "
+        "numbers, strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
+    )
+
+
 def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -> None:
     """Write `entries` to `path` so that a kill at any instant leaves a loadable file there. A
     failure raises SaveError naming the run's last good `checkpoint` and leaves what was there;
     without `checkpoint`, `path` is it, and its previous version is kept as `<name>.prev.pt`."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
-    payload = _plain(payload, "the checkpoint")  # (a model's extra state, an optimizer's state)
+    payload = _map_tensors(_plain(payload, "the checkpoint"), lambda t: t.detach().cpu())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1400,31 +1435,6 @@ _RESERVED = {"format", "trainloop", "model", "optimizer", "optimizer_type", "sch
 _RESERVED |= {"scaler", "ema", "rng", "sharded", "buffers"}
 
 
-# What weights_only loading takes back, beside None and lists, tuples, sets and dicts of these.
-_LOADABLE = (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device)
-
-
-def _plain(value, where: str):
-    """`value` as weights_only loading takes it back: tensors detached on the CPU, NumPy numbers
-    as Python's; anything but tensors, numbers, strings and lists, tuples and dicts of them is
-    refused, naming where it is, before a save writes a checkpoint that could not be loaded."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        kind = next(k for k in (list, set, tuple) if isinstance(value, k))  # torch.Size: a tuple
-        return kind(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, _LOADABLE):
-        return value
-    raise UsageError(
-        f"{where} holds a {type(value).__name__}, which loading refuses; keep to tensors, "
-        "numbers, strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
-    )
-
-
 def _check_extra(extra: dict) -> dict:
     """Extra checkpoint entries, which must not shadow the state's, as they load back."""
     for key in extra:
@@ -1466,7 +1476,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     scheduler = state.scheduler
     if scheduler is not None:
         scheduler = {"type": _scheduler_kind(scheduler), **scheduler.state_dict()}
-    header = {
+    header = {  # checked by every process: when one refuses, all do
         "scheduler": scheduler,
         "optimizer_type": type(state.optimizer).__name__,
         "scaler": state.scaler.state_dict(),
@@ -1475,12 +1485,15 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
         "world_size": runtime.world_size,
         **extra,
     }
+    header = _plain(header, "the checkpoint")
     if sharded:
         _save_sharded(Path(path), state, header, runtime)
-    elif runtime.is_main:
-        tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    else:  # (a model's extra state, an optimizer's state)
         ema = state.ema.state_dict() if state.ema is not None else None
-        _atomic_save({**tensors, "ema": ema, **header}, Path(path))
+        tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+        tensors = _plain({**tensors, "ema": ema}, "the checkpoint")
+        if runtime.is_main:
+            _atomic_save({**tensors, **header}, Path(path))
     _barrier(runtime)
 
 
@@ -2176,13 +2189,6 @@ def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: 
     )
 
 
-def _groups(batches, size: int):
-    """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
-    batches = iter(batches)
-    while group := list(itertools.islice(batches, size)):
-        yield group
-
-
 def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
@@ -2221,8 +2227,7 @@ def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=N
         if tb.tb_frame.f_globals is globals():
             entered.add(tb.tb_frame.f_code)
         tb = tb.tb_next
-    in_evaluate = evaluate.__wrapped__.__code__ in entered and _forward.__code__ not in entered
-    reading = _groups.__code__ in entered or in_evaluate  # not in a step
+    reading = _groups.__code__ in entered  # a fetch from the loader, not a step or a metric
     # A worker that died holding a batch breaks the reading of that batch in any way; an error
     # the worker's own code raised comes back re-raised by torch ("Caught X in DataLoader ...").
     workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
@@ -2927,7 +2932,7 @@ def fit(
         )
     if config.label_smoothing:
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-    rt = runtime or setup_device(
+    rt = _given(runtime) or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
     try:
@@ -3108,6 +3113,15 @@ class _ImageFiles(Dataset):
 _IMAGE_SUFFIXES = tuple(".jpg .jpeg .jpe .jfif .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
 
 
+# Folders that hold a data set's splits, by their lower-case names.
+_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
+_SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(".")
+
+
 def _image_files(folder: str) -> list:
     """The image files below `folder` (by _IMAGE_SUFFIXES, any case) in torchvision's order, each
     once, without what is hidden (the ._name.jpg a Mac leaves, .ipynb_checkpoints/), a NAS's
@@ -3116,14 +3130,14 @@ def _image_files(folder: str) -> list:
     walked, found = {top}, []
     for root, dirs, files in os.walk(folder, followlinks=True):
         kept = []
-        for name in dirs:
+        for name in sorted(dirs):  # of two links to one folder, the first by name is kept
             real = os.path.realpath(os.path.join(root, name))
-            up = (top + os.sep).startswith(real + os.sep)
+            up = (top + os.sep).startswith(real.rstrip(os.sep) + os.sep)  # (a link to / too)
             if not (name.startswith(".") or name == "@eaDir" or up or real in walked):
                 walked.add(real)
                 kept.append(name)
         dirs[:] = kept
-        images = [f for f in files if f.lower().endswith(_IMAGE_SUFFIXES) and f[0] != "."]
+        images = [f for f in files if _is_image_name(f)]
         found.append((root, sorted(images)))
     return [os.path.join(root, name) for root, images in sorted(found) for name in images]
 
@@ -3131,10 +3145,6 @@ def _image_files(folder: str) -> list:
 def _holds_run(folder: Path) -> bool:
     """Whether `folder` is a run directory (it holds a config.json) or holds one."""
     return (folder / "config.json").is_file() or any(folder.glob("*/config.json"))
-
-
-# Folders that hold a data set's splits, by their lower-case names.
-_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
 
 
 def _class_folders(folder: Path, data: str, besides=()) -> tuple:
@@ -3157,7 +3167,7 @@ def _class_folders(folder: Path, data: str, besides=()) -> tuple:
         )
     for label, name in enumerate(classes):  # Test/<class>/*.jpg taken for a class "Test"
         inside = os.path.join(folder, name)
-        split = name.lower() in (*_TRAIN_NAMES, *_VAL_NAMES, "test")
+        split = name.lower() in _SPLITS
         if split and not any(os.path.dirname(p) == inside for p, i in samples if i == label):
             raise UsageError(
                 f"{data}: the class folder {name}/ of {folder} holds only folders: a split, not "
@@ -3166,18 +3176,24 @@ def _class_folders(folder: Path, data: str, besides=()) -> tuple:
     return classes, samples
 
 
-def _split(samples, config: Config) -> tuple:
-    """(train, val) samples, split per class by --val-fraction and fixed by the seed: of a
-    class's n images, round(fraction x n) to validation but never all (a class of one image
-    trains); if that holds none out at all, one image of the largest class (even its only one:
-    fit needs a validation image)."""
+def _split(samples, config: Config, root: Path) -> tuple:
+    """(train, val) samples, split per class by --val-fraction: of a class's n images,
+    round(fraction x n) to validation but never all (a class of one image trains); if that
+    holds none out at all, one image of the largest class (even its only one: fit needs a
+    validation image). Which ones is drawn by a hash of the seed and each file's path below
+    `root`, so adding or removing a file moves no other between the two (but at the quota's
+    edge), wherever the folder is."""
     counts = torch.bincount(torch.tensor([label for _, label in samples]))
     quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
     if quota.sum() == 0:
         quota[counts.argmax()] = 1
-    quota, held = quota.tolist(), set()
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed))
-    for i in order.tolist():  # the first quota[c] images of class c in a shuffled order
+    quota, held, start = quota.tolist(), set(), len(str(root)) + 1
+
+    def draw(i: int) -> bytes:
+        name = f"{config.seed}/" + samples[i][0][start:].replace(os.sep, "/")
+        return hashlib.blake2b(name.encode(), digest_size=8).digest()
+
+    for i in sorted(range(len(samples)), key=draw):  # the first quota[c] images of class c
         label = samples[i][1]
         if quota[label] > 0:
             quota[label] -= 1
@@ -3243,10 +3259,13 @@ def _image_folder(config: Config):
             f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
             + ", ".join(_BUILTIN_DATA)
         )
-    splits = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()}  # train/ > Train/
-    train_dir = next((splits[n] for n in _TRAIN_NAMES if n in splits), root)
+    # A split's folder has a split's name in any case and holds folders, not images (Train/ of
+    # {Bus, Car, Train}/ is a class).
+    splits = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in _SPLITS]
+    splits = [p for p in splits if not any(map(_is_image_name, os.listdir(p)))]
+    train_dir = next((p for p in splits if p.name.lower() in _TRAIN_NAMES), root)
     names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class here
-    val_dir = next((splits[n] for n in names if n in splits), None)
+    val_dir = next((p for p in splits if p.name.lower() in names), None)
     run = [Path(config.out)] if config.out else []  # a run directory inside DIR is no class
     try:
         classes, samples = _class_folders(train_dir, data, run + ([val_dir] if val_dir else []))
@@ -3270,7 +3289,7 @@ def _image_folder(config: Config):
         )
     size, ratio, mean, std = _image_settings(config, samples)
     if val_samples is None:
-        samples, val_samples = _split(samples, config)
+        samples, val_samples = _split(samples, config, train_dir)
     info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std)
     val_files = _ImageFiles(val_samples, size, False, ratio, classes)
     return _ImageFiles(samples, size, config.augment, ratio, classes), val_files, info
