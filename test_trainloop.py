@@ -1064,6 +1064,21 @@ def test_cli_unreadable_validation_image_keeps_the_epoch_trained(tmp_path, monke
     assert tl.load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3  # (it was lost)
 
 
+def test_cli_warns_that_a_run_of_0_3_2_drew_another_validation_split(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=6)
+    run = ["--data", "pets", "--batch-size", "4", "--workers", "0", "--out", "run"]
+    assert cli([*run, "--epochs", "1"], tmp_path, monkeypatch).exit_code == 0
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
+        torch.save({**ckpt, "trainloop": "0.3.2"}, tmp_path / "run" / name)
+    for more in (["--epochs", "2"], ["--eval-only"]):
+        result = cli([*run, *more], tmp_path, monkeypatch)
+        assert result.exit_code == 0, result.output
+        assert (
+            "comes from trainloop 0.3.2, which drew a folder's validation images" in result.output
+        )
+
+
 def test_build_model_torchvision_by_name():
     model = tl.build_model("resnet18", channels=3, classes=7)
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
@@ -1115,7 +1130,7 @@ def test_cli_resume_refuses_a_compressed_checkpoint_before_loading_any_of_it(tmp
             dst.writestr(name, data)
     loaded = []
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(args))
-    assert tl._resumed_settings(tl.Config(out=str(out))) == (tl.Config(out=str(out)), False)
+    assert tl._resumed_settings(tl.Config(out=str(out))) == (tl.Config(out=str(out)), None)
     assert loaded == []  # (torch.load inflated it before the archive was checked)
 
 
@@ -1146,7 +1161,8 @@ def test_cli_resumed_run_keeps_its_normalization_and_needs_no_weights_file(tmp_p
 def test_resumed_settings_take_a_checkpoint_from_before_mean_and_std(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"config": {"seed": 0, "model": "smallcnn"}}, path)  # (KeyError: 'mean')
-    assert tl._resumed_settings(tl.Config(resume=str(path))) == (tl.Config(resume=str(path)), True)
+    config, ckpt = tl._resumed_settings(tl.Config(resume=str(path)))
+    assert config == tl.Config(resume=str(path)) and ckpt["path"] == path
 
 
 # ---- resume, preemption, integrity -----------------------------------------------------------
@@ -2671,6 +2687,9 @@ def test_building_blocks_refuse_plausible_mistakes_in_one_line(tmp_path, monkeyp
     for mistake, message in refusals:
         with pytest.raises(tl.UsageError, match=message):
             mistake()
+    stepper = types.SimpleNamespace(step=lambda: None)  # a scheduler of the user's own
+    with pytest.raises(tl.UsageError, match="scheduler has no state_dict.., so no checkpoint"):
+        tl.save_checkpoint(tmp_path / "s.pt", tl.TrainState(model, sgd, stepper))
     with pytest.warns(UserWarning, match="not wrapped in DistributedDataParallel.*trains alone"):
         tl.train_step(state, [(x, y)], runtime=tl.Runtime(torch.device("cpu"), world_size=2))
     monkeypatch.setattr(tl.dist, "is_initialized", lambda: True)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 # fmt: off
 __all__ = [
     "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
@@ -1474,6 +1474,8 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
             f"learning rate below lr={_peak_lr(state):g} or use clip_grad=1.0"
         )
     scheduler = state.scheduler
+    if scheduler is not None and not hasattr(scheduler, "state_dict"):
+        raise UsageError("the scheduler has no state_dict(), so no checkpoint can restore it")
     if scheduler is not None:
         scheduler = {"type": _scheduler_kind(scheduler), **scheduler.state_dict()}
     header = {  # checked by every process: when one refuses, all do
@@ -3288,9 +3290,10 @@ def _image_folder(config: Config):
             f"or remove class folders in {val} to match, or remove {val} to split {train} instead"
         )
     size, ratio, mean, std = _image_settings(config, samples)
-    if val_samples is None:
+    split = val_samples is None  # validation drawn from DIR by --val-fraction
+    if split:
         samples, val_samples = _split(samples, config, train_dir)
-    info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std)
+    info = dict(channels=3, classes=len(classes), image_size=size, mean=mean, std=std, split=split)
     val_files = _ImageFiles(val_samples, size, False, ratio, classes)
     return _ImageFiles(samples, size, config.augment, ratio, classes), val_files, info
 
@@ -3498,18 +3501,19 @@ def _eval_checkpoint(config: Config) -> tuple:
 
 
 def _resumed_settings(config: Config) -> tuple:
-    """(config, whether a checkpoint will be resumed). Its model normalizes as it was trained
+    """(config, the checkpoint to be resumed or None). Its model normalizes as it was trained
     to, so the run's mean and std, which config.json and checkpoints record, are its own."""
-    saved = None
+    ckpt = None
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
-            saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["config"]
-        if saved is not None:
+            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            ckpt["path"], saved = path, ckpt["config"]  # (path: for a warning)
+        if ckpt is not None:
             break
-    if saved is None:
-        return config, False
+    if ckpt is None:
+        return config, None
     resumed = _unset_from(config, saved, ("mean", "std"))
     for name in ("mean", "std"):
         ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved.get(name)))
@@ -3518,7 +3522,7 @@ def _resumed_settings(config: Config) -> tuple:
                 f"{name}={getattr(config, name)!r}: {path} normalizes with {saved[name]!r}; "
                 "keep it, or start over with resume='none'"
             )
-    return resumed, True
+    return resumed, ckpt
 
 
 def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -> Config:
@@ -3547,15 +3551,28 @@ def _downloads_once(runtime: Runtime):
         _barrier(runtime)
 
 
+def _warn_old_split(ckpt: dict, path: Path, runtime: Runtime) -> None:
+    """Warn that a checkpoint of trainloop 0.3.2 or before drew another validation split."""
+    version = tuple(int(v) for v in re.findall(r"\d+", ckpt.get("trainloop", "0"))[:3])
+    if version < (0, 3, 3):
+        _console(None, False, runtime).write(
+            f"warning: {path} comes from trainloop {ckpt.get('trainloop', 'before 0.2')}, which "
+            "drew a folder's validation images otherwise: some of them trained, so val_ "
+            "metrics read high; start over with --resume none for a clean score"
+        )
+
+
 def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
-    resuming = config.eval_only
     if config.eval_only:
         config, path, ckpt = _eval_checkpoint(config)
     else:
-        config, resuming = _resumed_settings(config)
+        config, ckpt = _resumed_settings(config)
+    resuming = ckpt is not None
     with _downloads_once(runtime):
         train, val, info = load_data(config, rgb=config.model != "smallcnn")
         config = _data_settings(config, info, runtime, (len(train), len(val)))
+        if info.get("split") and resuming:
+            _warn_old_split(ckpt, ckpt.get("path") or path, runtime)
         torch.manual_seed(config.seed)  # the same initial weights in every process
         weights = "" if resuming else config.weights  # the checkpoint has them
         shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
