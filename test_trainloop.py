@@ -1077,6 +1077,7 @@ def test_cli_warns_that_a_run_of_0_3_2_drew_another_validation_split(tmp_path, m
         assert (
             "comes from trainloop 0.3.2, which drew a folder's validation images" in result.output
         )
+        assert ("for the rest of this run" in result.output) == (more[0] == "--epochs")
 
 
 def test_build_model_torchvision_by_name():
@@ -1162,7 +1163,9 @@ def test_resumed_settings_take_a_checkpoint_from_before_mean_and_std(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"config": {"seed": 0, "model": "smallcnn"}}, path)  # (KeyError: 'mean')
     config, ckpt = tl._resumed_settings(tl.Config(resume=str(path)))
-    assert config == tl.Config(resume=str(path)) and ckpt["path"] == path
+    assert config == tl.Config(resume=str(path)) and ckpt == {"path": path, "trainloop": None}
+    torch.save(nn.Linear(2, 2).state_dict(), path)  # no checkpoint at all: fit says so
+    assert tl._resumed_settings(tl.Config(resume=str(path))) == (tl.Config(resume=str(path)), None)
 
 
 # ---- resume, preemption, integrity -----------------------------------------------------------
@@ -2688,6 +2691,12 @@ def test_building_blocks_refuse_plausible_mistakes_in_one_line(tmp_path, monkeyp
         with pytest.raises(tl.UsageError, match=message):
             mistake()
     stepper = types.SimpleNamespace(step=lambda: None)  # a scheduler of the user's own
+    with pytest.raises(tl.UsageError, match="scheduler has no state_dict.., so a checkpoint"):
+        tl.fit(model, blobs(16), optimizer=sgd, scheduler=stepper, out=tmp_path / "r", **quiet())
+    assert not (tmp_path / "r" / "last.pt").exists()  # refused before training
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(tl.UsageError, match="^the loss needs no gradient: every parameter"):
+        tl.fit(frozen, blobs(16), optimizer=torch.optim.SGD(frozen.parameters()), **quiet())
     with pytest.raises(tl.UsageError, match="scheduler has no state_dict.., so no checkpoint"):
         tl.save_checkpoint(tmp_path / "s.pt", tl.TrainState(model, sgd, stepper))
     with pytest.warns(UserWarning, match="not wrapped in DistributedDataParallel.*trains alone"):
@@ -3790,7 +3799,9 @@ def test_orientation_is_applied_to_webp_and_phone_jpegs_take_the_fast_path(tmp_p
     assert torch.equal(images["cat/phone.jpg"], images["cat/plain.jpg"])  # both decoded reduced
 
 
-def test_a_folder_split_moves_no_other_file_when_one_is_removed_or_the_folder_moves(tmp_path):
+def test_a_folder_split_moves_no_other_file_when_one_is_removed_or_the_folder_moves(
+    tmp_path, monkeypatch
+):
     def split(root):
         config = tl.Config(data=str(root), mean="0.5", std="0.2", val_fraction=0.3)
         train, val, _ = tl.load_data(config)
@@ -3803,12 +3814,23 @@ def test_a_folder_split_moves_no_other_file_when_one_is_removed_or_the_folder_mo
     assert split(root) == before  # (every file was drawn anew)
     root.rename(tmp_path / "moved")
     assert split(tmp_path / "moved") == before
+    with monkeypatch.context() as m:  # --data . from inside it
+        m.chdir(tmp_path / "moved")
+        assert split(Path(".")) == before
     vehicles = make_image_folder(tmp_path / "vehicles", classes=("Bus", "Car", "Train"))
     assert tl.load_data(tl.Config(data=str(vehicles), mean="0.5", std="0.2"))[0].classes == [
         "Bus",
         "Car",
         "Train",
     ]  # Train/ holds images: a class, not a split
+    kaggle = tmp_path / "dogs-vs-cats"  # labels in the file names: not a layout it reads
+    make_image_folder(kaggle, classes=("train", "test1"), per_class=2)
+    with pytest.raises(tl.UsageError, match="found 0 class folder.s. in .*train; classification"):
+        tl.load_data(tl.Config(data=str(kaggle), mean="0.5", std="0.2"))
+    make_image_folder(tmp_path / "stray", classes=("train/cat", "train/dog"), per_class=3)
+    (tmp_path / "stray" / "train" / "preview.png").write_bytes(b"")  # beside the classes
+    stray = tl.load_data(tl.Config(data=str(tmp_path / "stray"), mean="0.5", std="0.2"))
+    assert stray[0].classes == ["cat", "dog"]
 
 
 def test_image_folder_layouts_a_user_makes(tmp_path):
@@ -3825,7 +3847,7 @@ def test_image_folder_layouts_a_user_makes(tmp_path):
     (loop / "cat" / "up").symlink_to("..")  # a link up the tree: each file once
     (loop / "cat" / "again").symlink_to(".")
     make_image_folder(loop / "cat" / "@eaDir", classes=("thumbs",), per_class=2)  # a NAS's
-    (loop / "dog" / "b").symlink_to(loop / "cat" / "@eaDir" / "thumbs")  # (taken once, as "b")
+    (loop / "dog" / "b").symlink_to(loop / "cat" / "@eaDir" / "thumbs")  # (taken once, as a/)
     (loop / "dog" / "a").symlink_to(loop / "cat" / "@eaDir" / "thumbs")
     (loop / "dog" / "more.jfif").write_bytes((loop / "dog" / "0.png").read_bytes())
     assert classes(loop, val_fraction=0.25) == (["cat", "dog"], 6, 3)

@@ -991,6 +991,11 @@ def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channe
     """Forward and backward one micro-batch whose loss counts `share` of the step (None: all).
     Returns its (scaled-down) loss, detached."""
     _, loss, _ = _forward(state.net, batch, loss_fn, runtime, channels_last)
+    if not loss.requires_grad:  # (torch: "element 0 of tensors does not require grad")
+        raise UsageError(
+            "the loss needs no gradient: every parameter the model used has requires_grad=False "
+            "(unfreeze some), or the model's forward detached its output"
+        )
     if share is not None:
         loss = loss * share
     state.scaler.scale(loss).backward()
@@ -1877,6 +1882,11 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
         scheduler = LambdaLR(optimizer, factor)
         if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(),
             del optimizer.step  # which trainloop never makes (see _step_scheduler)
+    elif config.out and not hasattr(scheduler, "state_dict"):
+        raise UsageError(  # a checkpoint restores it
+            "the scheduler has no state_dict(), so a checkpoint cannot restore it; give it "
+            "state_dict() and load_state_dict(), or pass out=''"
+        )
     elif getattr(scheduler, "total_steps", total) < total:
         raise UsageError(  # OneCycleLR: torch would fail at the step past its end
             f"the scheduler's total_steps={scheduler.total_steps} is fewer than the run's "
@@ -2444,12 +2454,12 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
     state.epoch, state.seen, state.batches = state.epoch + 1, 0, 0
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
     # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
-    weights = _weights(state.eval_model) if improved and job.out is not None else None
+    if improved and job.out is not None:  # best.pt: the weights to deploy, no training state
+        record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
+        best = {"model": _weights(state.eval_model), **record, "classes": job.classes}
+        best = _plain({**best, "config": dataclasses.asdict(config)}, "best.pt")  # (as _save)
     if job.out is not None and job.runtime.is_main:
-        if improved:  # best.pt: the weights to deploy, without training state
-            record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
-            record["classes"] = job.classes
-            best = {"model": weights, **record, "config": dataclasses.asdict(config)}
+        if improved:
             _atomic_save(best, job.out / "best.pt", job.last)
         _write_metrics(state.history, job, tensorboard)
     _save(state, job)
@@ -3120,6 +3130,10 @@ _TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
 _SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
 
 
+def _has_folders(folder: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(".")
 
@@ -3189,7 +3203,8 @@ def _split(samples, config: Config, root: Path) -> tuple:
     quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
     if quota.sum() == 0:
         quota[counts.argmax()] = 1
-    quota, held, start = quota.tolist(), set(), len(str(root)) + 1
+    # The paths start as _class_folders joined them: "cat/1.png" below ".", "/data/cat/1.png".
+    quota, held, start = quota.tolist(), set(), len(str(root / "x")) - 1
 
     def draw(i: int) -> bytes:
         name = f"{config.seed}/" + samples[i][0][start:].replace(os.sep, "/")
@@ -3261,10 +3276,10 @@ def _image_folder(config: Config):
             f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
             + ", ".join(_BUILTIN_DATA)
         )
-    # A split's folder has a split's name in any case and holds folders, not images (Train/ of
-    # {Bus, Car, Train}/ is a class).
+    # A split's folder is train/, val/ or valid/; or another split name, in any case, when it
+    # holds folders (Train/ of {Bus, Car, Train}/, holding images, is a class).
     splits = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in _SPLITS]
-    splits = [p for p in splits if not any(map(_is_image_name, os.listdir(p)))]
+    splits = [p for p in splits if p.name in ("train", "val", "valid") or _has_folders(p)]
     train_dir = next((p for p in splits if p.name.lower() in _TRAIN_NAMES), root)
     names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class here
     val_dir = next((p for p in splits if p.name.lower() in names), None)
@@ -3501,19 +3516,21 @@ def _eval_checkpoint(config: Config) -> tuple:
 
 
 def _resumed_settings(config: Config) -> tuple:
-    """(config, the checkpoint to be resumed or None). Its model normalizes as it was trained
-    to, so the run's mean and std, which config.json and checkpoints record, are its own."""
-    ckpt = None
+    """(config, {"path", "trainloop"} of the checkpoint to be resumed, or None). Its model
+    normalizes as it was trained to, so the run's mean and std, which config.json and
+    checkpoints record, are its own."""
+    found = None
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
-            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            ckpt["path"], saved = path, ckpt["config"]  # (path: for a warning)
-        if ckpt is not None:
+            header = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            found = (path, header["config"], header.get("trainloop"))
+        if found is not None:
             break
-    if ckpt is None:
+    if found is None:
         return config, None
+    path, saved, version = found
     resumed = _unset_from(config, saved, ("mean", "std"))
     for name in ("mean", "std"):
         ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved.get(name)))
@@ -3522,7 +3539,7 @@ def _resumed_settings(config: Config) -> tuple:
                 f"{name}={getattr(config, name)!r}: {path} normalizes with {saved[name]!r}; "
                 "keep it, or start over with resume='none'"
             )
-    return resumed, ckpt
+    return resumed, {"path": path, "trainloop": version}
 
 
 def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -> Config:
@@ -3551,14 +3568,15 @@ def _downloads_once(runtime: Runtime):
         _barrier(runtime)
 
 
-def _warn_old_split(ckpt: dict, path: Path, runtime: Runtime) -> None:
+def _warn_old_split(ckpt: dict, path: Path, config: Config, runtime: Runtime) -> None:
     """Warn that a checkpoint of trainloop 0.3.2 or before drew another validation split."""
-    version = tuple(int(v) for v in re.findall(r"\d+", ckpt.get("trainloop", "0"))[:3])
+    version = tuple(int(v) for v in re.findall(r"\d+", ckpt.get("trainloop") or "0")[:3])
     if version < (0, 3, 3):
+        then = "" if config.eval_only else " for the rest of this run (--resume none starts over)"
         _console(None, False, runtime).write(
-            f"warning: {path} comes from trainloop {ckpt.get('trainloop', 'before 0.2')}, which "
-            "drew a folder's validation images otherwise: some of them trained, so val_ "
-            "metrics read high; start over with --resume none for a clean score"
+            f"warning: {path} comes from trainloop {ckpt.get('trainloop') or 'before 0.2'}, "
+            "which drew a folder's validation images otherwise: some of them trained, so val_ "
+            f"metrics read high{then}"
         )
 
 
@@ -3572,7 +3590,7 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
         train, val, info = load_data(config, rgb=config.model != "smallcnn")
         config = _data_settings(config, info, runtime, (len(train), len(val)))
         if info.get("split") and resuming:
-            _warn_old_split(ckpt, ckpt.get("path") or path, runtime)
+            _warn_old_split(ckpt, path if config.eval_only else ckpt["path"], config, runtime)
         torch.manual_seed(config.seed)  # the same initial weights in every process
         weights = "" if resuming else config.weights  # the checkpoint has them
         shape = {k: info[k] for k in ("channels", "classes", "mean", "std")}
