@@ -192,6 +192,7 @@ def test_parse_duration_refuses_a_number_without_a_unit_after_hours_or_minutes(t
         ("time_limit", 5, "time_limit=5 must be of type str$"),
         ("std", "0.2,0.2", "std='0.2,0.2' is not 1 or 3"),
         ("std", "0.2,0.2,0", r"std='0.2,0.2,0' is not 1 or 3 comma-separated numbers in \(0, 1\]"),
+        ("monitor_mode", "max", "monitor_mode='max' needs a monitor too, e.g. monitor='val_loss'"),
     ],
 )
 def test_check_config_names_field_value_and_fix(field, value, message):
@@ -594,13 +595,34 @@ def test_train_step_refuses_a_loss_that_is_not_one_tensor_in_one_line():
         tl.train_step(state, [(torch.randn(4, 8), torch.zeros(4))], loss_fn=nn.CrossEntropyLoss())
 
 
-@pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.L1Loss(), nn.HuberLoss()])
+@pytest.mark.parametrize(
+    "loss_fn", [F.mse_loss, nn.L1Loss(), nn.HuberLoss(), nn.BCEWithLogitsLoss()]
+)
 def test_train_step_refuses_an_elementwise_loss_of_shapes_that_broadcast(loss_fn):
     state = one_step_state(nn.Linear(8, 1))
     with pytest.raises(tl.UsageError, match=re.escape("output (4, 1) float32 with target (4,)")):
         tl.train_step(state, [(torch.randn(4, 8), torch.randn(4))], loss_fn=loss_fn)
-    tl.train_step(state, [(torch.randn(4, 8), torch.randn(4, 1))], loss_fn=loss_fn)
+    tl.train_step(state, [(torch.randn(4, 8), torch.rand(4, 1))], loss_fn=loss_fn)
     assert state.step == 1
+
+
+def test_small_real_data_slips_are_one_line():
+    x, y = torch.randn(17, 8, dtype=torch.float64), torch.arange(17) % 3  # as NumPy gives them
+    with pytest.raises(tl.UsageError, match="^the inputs are float64 and the model is not"):
+        tl.fit(mlp(), TensorDataset(x, y), **quiet())
+    torch.manual_seed(0)
+    normed = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    with pytest.raises(tl.UsageError, match="^a batch of 1 sample reached a BatchNorm layer"):
+        tl.fit(normed, TensorDataset(x.float(), y), batch_size=8, **quiet())  # 17 = 8 + 8 + 1
+    binary = TensorDataset(x.float(), (y == 1).float()[:, None])
+    with pytest.raises(tl.UsageError, match="^cross-entropy over 1 output is always 0"):
+        tl.fit(nn.Linear(8, 1), binary, **quiet())  # (the loss was 0: nothing trained)
+    lines = []
+    tl.fit(mlp(), blobs(16), optimizer="adamw", quiet=True, log=lines.append)
+    assert lines[0] == "warning: adamw at lr=0.05, the default for sgd; try lr=1e-3"
+    fp16 = tl._make_optimizer(mlp(), tl.Config(precision="fp16"))
+    assert fp16.defaults["fused"] is None  # (fused SGD's momentum went to 1e32 after a skip)
+    assert tl._make_optimizer(mlp(), tl.Config()).defaults["fused"] is True
 
 
 def test_evaluate_metrics_take_a_dict_batch_whole():

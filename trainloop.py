@@ -391,6 +391,10 @@ def check_config(config: Config) -> Config:
         for name in names.split():
             if not ok(getattr(config, name)):
                 raise UsageError(f"{name}={getattr(config, name)!r} {must}")
+    if config.monitor_mode != "auto" and config.monitor == "auto":
+        raise UsageError(  # auto takes val_acc or val_loss: opposite directions
+            f"monitor_mode={config.monitor_mode!r} needs a monitor too, e.g. monitor='val_loss'"
+        )
     parse_duration(config.time_limit)
     parse_gpus(config.gpus)
     _per_channel("mean", config.mean)
@@ -879,7 +883,9 @@ def _is_cross_entropy(loss_fn) -> bool:
 
 # Losses that compare output and target element by element: other shapes broadcast, silently.
 _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
-_ELEMENTWISE_CLASSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+_ELEMENTWISE += (F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
+_ELEMENTWISE_CLASSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss)
+_ELEMENTWISE_CLASSES += (nn.BCEWithLogitsLoss,)
 
 
 def _returned_loss(output):
@@ -901,11 +907,16 @@ def _loss_of(loss_fn, output, target):
             f"the loss compares output {_kind(output)} with target {_kind(target)} element "
             "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
         )
+    plain = function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
+    if plain and getattr(output, "ndim", 0) > 1 and output.shape[1] == 1:
+        raise UsageError(  # a softmax over one class is 1: the loss is 0 and nothing trains
+            "cross-entropy over 1 output is always 0; give the model 2 outputs and int64 labels, "
+            "or pass loss_fn=nn.BCEWithLogitsLoss() with float labels of the output's shape"
+        )
     try:
         return loss_fn(output, target)
     except (RuntimeError, IndexError, TypeError, ValueError) as e:
         faults = _is_oom(e) or "CUDA error" in str(e)  # maybe an earlier kernel's, async
-        plain = function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
         if faults or not plain:
             raise  # a fault, or the error of a loss of the user's own (a subclass, too)
         other = "; else pass your own loss_fn" if function is F.cross_entropy else ""
@@ -918,6 +929,22 @@ def _loss_of(loss_fn, output, target):
         ) from None
 
 
+def _forward_mistake(error: Exception, inputs) -> None:
+    """A UsageError for the model's own error on inputs that are a user's slip, else nothing."""
+    dtypes = []
+    _map_tensors(inputs, lambda t: dtypes.append(t.dtype))
+    if torch.float64 in dtypes and re.search(r"\b[Dd]ouble\b", str(error)):
+        raise UsageError(  # NumPy's and scikit-learn's arrays are float64
+            "the inputs are float64 and the model is not; convert them, e.g. "
+            "torch.tensor(x, dtype=torch.float32), or the model: model.double()"
+        ) from None
+    if "Expected more than 1 value per channel when training" in str(error):
+        raise UsageError(
+            "a batch of 1 sample reached a BatchNorm layer, which cannot train on it (the last "
+            "batch of an epoch of N % batch_size == 1 samples); pick another batch_size"
+        ) from None
+
+
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
     if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
@@ -926,12 +953,16 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
             "cross-entropy has no target; pass loss_fn=None (the model "
             "returns its loss) or your own loss_fn(output, batch)"
         )
-    if isinstance(inputs, dict):
-        output = net(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        output = net(*inputs)
-    else:
-        output = net(inputs)
+    try:
+        if isinstance(inputs, dict):
+            output = net(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            output = net(*inputs)
+        else:
+            output = net(inputs)
+    except (RuntimeError, ValueError) as e:
+        _forward_mistake(e, inputs)
+        raise
     target = batch if target is None else target  # a dict batch: loss and metrics take it whole
     if loss_fn is not None:
         loss = _loss_of(loss_fn, output, target)
@@ -1859,8 +1890,11 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     ]
     # On a CPU torch's fused kernel updates all tensors in one call, about twice as fast as its
     # default loop over them in Python; GPUs keep the default (foreach), which fused may not beat.
+    # Not for shards, nor with fp16's loss scaler: after a step it skips, fused SGD starts its
+    # momentum from uninitialised memory (torch 2.14; the weights reached 1e32 on the CPU).
     on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
-    fused = True if on_cpu and not sparse and not config.shard else None  # none for shards
+    plain = not (sparse or config.shard or config.precision == "fp16")
+    fused = True if on_cpu and plain else None
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
     return torch.optim.SGD(
@@ -2954,6 +2988,8 @@ def fit(
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         console = _console(log, config.quiet, rt)
+        if config.optimizer == "adamw" and optimizer is None and config.lr == Config.lr:
+            console.write(f"warning: adamw at lr={config.lr}, the default for sgd; try lr=1e-3")
         train = _as_loader(train_data, config, rt, True, console)
         val = _as_loader(val_data, config, rt, False, console)
         size = _check_data(train_data, train, val_data, val, rt, config.shard)
