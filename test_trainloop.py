@@ -3855,18 +3855,6 @@ def test_a_folder_split_moves_no_other_file_when_one_is_removed_or_the_folder_mo
     assert stray[0].classes == ["cat", "dog"]
 
 
-def test_a_photo_above_pils_warning_size_reads_quietly(tmp_path, monkeypatch):
-    from PIL import Image
-
-    root = make_image_folder(tmp_path / "pets", per_class=2, size=40)  # 1,600 pixels each
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as a 108 MP photo is to PIL's 89 MP
-    train = tl.load_data(tl.Config(data=str(root), mean="0.5", std="0.2", image_size=8))[0]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert train[0][0].shape == (3, 8, 8)
-    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-
-
 def test_image_folder_layouts_a_user_makes(tmp_path):
     def classes(root, **settings):
         config = tl.Config(data=str(root), mean="0.5", std="0.2", **settings)

@@ -3095,15 +3095,12 @@ def _decode(path, image) -> torch.Tensor:
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
     """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized. A
     JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft
-    mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by _decode."""
+    mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io."""
     from PIL import Image
     from torchvision.transforms.v2.functional import resized_crop
 
     pixels = box = None
-    with warnings.catch_warnings():  # PIL warns of a 108 MP phone photo as of a possible bomb;
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # it refuses at twice
-        image = Image.open(path)
-    with image:
+    with Image.open(path) as image:
         if image.format in _JPEG:  # its size is known before decoding, so it can decode less
             turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
             width, height = image.size[::-1] if turned else image.size
