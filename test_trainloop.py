@@ -610,6 +610,17 @@ def test_small_real_data_slips_are_one_line():
     x, y = torch.randn(17, 8, dtype=torch.float64), torch.arange(17) % 3  # as NumPy gives them
     with pytest.raises(tl.UsageError, match="^the inputs are float64 and the model is not"):
         tl.fit(mlp(), TensorDataset(x, y), **quiet())
+
+    class Narrow(nn.Module):  # a float64 model with a bug of its own: its error stays its own
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3, 8, dtype=torch.float64))
+
+        def forward(self, x):
+            raise ValueError("wrong width; double-check the features")
+
+    with pytest.raises(ValueError, match="^wrong width; double-check"):
+        tl.fit(Narrow(), TensorDataset(x, y), **quiet())
     torch.manual_seed(0)
     normed = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     with pytest.raises(tl.UsageError, match="^a batch of 1 sample reached a BatchNorm layer"):

@@ -929,20 +929,21 @@ def _loss_of(loss_fn, output, target):
         ) from None
 
 
-def _forward_mistake(error: Exception, inputs) -> None:
-    """A UsageError for the model's own error on inputs that are a user's slip, else nothing."""
+def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
+    """A UsageError for the model's error on inputs that are a user's slip, else nothing."""
     dtypes = []
     _map_tensors(inputs, lambda t: dtypes.append(t.dtype))
-    if torch.float64 in dtypes and re.search(r"\b[Dd]ouble\b", str(error)):
+    single = any(p.is_floating_point() and p.dtype != torch.float64 for p in net.parameters())
+    if torch.float64 in dtypes and single and re.search(r"\b[Dd]ouble\b", str(error)):
         raise UsageError(  # NumPy's and scikit-learn's arrays are float64
             "the inputs are float64 and the model is not; convert them, e.g. "
             "torch.tensor(x, dtype=torch.float32), or the model: model.double()"
-        ) from None
+        ) from error
     if "Expected more than 1 value per channel when training" in str(error):
         raise UsageError(
             "a batch of 1 sample reached a BatchNorm layer, which cannot train on it (the last "
             "batch of an epoch of N % batch_size == 1 samples); pick another batch_size"
-        ) from None
+        ) from error
 
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
@@ -961,7 +962,7 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
         else:
             output = net(inputs)
     except (RuntimeError, ValueError) as e:
-        _forward_mistake(e, inputs)
+        _forward_mistake(e, net, inputs)
         raise
     target = batch if target is None else target  # a dict batch: loss and metrics take it whole
     if loss_fn is not None:
