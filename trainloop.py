@@ -1368,7 +1368,7 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
     failure raises SaveError naming the run's last good `checkpoint` and leaves what was there;
     without `checkpoint`, `path` is it, and its previous version is kept as `<name>.prev.pt`."""
     payload = {"format": CHECKPOINT_FORMAT, "trainloop": __version__, **entries}
-    payload = _map_tensors(_plain(payload, "the checkpoint"), lambda t: t.detach().cpu())
+    payload = _map_tensors(payload, lambda t: t.detach().cpu())  # (callers checked _plain)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
