@@ -523,6 +523,46 @@ def test_evaluate_accuracy_only_on_the_class_axis():
     assert ce["acc"] == 1.0  # cross-entropy reads axis 1 as the classes: (N, C, T)
 
 
+def test_evaluate_counts_a_square_batch_when_other_batches_are_classes_first():
+    def loss(output, target):  # the user's own cross-entropy: nothing says which axis
+        return F.cross_entropy(output, target, ignore_index=-100)
+
+    long = torch.randint(0, 3, (4, 5))  # (N, T) with T = 5, 3 classes: only (N, C, T) fits
+    square = torch.randint(0, 3, (4, 3))  # T = C = 3: (N, C, T) and (N, T, C) both fit
+    batches = [(F.one_hot(t, 3).transpose(1, 2).float(), t) for t in (long, square)]
+    batches[1] = (batches[1][0].roll(1, dims=1), square)  # every label of the square one wrong
+    scores = tl.evaluate(nn.Identity(), batches, runtime=CPU, loss_fn=loss)
+    assert scores["acc"] == pytest.approx(20 / 32)  # (it left the square batch out: 1.0)
+
+
+def test_evaluate_reports_no_accuracy_when_no_label_was_counted():
+    ages = torch.tensor([30, 41, 57, 62])  # int64 targets of a regression, none in 0..1
+    scores = tl.evaluate(nn.Identity(), [(torch.randn(4, 2), ages)], runtime=CPU, loss_fn=nll)
+    assert "acc" not in scores and "loss" in scores  # (it reported acc 0.0)
+    x = torch.randn(64, 8)
+    data = TensorDataset(x, (40 + 10 * x[:, 0]).round().long())
+    history = tl.fit(nn.Linear(8, 2), data, data, loss_fn=nll, epochs=2, lr=0.01, **quiet())
+    assert "val_acc" not in history[-1]  # so best.pt and patience follow val_loss
+
+
+def nll(output, target):
+    """A Gaussian negative log-likelihood of a (mean, log-variance) head."""
+    return F.gaussian_nll_loss(output[:, 0], target.float(), output[:, 1].exp())
+
+
+def test_evaluate_refuses_data_without_a_batch():
+    with pytest.raises(tl.UsageError, match="^evaluate got no batch: the data"):
+        tl.evaluate(mlp(), [], runtime=CPU)
+    with pytest.raises(tl.UsageError, match="pass val_data=None"):
+        tl.fit(mlp(), blobs(32), Stream(0), epochs=1, **quiet())  # (no val_ metric, silently)
+
+
+def test_fit_takes_a_validation_loader_over_a_stream_without_length():
+    unsized = DataLoader(Endless(), batch_size=8)  # a DataLoader whose len() raises
+    history = tl.fit(mlp(), blobs(32), unsized, epochs=1, **quiet())  # (TypeError from len)
+    assert "val_acc" in history[0]
+
+
 def test_evaluate_accuracy_leaves_out_ignored_labels():
     logits = torch.tensor([[[5.0, 5, 5, 5], [0, 0, 0, 0]], [[0, 0, 0, 0], [5, 5, 5, 5]]])  # (2,2,4)
     target = torch.tensor([[0, -100, 0, -100], [-100, -100, 1, 1]])  # 4 labelled, all right
@@ -675,6 +715,47 @@ def test_train_step_default_loss_mistakes_are_one_line(target, words):
         tl.train_step(state, [(torch.randn(4, 8), target)], runtime=CPU, loss_fn=own)
 
 
+@pytest.mark.parametrize(
+    "loss_fn,target,message",
+    [
+        (
+            nn.BCEWithLogitsLoss(),
+            torch.ones(4, 3, dtype=torch.long),
+            "takes float targets, not (4, 3) int64",
+        ),
+        (F.huber_loss, torch.ones(4, 3, dtype=torch.long), "takes float targets"),  # (in backward)
+        (F.nll_loss, torch.zeros(4), "nll_loss cannot take output (4, 3) float32 with target (4,)"),
+    ],
+)
+def test_train_step_target_dtype_slips_are_one_line(loss_fn, target, message):
+    state = one_step_state(mlp())
+    with pytest.raises(tl.UsageError, match=re.escape(message)):
+        tl.train_step(state, [(torch.randn(4, 8), target)], runtime=CPU, loss_fn=loss_fn)
+
+
+def test_inputs_the_model_cannot_take_are_one_line():
+    state = one_step_state(nn.Linear(8, 3))
+    records = {"x": torch.randn(4, 8), "y": torch.zeros(4, dtype=torch.long)}
+
+    def loss(output, batch):
+        return F.cross_entropy(output, batch["y"])
+
+    with pytest.raises(
+        tl.UsageError, match="unexpected keyword argument 'x'.*model\\(\\*\\*batch\\)"
+    ):
+        tl.train_step(state, [records], runtime=CPU, loss_fn=loss)
+    rows = [torch.randn(8) for _ in range(4)]  # a list of per-sample tensors: 4 arguments
+    with pytest.raises(tl.UsageError, match="a list go to model\\(\\*inputs\\).*\\(\\(items,\\)"):
+        tl.train_step(state, [(rows, torch.zeros(4, dtype=torch.long))], runtime=CPU)
+
+    class Broken(nn.Linear):  # a TypeError inside the model stays the model's own
+        def forward(self, x, y):
+            return len(5)
+
+    with pytest.raises(TypeError, match="has no len"):
+        tl.train_step(one_step_state(Broken(8, 3)), [records], loss_fn=loss)
+
+
 # ---- fit -------------------------------------------------------------------------------------
 
 
@@ -687,6 +768,22 @@ def test_fit_learns_and_returns_history():
     assert history[-1]["val_acc"] > 0.9
     keys = {"epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds"}
     assert keys <= history[-1].keys()
+
+
+def test_fit_resumes_a_dataloader_with_its_own_generator_exactly_at_an_epoch_end(tmp_path):
+    def run(epochs, out):
+        model, lines = mlp(), []
+        generator = torch.Generator().manual_seed(0)  # as torch's reproducibility notes advise
+        loader = DataLoader(blobs(64), batch_size=16, shuffle=True, generator=generator)
+        settings = dict(schedule="constant", quiet=True, log=lines.append)
+        tl.fit(model, loader, epochs=epochs, out=str(out), **settings)
+        return model.state_dict(), lines
+
+    straight, _ = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed, lines = run(4, tmp_path / "b")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # (epoch 3 redid 1's order)
+    assert not any("warning" in line for line in lines)  # (epochs 2 -> 4 warned, with constant LR)
 
 
 def test_fit_accepts_dataloaders_and_a_user_optimizer():

@@ -19,6 +19,7 @@ import functools
 import gc
 import hashlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -886,6 +887,9 @@ _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 _ELEMENTWISE += (F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
 _ELEMENTWISE_CLASSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss)
 _ELEMENTWISE_CLASSES += (nn.BCEWithLogitsLoss,)
+# Those of them that fail on integer targets (binary cross-entropy's, huber's in backward).
+_FLOAT_TARGETS = (F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.huber_loss)
+_FLOAT_TARGETS += (nn.BCELoss, nn.BCEWithLogitsLoss, nn.HuberLoss)
 
 
 def _returned_loss(output):
@@ -907,8 +911,12 @@ def _loss_of(loss_fn, output, target):
             f"the loss compares output {_kind(output)} with target {_kind(target)} element "
             "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
         )
-    plain = function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
-    if plain and getattr(output, "ndim", 0) > 1 and output.shape[1] == 1:
+    integers = isinstance(target, torch.Tensor) and not target.is_floating_point()
+    if integers and (function in _FLOAT_TARGETS or type(loss_fn) in _FLOAT_TARGETS):
+        raise UsageError(f"the loss takes float targets, not {_kind(target)}: use target.float()")
+    nll = function is F.nll_loss or type(loss_fn) is nn.NLLLoss
+    plain = nll or function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
+    if plain and not nll and getattr(output, "ndim", 0) > 1 and output.shape[1] == 1:
         raise UsageError(  # a softmax over one class is 1: the loss is 0 and nothing trains
             "cross-entropy over 1 output is always 0; give the model 2 outputs and int64 labels, "
             "or pass loss_fn=nn.BCEWithLogitsLoss() with float labels of the output's shape"
@@ -922,10 +930,11 @@ def _loss_of(loss_fn, output, target):
         other = "; else pass your own loss_fn" if function is F.cross_entropy else ""
         if other and _returned_loss(output) is not None:
             other = "; the model returns its own loss: pass loss_fn=None"
+        name, scores = ("nll_loss", "log-probabilities") if nll else ("cross-entropy", "logits")
         raise UsageError(
-            f"cross-entropy cannot take output {_kind(output)} with target "
-            f"{_kind(target)} ({_line(e)}); it takes class logits (N, C, ...) and int64 "
-            f"class indices (N, ...) below C{other}"
+            f"{name} cannot take output {_kind(output)} with target {_kind(target)} "
+            f"({_line(e)}); it takes class {scores} (N, C, ...) and int64 class indices "
+            f"(N, ...) below C{other}"
         ) from None
 
 
@@ -939,10 +948,33 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
             "the inputs are float64 and the model is not; convert them, e.g. "
             "torch.tensor(x, dtype=torch.float32), or the model: model.double()"
         ) from error
+    if isinstance(error, TypeError) and isinstance(inputs, (dict, tuple, list)):
+        _check_binds(_unwrap(net).forward, inputs, error)
     if "Expected more than 1 value per channel when training" in str(error):
         raise UsageError(
             "a batch of 1 sample reached a BatchNorm layer, which cannot train on it (the last "
             "batch of an epoch of N % batch_size == 1 samples); pick another batch_size"
+        ) from error
+
+
+def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
+    """A UsageError when the batch's inputs do not bind to the model's forward (the TypeError
+    came from the call itself, not from inside the model)."""
+    try:
+        signature = inspect.signature(forward)
+    except ValueError:  # (a forward without one)
+        return
+    try:
+        signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
+    except TypeError:
+        how = (
+            "a dict batch goes whole to model(**batch): name the forward's arguments as its keys"
+            if isinstance(inputs, dict)
+            else f"inputs that are a {type(inputs).__name__} go to model(*inputs), one argument "
+            "each: to pass them as one, wrap them: ((items,), target)"
+        )
+        raise UsageError(
+            f"the model cannot take the batch's inputs ({_line(error)}); {how}"
         ) from error
 
 
@@ -961,7 +993,7 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
             output = net(*inputs)
         else:
             output = net(inputs)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:
         _forward_mistake(e, net, inputs)
         raise
     target = batch if target is None else target  # a dict batch: loss and metrics take it whole
@@ -1183,8 +1215,9 @@ def _batch_metrics(output, target, loss, sizes: tuple, metrics: dict, classes_fi
     """{name: (sum, weight)} of one batch of `sizes` (samples, weight): the loss weighted as in
     training, `metrics` (batch means) by samples, and accuracy and top-5 by labels, for class
     logits (N, C, ...) against integer labels (N, ...), leaving out those outside 0..C-1 (such
-    as cross-entropy's ignore_index). Logits that also read as (N, ..., C), classes last,
-    count only when `classes_first`: the loss says which axis holds the classes."""
+    as cross-entropy's ignore_index). Logits that also read as (N, ..., C), classes last, are
+    counted as acc? and top5? unless `classes_first` (the loss says which axis holds the
+    classes): evaluate adds them when other batches were classes first."""
     samples, weight = sizes
     values = {"loss": (loss.float() * weight, weight)}
     tensors = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
@@ -1192,13 +1225,14 @@ def _batch_metrics(output, target, loss, sizes: tuple, metrics: dict, classes_fi
     fits = labels and output.is_floating_point() and output.dim() > 1 and output.shape[1] > 1
     fits = fits and output.shape[:1] + output.shape[2:] == target.shape
     classes_last = fits and output.dim() > 2 and output.shape[1:-1] == target.shape[1:]
-    if fits and (classes_first or not classes_last):
+    if fits:
+        unsure = "?" if classes_last and not classes_first else ""
         valid = (target >= 0) & (target < output.shape[1])
         counted = valid.sum()
-        values["acc"] = (((output.argmax(1) == target) & valid).sum(), counted)
+        values["acc" + unsure] = (((output.argmax(1) == target) & valid).sum(), counted)
         if output.shape[1] > 5:
             top5 = (output.topk(5, dim=1).indices == target.unsqueeze(1)).any(1)
-            values["top5"] = ((top5 & valid).sum(), counted)
+            values["top5" + unsure] = ((top5 & valid).sum(), counted)
     for name, fn in metrics.items():
         value = fn(output, target)
         try:
@@ -1271,9 +1305,19 @@ def evaluate(
     names = sorted(set().union(*_gather(sorted(sums), rt)))
     parts = [d.get(k, 0) for d in (sums, weights) for k in names]
     totals = [torch.as_tensor(v, device=rt.device).float() for v in parts]
-    totals = _all_reduce(torch.stack(totals).tolist() if names else [], rt)  # sync point
-    pairs = zip(names, totals[: len(names)], totals[len(names) :])
-    return {name: value / weight if weight else 0.0 for name, value, weight in pairs}
+    if not names:
+        raise UsageError(  # (fit refuses empty val_data it can measure before training)
+            "evaluate got no batch: the data (fit's val_data) is empty; pass val_data=None to "
+            "train without validation"
+        )
+    totals = _all_reduce(torch.stack(totals).tolist(), rt)  # sync point
+    totals = dict(zip(names, zip(totals[: len(names)], totals[len(names) :])))
+    for name in ("acc", "top5"):  # see _batch_metrics
+        value, weight = totals.pop(name + "?", (0, 0))
+        if name in totals:
+            totals[name] = (totals[name][0] + value, totals[name][1] + weight)
+    # A metric nothing was counted for (no label in 0..C-1) is not reported, rather than as 0.
+    return {name: value / weight for name, (value, weight) in totals.items() if weight}
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -2144,6 +2188,7 @@ class _Job:
     steps_per_epoch: int
     own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
     classes: Optional[list]  # the name of each label, when the training data says (_classes)
+    generators: list  # those the user's training loader draws from (_generators)
 
     @property
     def last(self) -> Optional[Path]:
@@ -2240,6 +2285,7 @@ def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
         extra = dict(config=config, train_size=job.train_size, classes=job.classes)
+        extra["loader_rng"] = [generator.get_state() for generator in job.generators]
         save_checkpoint(job.last, state, runtime=job.runtime, **extra)
 
 
@@ -2628,6 +2674,8 @@ def _check_classes(path: Path, saved: Optional[list], classes: Optional[list]) -
 
 def _warn_changes(ckpt: dict, job: _Job) -> None:
     moot = _NOT_TRAJECTORY | (set() if job.own_schedule else {"epochs", "schedule", "warmup"})
+    if job.config.schedule == "constant" and not 0 < job.config.warmup < 1:
+        moot = moot | {"epochs"}  # the LR of no step depends on the number of epochs
     changes = [
         f"{k} {v} -> {getattr(job.config, k)}"
         for k, v in ckpt.get("config", {}).items()
@@ -2710,6 +2758,9 @@ def _resume(state: TrainState, job: _Job) -> None:
             )
         _check_classes(path, ckpt.get("classes"), job.classes)
         _restore(state, ckpt, rt, path)
+        if not state.batches:  # mid-epoch, the epoch's order was drawn already (see set_epoch)
+            for generator, saved in zip(job.generators, ckpt.get("loader_rng", [])):
+                generator.set_state(saved)
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
         _rebest(state, config)  # by this run's monitor and monitor_mode
@@ -2757,27 +2808,46 @@ def _classes(data) -> Optional[list]:
     return list(names) if plain and names else None
 
 
+def _length(data) -> Optional[int]:
+    """len(data), or None when it has none (a DataLoader over a stream raises TypeError)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _generators(loader) -> list:
+    """The torch.Generators a loader of the user's draws its order (and worker seeds) from,
+    as DataLoader(..., shuffle=True, generator=g) does: checkpoints keep their states."""
+    if isinstance(getattr(loader, "batch_sampler", None), _EpochBatches):
+        return []  # make_loader's order depends on (seed, epoch) alone
+    batches = getattr(loader, "batch_sampler", None)
+    holders = (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
+    found = {
+        id(g): g for h in holders if isinstance(g := getattr(h, "generator", None), torch.Generator)
+    }
+    return list(found.values())
+
+
 def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool) -> int:
     """The number of training samples (0: unknown); a UsageError for data that cannot train."""
-    try:
-        batches = len(train)
-    except TypeError:
+    batches = _length(train)
+    if batches is None:
         raise UsageError(
             "train_data has no length; give your IterableDataset a __len__ (the LR schedule "
             "and progress need the epoch length)"
-        ) from None
-    samples = getattr(train_data, "dataset", train_data)  # a DataLoader's length is in batches
-    size = len(samples) if hasattr(samples, "__len__") else 0
-    if batches == 0 or hasattr(samples, "__len__") and size == 0:
+        )
+    size = _length(getattr(train_data, "dataset", train_data))  # a DataLoader's is in batches
+    if batches == 0 or size == 0:
         raise UsageError("train_data is empty: there is nothing to train on")
-    if hasattr(val_data, "__len__") and len(val_data) == 0:
+    if _length(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
-    counted = shard and hasattr(val, "__len__")  # every sharded forward needs all processes
+    counted = shard and _length(val) is not None  # every sharded forward needs all processes
     if counted and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]:
         raise UsageError(
             "val_data has fewer batches than processes; give it more samples or drop shard=True"
         )
-    return size
+    return size or 0
 
 
 # Settings with which the command line builds its data and model; fit takes both ready-made.
@@ -3001,7 +3071,7 @@ def fit(
             with _run_directory(config, rt) as out:
                 own = scheduler is None
                 parts = (config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
-                job = _Job(*parts, _classes(train_data))
+                job = _Job(*parts, _classes(train_data), _generators(train))
                 history = _train(state, train, val, job)
             if state.ema is not None or net is not model:  # the weights evaluated, in the model
                 _copy_whole(state.eval_model, model)
