@@ -6,6 +6,7 @@ Distributed tests run real processes with torchrun and the gloo backend.
 import dataclasses
 import enum
 import errno
+import functools
 import io
 import json
 import math
@@ -534,6 +535,12 @@ def test_evaluate_counts_a_square_batch_when_other_batches_are_classes_first():
     scores = tl.evaluate(nn.Identity(), batches, runtime=CPU, loss_fn=loss)
     assert scores["acc"] == pytest.approx(20 / 32)  # (it left the square batch out: 1.0)
 
+    def own_acc(output, target):  # a metric of the user's named acc is theirs alone
+        return (output.argmax(1) == target).float().mean()
+
+    mine = tl.evaluate(nn.Identity(), batches, runtime=CPU, loss_fn=loss, metrics={"acc": own_acc})
+    assert mine["acc"] == pytest.approx(0.5)  # by samples, 4 and 4 (the labels added in: 0.2)
+
 
 def test_evaluate_reports_no_accuracy_when_no_label_was_counted():
     ages = torch.tensor([30, 41, 57, 62])  # int64 targets of a regression, none in 0..1
@@ -543,6 +550,10 @@ def test_evaluate_reports_no_accuracy_when_no_label_was_counted():
     data = TensorDataset(x, (40 + 10 * x[:, 0]).round().long())
     history = tl.fit(nn.Linear(8, 2), data, data, loss_fn=nll, epochs=2, lr=0.01, **quiet())
     assert "val_acc" not in history[-1]  # so best.pt and patience follow val_loss
+    state = one_step_state(mlp())  # resumed from a run of 0.3.3, which reported acc 0.0
+    state.history = [{"epoch": 1, "val_acc": 0.0, "val_loss": 9.0}, {"epoch": 2, "val_loss": 3.0}]
+    tl._rebest(state, tl.Config())
+    assert (state.best, state.best_epoch) == (3.0, 2)  # (it was 0.0 at epoch 1: best.pt stuck)
 
 
 def nll(output, target):
@@ -553,14 +564,22 @@ def nll(output, target):
 def test_evaluate_refuses_data_without_a_batch():
     with pytest.raises(tl.UsageError, match="^evaluate got no batch: the data"):
         tl.evaluate(mlp(), [], runtime=CPU)
-    with pytest.raises(tl.UsageError, match="pass val_data=None"):
-        tl.fit(mlp(), blobs(32), Stream(0), epochs=1, **quiet())  # (no val_ metric, silently)
+
+    class Nothing(torch.utils.data.IterableDataset):  # a stream without length, and empty
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(tl.UsageError, match="pass val_data=None"):  # (no val_ metric, silently)
+        tl.fit(mlp(), blobs(32), DataLoader(Nothing(), batch_size=8), epochs=1, **quiet())
 
 
 def test_fit_takes_a_validation_loader_over_a_stream_without_length():
     unsized = DataLoader(Endless(), batch_size=8)  # a DataLoader whose len() raises
     history = tl.fit(mlp(), blobs(32), unsized, epochs=1, **quiet())  # (TypeError from len)
     assert "val_acc" in history[0]
+    two = tl.Runtime(torch.device("cpu"), world_size=2)  # sharded, every process needs a count
+    with pytest.raises(tl.UsageError, match="^shard=True needs val_data with a length"):
+        tl._check_data(blobs(32), [1], unsized, unsized, two, shard=True)
 
 
 def test_evaluate_accuracy_leaves_out_ignored_labels():
@@ -731,6 +750,8 @@ def test_train_step_target_dtype_slips_are_one_line(loss_fn, target, message):
     state = one_step_state(mlp())
     with pytest.raises(tl.UsageError, match=re.escape(message)):
         tl.train_step(state, [(torch.randn(4, 8), target)], runtime=CPU, loss_fn=loss_fn)
+    if loss_fn is F.huber_loss:  # which takes them without a backward
+        assert tl.evaluate(mlp(), [(torch.randn(4, 8), target)], loss_fn=loss_fn)["loss"] > 0
 
 
 def test_inputs_the_model_cannot_take_are_one_line():
@@ -741,7 +762,7 @@ def test_inputs_the_model_cannot_take_are_one_line():
         return F.cross_entropy(output, batch["y"])
 
     with pytest.raises(
-        tl.UsageError, match="unexpected keyword argument 'x'.*model\\(\\*\\*batch\\)"
+        tl.UsageError, match="unexpected keyword argument 'x'.*model\\(\\*\\*inputs\\)"
     ):
         tl.train_step(state, [records], runtime=CPU, loss_fn=loss)
     rows = [torch.randn(8) for _ in range(4)]  # a list of per-sample tensors: 4 arguments
@@ -754,6 +775,21 @@ def test_inputs_the_model_cannot_take_are_one_line():
 
     with pytest.raises(TypeError, match="has no len"):
         tl.train_step(one_step_state(Broken(8, 3)), [records], loss_fn=loss)
+
+    def takes_y(forward):  # a decorator that hides the forward's own signature
+        @functools.wraps(forward)
+        def call(self, x, y):
+            return forward(self, x)
+
+        return call
+
+    class Decorated(nn.Linear):
+        @takes_y
+        def forward(self, x):
+            return len(5)
+
+    with pytest.raises(TypeError, match="has no len"):  # (blamed on the batch's inputs)
+        tl.train_step(one_step_state(Decorated(8, 3)), [records], loss_fn=loss)
 
 
 # ---- fit -------------------------------------------------------------------------------------
@@ -770,11 +806,19 @@ def test_fit_learns_and_returns_history():
     assert keys <= history[-1].keys()
 
 
-def test_fit_resumes_a_dataloader_with_its_own_generator_exactly_at_an_epoch_end(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: persistent, whose first iter() draws a seed
+def test_fit_resumes_a_dataloader_with_its_own_generator_exactly_at_an_epoch_end(tmp_path, workers):
     def run(epochs, out):
         model, lines = mlp(), []
         generator = torch.Generator().manual_seed(0)  # as torch's reproducibility notes advise
-        loader = DataLoader(blobs(64), batch_size=16, shuffle=True, generator=generator)
+        loader = DataLoader(
+            blobs(64),
+            batch_size=16,
+            shuffle=True,
+            generator=generator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
         settings = dict(schedule="constant", quiet=True, log=lines.append)
         tl.fit(model, loader, epochs=epochs, out=str(out), **settings)
         return model.state_dict(), lines

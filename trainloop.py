@@ -912,7 +912,11 @@ def _loss_of(loss_fn, output, target):
             "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
         )
     integers = isinstance(target, torch.Tensor) and not target.is_floating_point()
-    if integers and (function in _FLOAT_TARGETS or type(loss_fn) in _FLOAT_TARGETS):
+    if (
+        integers
+        and torch.is_grad_enabled()
+        and (function in _FLOAT_TARGETS or type(loss_fn) in _FLOAT_TARGETS)
+    ):
         raise UsageError(f"the loss takes float targets, not {_kind(target)}: use target.float()")
     nll = function is F.nll_loss or type(loss_fn) is nn.NLLLoss
     plain = nll or function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
@@ -960,6 +964,11 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
 def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
     """A UsageError when the batch's inputs do not bind to the model's forward (the TypeError
     came from the call itself, not from inside the model)."""
+    code, tb = getattr(inspect.unwrap(forward), "__code__", None), error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:  # the forward ran: the model's own error
+            return
+        tb = tb.tb_next
     try:
         signature = inspect.signature(forward)
     except ValueError:  # (a forward without one)
@@ -968,7 +977,8 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
         signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
     except TypeError:
         how = (
-            "a dict batch goes whole to model(**batch): name the forward's arguments as its keys"
+            "inputs that are a dict (a dict batch is, whole) go to model(**inputs): name the "
+            "forward's arguments as its keys"
             if isinstance(inputs, dict)
             else f"inputs that are a {type(inputs).__name__} go to model(*inputs), one argument "
             "each: to pass them as one, wrap them: ((items,), target)"
@@ -1314,7 +1324,7 @@ def evaluate(
     totals = dict(zip(names, zip(totals[: len(names)], totals[len(names) :])))
     for name in ("acc", "top5"):  # see _batch_metrics
         value, weight = totals.pop(name + "?", (0, 0))
-        if name in totals:
+        if name in totals and name not in metrics:
             totals[name] = (totals[name][0] + value, totals[name][1] + weight)
     # A metric nothing was counted for (no label in 0..C-1) is not reported, rather than as 0.
     return {name: value / weight for name, (value, weight) in totals.items() if weight}
@@ -2285,7 +2295,9 @@ def _save(state: TrainState, job: _Job) -> None:
     if job.out is not None:
         config = dataclasses.asdict(job.config)
         extra = dict(config=config, train_size=job.train_size, classes=job.classes)
-        extra["loader_rng"] = [generator.get_state() for generator in job.generators]
+        if job.generators:  # (each process's, as the RNG streams)
+            states = [generator.get_state() for generator in job.generators]
+            extra["loader_rng"] = _gather(states, job.runtime)
         save_checkpoint(job.last, state, runtime=job.runtime, **extra)
 
 
@@ -2473,9 +2485,11 @@ def _maximized(name: str, mode: str) -> bool:
 def _rebest(state: TrainState, config: Config) -> None:
     """state.best and best_epoch: the history's first best row by the monitored metric (NaN
     never is)."""
-    state.best, state.best_epoch = None, 0
-    for row in state.history:
-        name = config.monitor if config.monitor != "auto" else _monitor_name(config, row)
+    state.best, state.best_epoch, rows = None, 0, state.history
+    name = (
+        config.monitor if config.monitor != "auto" or not rows else _monitor_name(config, rows[-1])
+    )
+    for row in rows:  # (one name for all: an older version's rows may hold other metrics)
         value, best = row.get(name, math.nan), state.best
         higher = _maximized(name, config.monitor_mode)
         if not math.isnan(value) and (best is None or (value > best if higher else value < best)):
@@ -2727,7 +2741,20 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
         g["lr"] = base * factor
 
 
-def _resume(state: TrainState, job: _Job) -> None:
+def _restore_generators(loader, generators: list, states: list) -> None:
+    """Set the user's loader's generators to the states a checkpoint saved at an epoch's end
+    (mid-epoch, that epoch's order was drawn from them already: see set_epoch). A loader with
+    persistent workers draws their seed only on its first iteration, from them or torch's RNG:
+    it makes that first, so that the next draws come from the restored states."""
+    ours = isinstance(getattr(loader, "batch_sampler", None), _EpochBatches)
+    if getattr(loader, "persistent_workers", False) and loader.num_workers and not ours:
+        with torch.random.fork_rng(devices=[]):
+            iter(loader)
+    for generator, saved in zip(generators, states):
+        generator.set_state(saved)
+
+
+def _resume(state: TrainState, train, job: _Job) -> None:
     """Continue from the newest good checkpoint, falling back past a corrupt one."""
     config, rt = job.config, job.runtime
     candidates = _candidates(config, job.out)
@@ -2758,9 +2785,9 @@ def _resume(state: TrainState, job: _Job) -> None:
             )
         _check_classes(path, ckpt.get("classes"), job.classes)
         _restore(state, ckpt, rt, path)
-        if not state.batches:  # mid-epoch, the epoch's order was drawn already (see set_epoch)
-            for generator, saved in zip(job.generators, ckpt.get("loader_rng", [])):
-                generator.set_state(saved)
+        if ckpt["world_size"] == rt.world_size and not state.batches:
+            saved = ckpt.get("loader_rng")
+            _restore_generators(train, job.generators, saved[rt.rank] if saved else [])
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
         _rebest(state, config)  # by this run's monitor and monitor_mode
@@ -2842,6 +2869,8 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
         raise UsageError("train_data is empty: there is nothing to train on")
     if _length(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
+    if shard and val is not None and _length(val) is None and runtime.world_size > 1:
+        raise UsageError("shard=True needs val_data with a length; give your stream a __len__")
     counted = shard and _length(val) is not None  # every sharded forward needs all processes
     if counted and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]:
         raise UsageError(
@@ -2967,7 +2996,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
     config, rt = job.config, job.runtime
     state.optimizer.zero_grad(set_to_none=True)
     _seed_everything(config.seed, rt.rank)
-    _resume(state, job)
+    _resume(state, train, job)
     low, high = _all_reduce([-state.step, state.step], rt, dist.ReduceOp.MAX)
     if -low != high:
         raise UsageError(
