@@ -806,6 +806,13 @@ def test_fit_learns_and_returns_history():
     assert keys <= history[-1].keys()
 
 
+def test_command_line_mistakes_are_said_by_the_first_process_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # every process parses the same flags
+    assert tl.main(["--epoch", "1"]) == 2 and capsys.readouterr().err == ""  # (each said it)
+    monkeypatch.setenv("RANK", "0")
+    assert tl.main(["--epoch", "1"]) == 2 and "No such option: --epoch" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers", [0, 2])  # 2: persistent, whose first iter() draws a seed
 def test_fit_resumes_a_dataloader_with_its_own_generator_exactly_at_an_epoch_end(tmp_path, workers):
     def run(epochs, out):
@@ -3487,6 +3494,61 @@ def test_fit_only_rank_0_writes_files_and_prints(tmp_path):
     assert progress == ["step=2/6", "step=4/6", "step=6/6"]
     assert lines[-1].startswith("done: best val_loss=")
     assert stdout1.read_text() == "" and stderr1.read_text() == ""
+
+
+UNUSED = textwrap.dedent("""
+    import sys, torch, torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import TensorDataset
+    import trainloop as tl
+
+    class Unused(nn.Module):  # a head its forward does not use (yet)
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(8, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    if sys.argv[1] == "plain":
+        sys.exit(tl._exit_code_of(lambda: tl.fit(Unused(), data, batch_size=8, quiet=True)))
+    rt = tl.setup_device("cpu")
+    ddp = DistributedDataParallel(Unused(), find_unused_parameters=True)
+    history = tl.fit(ddp, data, batch_size=8, runtime=rt, quiet=True)
+    print("steps", history[-1]["step"])
+    tl.teardown(rt)
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_unused_parameters_are_one_line_and_a_users_ddp_options_are_kept(tmp_path):
+    script = tmp_path / "unused.py"
+    script.write_text(UNUSED)
+    plain = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script, "plain"), tmp_path)
+    assert "exitcode  : 2 " in plain.stderr, plain.stderr[-3000:]  # (DDP's traceback, exit 1)
+    assert plain.stderr.count("the model has parameters its forward did not use") == 1
+    wrapped = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script, "ddp"), tmp_path)
+    assert wrapped.returncode == 0, wrapped.stderr[-3000:]  # (fit dropped the option: failed)
+    assert wrapped.stdout.count("steps 12") == 2 and "Warning" not in wrapped.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_command_line_mistakes_are_one_line_from_one_process(tmp_path):
+    flag = run(
+        torchrun_cmd("--standalone", "--nproc-per-node", 2, REPO / "trainloop.py", "--epoch", 1),
+        tmp_path,
+    )
+    assert flag.stderr.count("No such option: --epoch") == 1, flag.stderr[-3000:]  # (twice)
+    missing = ("--data", tmp_path / "missing", "--workers", 0)
+    data = run(
+        torchrun_cmd("--standalone", "--nproc-per-node", 2, REPO / "trainloop.py", *missing),
+        tmp_path,
+    )
+    assert data.stderr.count("trainloop: error:") == 1, data.stderr[-3000:]
+    assert "exitcode  : 2 " in data.stderr, data.stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", data.stderr)  # (gloo's, on rank 1)
 
 
 @pytest.mark.slow

@@ -954,6 +954,12 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
         ) from error
     if isinstance(error, TypeError) and isinstance(inputs, (dict, tuple, list)):
         _check_binds(_unwrap(net).forward, inputs, error)
+    if "parameters that were not used in producing loss" in str(error):  # DDP's, a step later
+        raise UsageError(
+            "the model has parameters its forward did not use, whose gradients DDP waits for; "
+            "freeze them (requires_grad_(False)), or wrap the model yourself and pass that: "
+            "DistributedDataParallel(model, find_unused_parameters=True)"
+        ) from error
     if "Expected more than 1 value per channel when training" in str(error):
         raise UsageError(
             "a batch of 1 sample reached a BatchNorm layer, which cannot train on it (the last "
@@ -1997,15 +2003,19 @@ def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def _wrap(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
-    """What the training step calls: DDP across processes, then torch.compile if asked. A
-    sharded model is called as it is (_shard compiled its blocks)."""
+# The settings of a user's own DistributedDataParallel wrapper that fit's keeps.
+_DDP_OPTIONS = ("find_unused_parameters", "static_graph")
+
+
+def _wrap(model: nn.Module, config: Config, runtime: Runtime, ddp: dict) -> nn.Module:
+    """What the training step calls: DDP (with the options `ddp`) across processes, then
+    torch.compile if asked. A sharded model is called as it is (_shard compiled its blocks)."""
     if _is_sharded(model):
         return model
     net = _sync_bn(model, config, runtime)  # shares model's parameters
     if runtime.world_size > 1:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids, **ddp)
     if config.compile:
         net = torch.compile(net)
     return net
@@ -2199,6 +2209,7 @@ class _Job:
     own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
     classes: Optional[list]  # the name of each label, when the training data says (_classes)
     generators: list  # those the user's training loader draws from (_generators)
+    ddp: dict  # the options of the user's own DDP wrapper (_DDP_OPTIONS)
 
     @property
     def last(self) -> Optional[Path]:
@@ -2699,7 +2710,8 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
     if gpu != was_gpu:  # (which GPUs, or how gpus chose them, changes nothing)
         changes.append(f"device {'a GPU' if was_gpu else 'no GPU'} -> {job.runtime.device}")
     if ckpt["world_size"] != job.runtime.world_size:
-        why = "elastic resume: each remaining sample of the epoch is still seen once"
+        why = "elastic resume: each remaining sample of the epoch is still seen once, but for "
+        why += f"at most {job.runtime.world_size - 1} at its end, as in every epoch"
         changes.append(f"world_size {ckpt['world_size']} -> {job.runtime.world_size} ({why})")
     if ckpt.get("train_size", job.train_size) != job.train_size:
         changes.append(f"training samples {ckpt['train_size']} -> {job.train_size}")
@@ -3000,7 +3012,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
     low, high = _all_reduce([-state.step, state.step], rt, dist.ReduceOp.MAX)
     if -low != high:
         raise UsageError(
-            f"processes resumed from different steps ({-low:.0f} and {high:.0f}): out must be "
+            f"processes resumed from different steps ({int(-low)} and {int(high)}): out must be "
             "on a filesystem that every machine shares"
         )
     training = state.epoch < config.epochs  # a finished run's rerun writes nothing
@@ -3008,7 +3020,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
         _write_config(job)
     if not state.model.training:  # a model in eval mode trains whole; parts you froze with
         state.model.train()  # .eval() in a model in train mode stay frozen
-    state.net = _wrap(state.model, config, rt)
+    state.net = _wrap(state.model, config, rt, job.ddp)
     stop, stop_early, reserve = _Stop(parse_duration(config.time_limit)), False, 1.0
     tensorboard = _tensorboard(job) if training else None
     try:
@@ -3065,6 +3077,7 @@ def fit(
     Raises Stopped (a SystemExit) after checkpointing on a signal or the time limit, and the
     other errors of __all__ for bad settings and faults.
     """
+    ddp = {k: getattr(model, k) for k in _DDP_OPTIONS if hasattr(model, k)}  # before unwrapping
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
@@ -3100,7 +3113,7 @@ def fit(
             with _run_directory(config, rt) as out:
                 own = scheduler is None
                 parts = (config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
-                job = _Job(*parts, _classes(train_data), _generators(train))
+                job = _Job(*parts, _classes(train_data), _generators(train), ddp)
                 history = _train(state, train, val, job)
             if state.ema is not None or net is not model:  # the weights evaluated, in the model
                 _copy_whole(state.eval_model, model)
@@ -3697,11 +3710,17 @@ def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -
 def _downloads_once(runtime: Runtime):
     """The first process of each machine runs the block (downloading data or weights into the
     machine's cache) before the others, which then find it there."""
-    if runtime.local_rank != 0:
-        _barrier(runtime)
-    yield
-    if runtime.local_rank == 0:
-        _barrier(runtime)
+    first = runtime.local_rank == 0
+    if not first and _all_reduce([0], runtime, dist.ReduceOp.MAX)[0]:
+        raise UsageError("the first process could not load the data")  # which says why
+    try:
+        yield
+    except BaseException:
+        if first:
+            _all_reduce([1], runtime, dist.ReduceOp.MAX)
+        raise
+    if first:
+        _all_reduce([0], runtime, dist.ReduceOp.MAX)
 
 
 def _warn_old_split(ckpt: dict, path: Path, config: Config, runtime: Runtime) -> None:
@@ -3901,7 +3920,8 @@ def main(argv: Optional[list] = None) -> int:
     except Exception as e:
         if not hasattr(e, "format_message"):  # not a command-line parsing error: a real bug
             raise
-        print(f"trainloop: error: {e.format_message()}", file=sys.stderr)  # one line, like ours
+        if int(os.environ.get("RANK", "0")) == 0:  # (every process parses the same flags)
+            print(f"trainloop: error: {e.format_message()}", file=sys.stderr)  # one line
         return getattr(e, "exit_code", EXIT_USAGE)
 
 
