@@ -5443,13 +5443,28 @@ def test_sharded_accumulation_gathers_and_reduces_no_more_than_one_batch(tmp_pat
 
 
 def test_downloads_once_lets_the_first_process_of_each_machine_go_first(monkeypatch):
-    events = []
-    monkeypatch.setattr(tl, "_barrier", lambda runtime: events.append("barrier"))
+    events, failed = [], [0]
+
+    def all_reduce(values, runtime, op=None):  # the collective: failed[0] is what the first said
+        events.append(f"told {values[0]}")
+        return failed
+
+    monkeypatch.setattr(tl, "_all_reduce", all_reduce)
     for local_rank in (0, 1):
         rt = tl.Runtime(torch.device("cpu"), rank=local_rank, local_rank=local_rank, world_size=2)
         with tl._downloads_once(rt):
             events.append(f"download {local_rank}")
-    assert events == ["download 0", "barrier", "barrier", "download 1"]
+    assert events == ["download 0", "told 0", "told 0", "download 1"]
+    first = tl.Runtime(torch.device("cpu"), world_size=2)
+    with pytest.raises(tl.UsageError, match="no such directory"), tl._downloads_once(first):
+        raise tl.UsageError("--data x: no such directory")
+    assert events[-1] == "told 1"  # so the others do not wait for it forever
+    failed[0] = 1
+    other = tl.Runtime(torch.device("cpu"), rank=1, local_rank=1, world_size=2)
+    with pytest.raises(tl.UsageError, match="the first process could not load"):
+        with tl._downloads_once(other):
+            events.append("never")
+    assert "never" not in events
 
 
 def test_fit_shard_leaves_the_trained_weights_whole_in_the_model_passed(tmp_path):
