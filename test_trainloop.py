@@ -690,9 +690,39 @@ def test_small_real_data_slips_are_one_line():
     lines = []
     tl.fit(mlp(), blobs(16), optimizer="adamw", quiet=True, log=lines.append)
     assert lines[0] == "warning: adamw at lr=0.05, the default for sgd; try lr=1e-3"
-    fp16 = tl._make_optimizer(mlp(), tl.Config(precision="fp16"))
+    fp16 = tl._make_optimizer(mlp(), tl.Config(), fp16=True)
     assert fp16.defaults["fused"] is None  # (fused SGD's momentum went to 1e32 after a skip)
-    assert tl._make_optimizer(mlp(), tl.Config()).defaults["fused"] is True
+    assert tl._make_optimizer(mlp(), tl.Config(), fp16=False).defaults["fused"] is True
+
+
+def test_precision_follows_the_runtime_given_and_a_laptops_slips_are_one_line(capsys):
+    fp16 = tl.Runtime(torch.device("cpu"), amp_dtype=torch.float16)  # setup_device(precision=)
+    state = tl._new_state(mlp(), tl.Config(), fp16, None, None, steps=4)
+    assert state.optimizer.defaults["fused"] is None and state.scaler.is_enabled()  # (fused: NaN)
+    with pytest.raises(tl.UsageError, match="^precision='bf16', but the runtime given computes"):
+        tl.fit(mlp(), blobs(16), precision="bf16", runtime=CPU, **quiet())  # (fp32, silently)
+    with pytest.raises(tl.UsageError, match=re.escape("scaler=torch.amp.GradScaler('cpu'))")):
+        tl.train_step(one_step_state(mlp()), [blobs(4)[:]], runtime=fp16)  # (a CUDA one: off)
+    compiler = RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cxx")
+    with pytest.raises(tl.UsageError, match="needs a C\\+\\+ compiler, and none was found"):
+        tl._forward_mistake(compiler, mlp(), torch.randn(2, 8))  # (134 lines of inductor)
+    info = {"classes": 2, "image_size": 32, "mean": (), "std": ()}
+    tl._data_settings(
+        tl.Config(), info, tl.Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16), (8, 2)
+    )
+    assert capsys.readouterr().out.startswith("trainloop: cpu bf16; data synthetic: 2 classes")
+
+
+def test_channels_last_converts_each_layer_as_its_rank_allows():
+    model = nn.Sequential(
+        nn.Conv3d(1, 2, 1), nn.Flatten(1, 2), nn.Conv2d(8, 2, 1), nn.Flatten(), nn.Linear(18, 2)
+    )
+    x = torch.randn(8, 1, 4, 3, 3)
+    tl.fit(model, TensorDataset(x, torch.arange(8) % 2), channels_last=True, epochs=1, **quiet())
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last_3d)  # (it raised)
+    assert model[2].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(tl.UsageError, match="^the model has lazy layers"):  # (torch's ValueError)
+        tl.fit(nn.Sequential(nn.LazyLinear(2)), blobs(16), **quiet())
 
 
 def test_evaluate_metrics_take_a_dict_batch_whole():

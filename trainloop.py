@@ -467,6 +467,9 @@ def _pick_device(ids: Optional[tuple], local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # by autocast dtype
+
+
 def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torch.dtype]:
     if precision not in CHOICES["precision"]:
         raise UsageError(f"precision={precision!r} is not one of {', '.join(CHOICES['precision'])}")
@@ -954,6 +957,11 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
         ) from error
     if isinstance(error, TypeError) and isinstance(inputs, (dict, tuple, list)):
         _check_binds(_unwrap(net).forward, inputs, error)
+    if "InvalidCxxCompiler" in str(error):  # torch.compile on a CPU builds C++
+        raise UsageError(
+            "compile=True on a CPU needs a C++ compiler, and none was found; install one (g++) "
+            "or turn compile=True off"
+        ) from None
     if "parameters that were not used in producing loss" in str(error):  # DDP's, a step later
         raise UsageError(
             "the model has parameters its forward did not use, whose gradients DDP waits for; "
@@ -1162,7 +1170,8 @@ def train_step(
         )
     if runtime.amp_dtype is torch.float16 and not state.scaler.is_enabled():
         raise UsageError(  # fp16 gradients underflow to zero without loss scaling
-            "fp16 training needs a loss scaler: TrainState(..., scaler=torch.amp.GradScaler())"
+            "fp16 training needs a loss scaler: TrainState(..., "
+            f"scaler=torch.amp.GradScaler({runtime.device.type!r}))"
         )
     if weights is not None:
         weights = weights.tolist() if torch.is_tensor(weights) else list(weights)
@@ -1929,7 +1938,7 @@ def _load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
 # _end_epoch (evaluation, best.pt, metrics, last.pt). The pieces come first, in that order.
 
 
-def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, config: Config, fp16: bool) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters (requires_grad is off for all)")
@@ -1954,7 +1963,7 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     # Not for shards, nor with fp16's loss scaler: after a step it skips, fused SGD starts its
     # momentum from uninitialised memory (torch 2.14; the weights reached 1e32 on the CPU).
     on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
-    plain = not (sparse or config.shard or config.precision == "fp16")
+    plain = not (sparse or config.shard or fp16)
     fused = True if on_cpu and plain else None
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
@@ -1965,7 +1974,8 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
 
 def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, steps: int, ema=None):
     """The TrainState fit starts from; `steps` is the number of optimizer steps per epoch."""
-    optimizer = optimizer or _make_optimizer(model, config)
+    fp16 = runtime.amp_dtype == torch.float16
+    optimizer = optimizer or _make_optimizer(model, config, fp16)
     total = config.epochs * steps
     if callable(scheduler):  # a function optimizer -> scheduler
         scheduler = scheduler(optimizer)
@@ -1987,8 +1997,19 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
             f"the scheduler's total_steps={scheduler.total_steps} is fewer than the run's "
             f"{total} optimizer steps ({config.epochs} epochs of {steps})"
         )
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=fp16)
     return TrainState(model, optimizer, scheduler, scaler, ema_decay=config.ema, ema=ema)
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """Convert the 4-d weights to channels-last and the 5-d ones (Conv3d) to its 3-d kind,
+    which model.to(memory_format=...) refuses to mix."""
+    for module in model.modules():
+        if next(module.children(), None) is None:  # a leaf: .to() reaches only its own
+            dims = {t.dim() for t in itertools.chain(module.parameters(), module.buffers())}
+            if dims & {4, 5}:
+                fmt = torch.channels_last_3d if 5 in dims else torch.channels_last
+                module.to(memory_format=fmt)
 
 
 def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
@@ -2944,6 +2965,11 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
     _maximized(_monitor_name(config, names), config.monitor_mode)
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if any(map(nn.parameter.is_lazy, itertools.chain(model.parameters(), model.buffers()))):
+        raise UsageError(  # (their shapes come from the first batch: nothing can be built yet)
+            "the model has lazy layers (nn.LazyLinear, ...) not yet built; run one batch through "
+            "it first, e.g. with torch.no_grad(): model(x[:2])"
+        )
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if isinstance(data, tuple) and all(map(torch.is_tensor, data)):  # (x, y): a slip
             raise UsageError(f"{name} is a tuple of tensors; pass TensorDataset(*{name})")
@@ -3094,12 +3120,17 @@ def fit(
     rt = _given(runtime) or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
     )
+    if config.precision not in ("auto", _PRECISIONS[rt.amp_dtype]):
+        raise UsageError(
+            f"precision={config.precision!r}, but the runtime given computes in "
+            f"{_PRECISIONS[rt.amp_dtype]}; pass setup_device(precision={config.precision!r})"
+        )
     try:
         model = _unwrap(model)
         if not config.shard:  # sharding moves only each process's shards (see _shard)
             model = model.to(rt.device)
         if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            _to_channels_last(model)
         console = _console(log, config.quiet, rt)
         if config.optimizer == "adamw" and optimizer is None and config.lr == Config.lr:
             console.write(f"warning: adamw at lr={config.lr}, the default for sgd; try lr=1e-3")
@@ -3696,6 +3727,7 @@ def _data_settings(config: Config, info: dict, runtime: Runtime, sizes: tuple) -
     record them), after a start-up line that says what the run is about to do."""
     norm = {k: ",".join(f"{v:g}" for v in info[k]) for k in ("mean", "std") if info[k]}
     processes = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
+    processes = f" {_PRECISIONS[runtime.amp_dtype]}{processes}" if runtime.amp_dtype else processes
     _console(None, config.quiet, runtime).line(
         f"trainloop: {runtime.device}{processes}; data {config.data}: {info['classes']} "
         f"classes, {sizes[0]} train / {sizes[1]} val images, {info['image_size']} px"
