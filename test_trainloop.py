@@ -706,6 +706,22 @@ def test_precision_follows_the_runtime_given_and_a_laptops_slips_are_one_line(ca
     compiler = RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cxx")
     with pytest.raises(tl.UsageError, match="needs a C\\+\\+ compiler, and none was found"):
         tl._forward_mistake(compiler, mlp(), torch.randn(2, 8))  # (134 lines of inductor)
+
+    class CompiledBackward(torch.autograd.Function):  # inductor may first build C++ in backward
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise compiler
+
+    class Compiled(nn.Linear):
+        def forward(self, x):
+            return CompiledBackward.apply(super().forward(x))
+
+    with pytest.raises(tl.UsageError, match="needs a C\\+\\+ compiler"):
+        tl.train_step(one_step_state(Compiled(8, 3)), [blobs(4)[:]], runtime=CPU)
     info = {"classes": 2, "image_size": 32, "mean": (), "std": ()}
     tl._data_settings(
         tl.Config(), info, tl.Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16), (8, 2)
@@ -721,6 +737,18 @@ def test_channels_last_converts_each_layer_as_its_rank_allows():
     tl.fit(model, TensorDataset(x, torch.arange(8) % 2), channels_last=True, epochs=1, **quiet())
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last_3d)  # (it raised)
     assert model[2].weight.is_contiguous(memory_format=torch.channels_last)
+
+    class Mixed(nn.Module):  # its own 4-d kernel and 5-d buffer, beside a child
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.register_buffer("volume", torch.randn(2, 2, 2, 2, 2))
+            self.head = nn.Linear(2, 2)
+
+    mixed = Mixed()
+    tl._to_channels_last(mixed)  # (skipped: a module with children; or raised: 4-d beside 5-d)
+    assert mixed.kernel.is_contiguous(memory_format=torch.channels_last)
+    assert mixed.volume.is_contiguous(memory_format=torch.channels_last_3d)
     with pytest.raises(tl.UsageError, match="^the model has lazy layers"):  # (torch's ValueError)
         tl.fit(nn.Sequential(nn.LazyLinear(2)), blobs(16), **quiet())
 
@@ -5495,6 +5523,12 @@ def test_downloads_once_lets_the_first_process_of_each_machine_go_first(monkeypa
         with tl._downloads_once(other):
             events.append("never")
     assert "never" not in events
+    machine = tl.Runtime(torch.device("cpu"), rank=2, local_rank=0, world_size=4)  # the second's
+    with pytest.raises(tl._DataError, match="no such directory"), tl._downloads_once(machine):
+        raise tl.UsageError("--data x: no such directory")  # said by rank 2 itself (not at all)
+    with pytest.raises(tl.UsageError, match="^another machine could not load the data"):
+        with tl._downloads_once(first):  # rank 0, which loaded: told by the collective
+            events.append("loaded")
 
 
 def test_fit_shard_leaves_the_trained_weights_whole_in_the_model_passed(tmp_path):

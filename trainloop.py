@@ -945,6 +945,14 @@ def _loss_of(loss_fn, output, target):
         ) from None
 
 
+def _compiler_missing(error: Exception) -> None:
+    if "InvalidCxxCompiler" in str(error):  # torch.compile on a CPU builds C++, maybe in backward
+        raise UsageError(
+            "torch.compile on a CPU needs a C++ compiler, and none was found; install one (g++), "
+            "or train without compile=True"
+        ) from None
+
+
 def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
     """A UsageError for the model's error on inputs that are a user's slip, else nothing."""
     dtypes = []
@@ -957,11 +965,7 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
         ) from error
     if isinstance(error, TypeError) and isinstance(inputs, (dict, tuple, list)):
         _check_binds(_unwrap(net).forward, inputs, error)
-    if "InvalidCxxCompiler" in str(error):  # torch.compile on a CPU builds C++
-        raise UsageError(
-            "compile=True on a CPU needs a C++ compiler, and none was found; install one (g++) "
-            "or turn compile=True off"
-        ) from None
+    _compiler_missing(error)
     if "parameters that were not used in producing loss" in str(error):  # DDP's, a step later
         raise UsageError(
             "the model has parameters its forward did not use, whose gradients DDP waits for; "
@@ -1086,7 +1090,11 @@ def _backward(state: TrainState, batch, share, loss_fn, runtime: Runtime, channe
         )
     if share is not None:
         loss = loss * share
-    state.scaler.scale(loss).backward()
+    try:
+        state.scaler.scale(loss).backward()
+    except RuntimeError as e:
+        _compiler_missing(e)
+        raise
     return loss.detach()
 
 
@@ -2002,14 +2010,12 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
 
 
 def _to_channels_last(model: nn.Module) -> None:
-    """Convert the 4-d weights to channels-last and the 5-d ones (Conv3d) to its 3-d kind,
-    which model.to(memory_format=...) refuses to mix."""
-    for module in model.modules():
-        if next(module.children(), None) is None:  # a leaf: .to() reaches only its own
-            dims = {t.dim() for t in itertools.chain(module.parameters(), module.buffers())}
-            if dims & {4, 5}:
-                fmt = torch.channels_last_3d if 5 in dims else torch.channels_last
-                module.to(memory_format=fmt)
+    """Convert the 4-d weights and buffers to channels-last and the 5-d ones (Conv3d) to its
+    3-d kind, which model.to(memory_format=...) refuses to mix."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    model._apply(
+        lambda t: t.contiguous(memory_format=formats[t.dim()]) if t.dim() in formats else t
+    )
 
 
 def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
@@ -2022,10 +2028,6 @@ def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
             "drop it for CPU processes"
         )
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-# The settings of a user's own DistributedDataParallel wrapper that fit's keeps.
-_DDP_OPTIONS = ("find_unused_parameters", "static_graph")
 
 
 def _wrap(model: nn.Module, config: Config, runtime: Runtime, ddp: dict) -> nn.Module:
@@ -2230,7 +2232,7 @@ class _Job:
     own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
     classes: Optional[list]  # the name of each label, when the training data says (_classes)
     generators: list  # those the user's training loader draws from (_generators)
-    ddp: dict  # the options of the user's own DDP wrapper (_DDP_OPTIONS)
+    ddp: dict  # the option of the user's own DDP wrapper that fit's keeps
 
     @property
     def last(self) -> Optional[Path]:
@@ -2731,8 +2733,9 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
     if gpu != was_gpu:  # (which GPUs, or how gpus chose them, changes nothing)
         changes.append(f"device {'a GPU' if was_gpu else 'no GPU'} -> {job.runtime.device}")
     if ckpt["world_size"] != job.runtime.world_size:
-        why = "elastic resume: each remaining sample of the epoch is still seen once, but for "
-        why += f"at most {job.runtime.world_size - 1} at its end, as in every epoch"
+        why = "elastic resume: each remaining sample of the epoch is still seen once"
+        if job.runtime.world_size > 1:
+            why += f", but for at most {job.runtime.world_size - 1} at its end, as in every epoch"
         changes.append(f"world_size {ckpt['world_size']} -> {job.runtime.world_size} ({why})")
     if ckpt.get("train_size", job.train_size) != job.train_size:
         changes.append(f"training samples {ckpt['train_size']} -> {job.train_size}")
@@ -3103,7 +3106,9 @@ def fit(
     Raises Stopped (a SystemExit) after checkpointing on a signal or the time limit, and the
     other errors of __all__ for bad settings and faults.
     """
-    ddp = {k: getattr(model, k) for k in _DDP_OPTIONS if hasattr(model, k)}  # before unwrapping
+    wrapper = getattr(model, "_orig_mod", model)  # a user's own DDP, maybe compiled, keeps its
+    unused = isinstance(wrapper, nn.parallel.DistributedDataParallel)  # unused-parameter search
+    ddp = {"find_unused_parameters": wrapper.find_unused_parameters} if unused else {}
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
@@ -3747,12 +3752,14 @@ def _downloads_once(runtime: Runtime):
         raise UsageError("the first process could not load the data")  # which says why
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         if first:
             _all_reduce([1], runtime, dist.ReduceOp.MAX)
+        if first and isinstance(e, UsageError) and not isinstance(e, _DataError):
+            raise _DataError(str(e)) from None  # said by this process, rank 0 or not
         raise
-    if first:
-        _all_reduce([0], runtime, dist.ReduceOp.MAX)
+    if first and _all_reduce([0], runtime, dist.ReduceOp.MAX)[0]:
+        raise UsageError("another machine could not load the data; its first process says why")
 
 
 def _warn_old_split(ckpt: dict, path: Path, config: Config, runtime: Runtime) -> None:
