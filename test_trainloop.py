@@ -3592,6 +3592,43 @@ def test_torchrun_unused_parameters_are_one_line_and_a_users_ddp_options_are_kep
     assert wrapped.stdout.count("steps 12") == 2 and "Warning" not in wrapped.stderr
 
 
+OWN_LOOP = textwrap.dedent("""
+    import json, warnings, torch, torch.nn as nn
+    from torch.utils.data import TensorDataset
+    import trainloop as tl
+
+    rt = tl.setup_device("cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model.eval()[1].running_mean.fill_(rt.rank)  # each process's own statistics, as after training
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    scores = tl.evaluate(model, data, runtime=rt)  # the same batch on both: the same score
+    state = tl.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tl.evaluate(model, data)
+        tl.save_checkpoint(f"alone{rt.rank}.pt", state)
+        tl.load_checkpoint(f"alone{rt.rank}.pt", state)
+    said = [str(w.message).split(" without")[0] for w in caught if "runtime=" in str(w.message)]
+    mean = model[1].running_mean.tolist()
+    print(json.dumps({"rank": rt.rank, "loss": scores["loss"], "mean": mean, "said": said}))
+    tl.teardown(rt)
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_building_blocks_score_rank_0s_buffers_and_warn_without_a_runtime(tmp_path):
+    script = tmp_path / "own_loop.py"
+    script.write_text(OWN_LOOP)
+    result = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and rows[0]["loss"] == rows[1]["loss"]  # (each scored its own means)
+    assert rows[0]["mean"] == rows[1]["mean"] == [0.0] * 3  # rank 0's, which a checkpoint holds
+    for row in rows:
+        assert row["said"] == ["evaluate", "save_checkpoint", "load_checkpoint"]  # (silent)
+
+
 @pytest.mark.slow
 def test_torchrun_command_line_mistakes_are_one_line_from_one_process(tmp_path):
     flag = run(

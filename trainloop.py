@@ -543,6 +543,23 @@ def _barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
+def _sync_buffers(modules, runtime: Runtime) -> None:
+    """Every process takes rank 0's buffers (BatchNorm statistics) of `modules` (None: none),
+    those a checkpoint saves: DDP broadcasts the model's at its next forward, FSDP never."""
+    for module in modules if runtime.world_size > 1 else ():
+        for buffer in module.buffers() if module is not None else ():
+            dist.broadcast(buffer, 0)
+
+
+def _alone(runtime: Optional[Runtime], consequence: str, stacklevel: int = 3) -> None:
+    """Warn when a building block is called without runtime= while several processes run."""
+    if runtime is None and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            f"{consequence}; pass runtime= (setup_device()'s) from every process",
+            stacklevel=stacklevel,
+        )
+
+
 # ---- data ------------------------------------------------------------------------------------
 
 
@@ -686,12 +703,7 @@ def make_loader(
     processes (-1 = default_workers()).
     """
     rt = _given(runtime) or Runtime(torch.device("cpu"))
-    if runtime is None and dist.is_initialized() and dist.get_world_size() > 1:
-        warnings.warn(
-            "make_loader without runtime= gives every process all the batches; pass the "
-            "Runtime of setup_device() to shard them",
-            stacklevel=2,
-        )
+    _alone(runtime, "make_loader without runtime= gives every process all the batches")
     tensors = isinstance(dataset, tuple) and all(map(torch.is_tensor, dataset))  # (x, y)
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or tensors:
         raise UsageError(
@@ -1310,6 +1322,8 @@ def evaluate(
             "DataLoader(dataset, batch_size=None))"
         )
     rt = _given(runtime) or Runtime(_device_of(model))
+    _alone(runtime, "evaluate without runtime= scores this process's batches alone", 4)
+    _sync_buffers([model], rt)  # so that all score the weights a checkpoint holds
     sums, weights, batch, extra = {}, {}, None, 0
     metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
@@ -1573,9 +1587,15 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     sharded model (FSDP2's fully_shard at its root) is saved as a directory instead, every
     process writing its own shards (see _save_sharded).
     """
+    sharded = _is_sharded(state.model)
+    if not sharded:  # (a sharded model's runtime comes from the process group)
+        _alone(
+            runtime,
+            "save_checkpoint without runtime= saves as one process: called by all, "
+            "they all write the file; by one, the others' RNG streams are not saved",
+        )
     runtime = _given(runtime) or _runtime_of(state.model)
     extra = _check_extra(extra)
-    sharded = _is_sharded(state.model)
     if not sharded and Path(path).is_dir():
         raise UsageError(f"{path} is a directory; pass a file path, e.g. {Path(path) / 'last.pt'}")
     finite = [_local(p.detach()).isfinite().all() for p in state.model.parameters()]
@@ -1611,14 +1631,6 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
         if runtime.is_main:
             _atomic_save({**tensors, **header}, Path(path))
     _barrier(runtime)
-
-
-def _sync_buffers(state: TrainState, runtime: Runtime) -> None:
-    """Every process takes rank 0's buffers (BatchNorm statistics), which DDP broadcasts at
-    every step but FSDP does not."""
-    for module in (state.model, state.ema) if runtime.world_size > 1 else ():
-        for buffer in module.buffers() if module is not None else ():
-            dist.broadcast(buffer, 0)
 
 
 def _check_archive(path: Path, checksums: bool = True) -> None:
@@ -1899,6 +1911,12 @@ def load_checkpoint(
         raise UsageError(
             f"load_checkpoint(path, state) restores a TrainState, not a {type(state).__name__}; "
             "for weights alone: model.load_state_dict(load_checkpoint(path)['model'])"
+        )
+    if state is not None and not _is_sharded(state.model):
+        _alone(
+            runtime,
+            "load_checkpoint without runtime= restores as one process alone: the "
+            "processes' RNG streams are reseeded, not restored",
         )
     runtime = _given(runtime) or _runtime_of(state.model if state else nn.Module())
     if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
@@ -2566,7 +2584,7 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
     config = job.config
     started = time.monotonic()
     row = {"epoch": state.epoch + 1, "step": state.step, "train_loss": _train_loss(state)}
-    _sync_buffers(state, job.runtime)  # all evaluate, and best.pt holds, rank 0's
+    _sync_buffers((state.model, state.ema), job.runtime)  # all evaluate, best.pt holds, rank 0's
     if val is not None:  # a dead loader worker or out of memory ends the run as in training
         with _faults(state, job, val, stop):
             scores = evaluate(
