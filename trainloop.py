@@ -548,7 +548,8 @@ def _sync_buffers(modules, runtime: Runtime) -> None:
     those a checkpoint saves: DDP broadcasts the model's at its next forward, FSDP never."""
     for module in modules if runtime.world_size > 1 else ():
         for buffer in module.buffers() if module is not None else ():
-            dist.broadcast(buffer, 0)
+            if not hasattr(buffer, "to_local"):  # a DTensor's placement says where it is alike
+                dist.broadcast(buffer, 0)
 
 
 def _alone(runtime: Optional[Runtime], consequence: str, stacklevel: int = 3) -> None:
@@ -902,9 +903,10 @@ _ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 _ELEMENTWISE += (F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
 _ELEMENTWISE_CLASSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss)
 _ELEMENTWISE_CLASSES += (nn.BCEWithLogitsLoss,)
-# Those of them that fail on integer targets (binary cross-entropy's, huber's in backward).
-_FLOAT_TARGETS = (F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.huber_loss)
-_FLOAT_TARGETS += (nn.BCELoss, nn.BCEWithLogitsLoss, nn.HuberLoss)
+# Those of them that fail on integer targets: binary cross-entropy's, and huber's in backward.
+_FLOAT_TARGETS = (F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
+_FLOAT_TARGETS += (nn.BCELoss, nn.BCEWithLogitsLoss)
+_FLOAT_GRADIENTS = (F.huber_loss, nn.HuberLoss)
 
 
 def _returned_loss(output):
@@ -927,11 +929,8 @@ def _loss_of(loss_fn, output, target):
             "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
         )
     integers = isinstance(target, torch.Tensor) and not target.is_floating_point()
-    if (
-        integers
-        and torch.is_grad_enabled()
-        and (function in _FLOAT_TARGETS or type(loss_fn) in _FLOAT_TARGETS)
-    ):
+    kinds = _FLOAT_TARGETS + (_FLOAT_GRADIENTS if torch.is_grad_enabled() else ())
+    if integers and (function in kinds or type(loss_fn) in kinds):
         raise UsageError(f"the loss takes float targets, not {_kind(target)}: use target.float()")
     nll = function is F.nll_loss or type(loss_fn) is nn.NLLLoss
     plain = nll or function is F.cross_entropy or type(loss_fn) is nn.CrossEntropyLoss
@@ -1915,8 +1914,8 @@ def load_checkpoint(
     if state is not None and not _is_sharded(state.model):
         _alone(
             runtime,
-            "load_checkpoint without runtime= restores as one process alone: the "
-            "processes' RNG streams are reseeded, not restored",
+            "load_checkpoint without runtime= restores as one process alone: every "
+            "process takes one and the same RNG stream, not its own",
         )
     runtime = _given(runtime) or _runtime_of(state.model if state else nn.Module())
     if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
