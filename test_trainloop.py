@@ -3419,6 +3419,13 @@ def run_worker(tmp_path, opts, nproc=2, launcher=(), timeout=TIMEOUT):
     return run(cmd, tmp_path, timeout)
 
 
+def run_script(tmp_path, text: str, *args, nproc=2):
+    """The script `text` under `torchrun --standalone --nproc-per-node nproc`, in tmp_path."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return run(torchrun_cmd("--standalone", "--nproc-per-node", nproc, script, *args), tmp_path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -3586,12 +3593,10 @@ UNUSED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_torchrun_unused_parameters_are_one_line_and_a_users_ddp_options_are_kept(tmp_path):
-    script = tmp_path / "unused.py"
-    script.write_text(UNUSED)
-    plain = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script, "plain"), tmp_path)
+    plain = run_script(tmp_path, UNUSED, "plain")
     assert "exitcode  : 2 " in plain.stderr, plain.stderr[-3000:]  # (DDP's traceback, exit 1)
     assert plain.stderr.count("the model has parameters its forward did not use") == 1
-    wrapped = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script, "ddp"), tmp_path)
+    wrapped = run_script(tmp_path, UNUSED, "ddp")
     assert wrapped.returncode == 0, wrapped.stderr[-3000:]  # (fit dropped the option: failed)
     assert "steps 12" in wrapped.stdout and "Warning" not in wrapped.stderr
 
@@ -3624,9 +3629,7 @@ OWN_LOOP = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_torchrun_building_blocks_score_rank_0s_buffers_and_warn_without_a_runtime(tmp_path):
-    script = tmp_path / "own_loop.py"
-    script.write_text(OWN_LOOP)
-    result = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script), tmp_path)
+    result = run_script(tmp_path, OWN_LOOP)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads((tmp_path / f"row{rank}.json").read_text()) for rank in (0, 1)]
     assert len(rows) == 2 and rows[0]["loss"] == rows[1]["loss"]  # (each scored its own means)
@@ -5481,10 +5484,7 @@ SHARDED_LOOP = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_building_blocks_save_a_sharded_state_under_torchrun_without_a_runtime(tmp_path):
-    script = tmp_path / "loop.py"
-    script.write_text(SHARDED_LOOP)
-    cmd = torchrun_cmd("--standalone", "--nproc-per-node", 2, script, tmp_path / "ckpt")
-    result = run(cmd, tmp_path)
+    result = run_script(tmp_path, SHARDED_LOOP, tmp_path / "ckpt")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps [4, 4]" in result.stdout
     assert result.stdout.count("needs a batch on every process") == 2, result.stdout
@@ -5534,9 +5534,7 @@ COUNT_COLLECTIVES = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_accumulation_gathers_and_reduces_no_more_than_one_batch(tmp_path):
-    script = tmp_path / "count.py"
-    script.write_text(COUNT_COLLECTIVES)
-    result = run(torchrun_cmd("--standalone", "--nproc-per-node", 2, script), tmp_path)
+    result = run_script(tmp_path, COUNT_COLLECTIVES)
     assert result.returncode == 0, result.stderr[-3000:]
     one, three = json.loads(result.stdout.strip().splitlines()[-1])
     assert one == {"gather": 4, "reduce": 2}  # 2 blocks: gathered for forward and backward
