@@ -906,7 +906,7 @@ _ELEMENTWISE_CLASSES += (nn.BCEWithLogitsLoss,)
 # Those of them that fail on integer targets: binary cross-entropy's, and huber's in backward.
 _FLOAT_TARGETS = (F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
 _FLOAT_TARGETS += (nn.BCELoss, nn.BCEWithLogitsLoss)
-_FLOAT_GRADIENTS = (F.huber_loss, nn.HuberLoss)
+_FLOAT_GRADIENTS = _FLOAT_TARGETS + (F.huber_loss, nn.HuberLoss)
 
 
 def _returned_loss(output):
@@ -929,7 +929,7 @@ def _loss_of(loss_fn, output, target):
             "by element; give them one shape, e.g. target.view(-1, 1) or output.squeeze(1)"
         )
     integers = isinstance(target, torch.Tensor) and not target.is_floating_point()
-    kinds = _FLOAT_TARGETS + (_FLOAT_GRADIENTS if torch.is_grad_enabled() else ())
+    kinds = _FLOAT_GRADIENTS if torch.is_grad_enabled() else _FLOAT_TARGETS
     if integers and (function in kinds or type(loss_fn) in kinds):
         raise UsageError(f"the loss takes float targets, not {_kind(target)}: use target.float()")
     nll = function is F.nll_loss or type(loss_fn) is nn.NLLLoss
@@ -2047,6 +2047,15 @@ def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+def _ddp_options(model: nn.Module) -> dict:
+    """What fit's DDP keeps of a user's own DDP wrapper (maybe compiled): its search for unused
+    parameters."""
+    wrapper = getattr(model, "_orig_mod", model)
+    if not isinstance(wrapper, nn.parallel.DistributedDataParallel):
+        return {}
+    return {"find_unused_parameters": wrapper.find_unused_parameters}
+
+
 def _wrap(model: nn.Module, config: Config, runtime: Runtime, ddp: dict) -> nn.Module:
     """What the training step calls: DDP (with the options `ddp`) across processes, then
     torch.compile if asked. A sharded model is called as it is (_shard compiled its blocks)."""
@@ -2536,13 +2545,14 @@ def _maximized(name: str, mode: str) -> bool:
 def _rebest(state: TrainState, config: Config) -> None:
     """state.best and best_epoch: the history's first best row by the monitored metric (NaN
     never is)."""
-    state.best, state.best_epoch, rows = None, 0, state.history
-    name = (
-        config.monitor if config.monitor != "auto" or not rows else _monitor_name(config, rows[-1])
-    )
-    for row in rows:  # (one name for all: an older version's rows may hold other metrics)
+    state.best, state.best_epoch = None, 0
+    if not state.history:
+        return
+    name = config.monitor  # one name for all rows: an older version's rows may hold others
+    name = _monitor_name(config, state.history[-1]) if name == "auto" else name
+    higher = _maximized(name, config.monitor_mode)
+    for row in state.history:
         value, best = row.get(name, math.nan), state.best
-        higher = _maximized(name, config.monitor_mode)
         if not math.isnan(value) and (best is None or (value > best if higher else value < best)):
             state.best, state.best_epoch = value, row["epoch"]
 
@@ -2922,13 +2932,14 @@ def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool)
         raise UsageError("train_data is empty: there is nothing to train on")
     if _length(val_data) == 0:
         raise UsageError("val_data is empty; pass val_data=None to train without validation")
-    if shard and val is not None and _length(val) is None and runtime.world_size > 1:
+    val_batches = _length(val)  # every sharded forward needs all processes
+    if shard and val is not None and val_batches is None and runtime.world_size > 1:
         raise UsageError("shard=True needs val_data with a length; give your stream a __len__")
-    counted = shard and _length(val) is not None  # every sharded forward needs all processes
-    if counted and not _all_reduce([len(val)], runtime, dist.ReduceOp.MIN)[0]:
-        raise UsageError(
-            "val_data has fewer batches than processes; give it more samples or drop shard=True"
-        )
+    if shard and val_batches is not None:
+        if not _all_reduce([val_batches], runtime, dist.ReduceOp.MIN)[0]:
+            raise UsageError(
+                "val_data has fewer batches than processes; give it more samples or drop shard=True"
+            )
     return size or 0
 
 
@@ -3123,9 +3134,7 @@ def fit(
     Raises Stopped (a SystemExit) after checkpointing on a signal or the time limit, and the
     other errors of __all__ for bad settings and faults.
     """
-    wrapper = getattr(model, "_orig_mod", model)  # a user's own DDP, maybe compiled, keeps its
-    unused = isinstance(wrapper, nn.parallel.DistributedDataParallel)  # unused-parameter search
-    ddp = {"find_unused_parameters": wrapper.find_unused_parameters} if unused else {}
+    ddp = _ddp_options(model)
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
