@@ -105,11 +105,8 @@ _FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError:
 
 
 class Stopped(SystemExit):
-    """Training stopped early on purpose (signal or time limit) after writing a checkpoint.
-
-    A SystemExit, so an uncaught one ends the program with `.code` (143 for SIGTERM, 75 for the
-    time limit) and no traceback; catch it to carry on in your own script.
-    """
+    """Training stopped on purpose (signal or time limit) after writing a checkpoint. Uncaught,
+    this SystemExit ends the program with `.code` (143 for SIGTERM, 75 for the time limit)."""
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -124,10 +121,8 @@ D, M, R = "Data", "Model", "Run"  # help panels of the CLI
 
 @dataclass(frozen=True)
 class Config:
-    """Every knob in one place. The CLI has one option per field; change it with `replace`.
-
-    Path fields (data, data_root, out, resume) also take any os.PathLike, e.g. a pathlib.Path.
-    """
+    """Every knob in one place: the CLI has one option per field; change it with `replace`.
+    Path fields (data, data_root, out, resume) also take any os.PathLike, e.g. a pathlib.Path."""
 
     data: str = _opt(
         "synthetic",
@@ -140,9 +135,7 @@ class Config:
     image_size: int = _opt(0, "Pixels a side (0: weights' or 224, smallcnn 64; built-ins own).", D)
     mean: str = _opt("", "Per-channel mean of 0-1 pixels (empty: the weights', else measured).", D)
     std: str = _opt("", "Per-channel std of 0-1 pixels, e.g. 0.229,0.224,0.225 (like --mean).", D)
-    val_fraction: float = _opt(
-        0.1, "Share of each class held out for validation when no DIR/val.", D
-    )
+    val_fraction: float = _opt(0.1, "Share of each class held out to validate when no DIR/val.", D)
     augment: bool = _opt(True, "Random crop and horizontal flip of training images.", D)
     workers: int = _opt(-1, "Loader processes per training process (-1 = from CPU count).", D)
     model: str = _opt("smallcnn", "smallcnn, or a torchvision classifier (resnet18, ...).", M)
@@ -185,9 +178,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
-    """(EMA floats, live floats, EMA others, live others): the state_dict() tensors _update_ema
-    touches (a sharded model's own shards, even right after a forward), each once: a tied
-    weight, listed under two names, would be averaged twice a step."""
+    """(EMA floats, live floats, EMA others, live others) of state_dict() (a sharded model's own
+    shards, even right after a forward), each tensor once: a tied weight would be averaged twice."""
     ema_state, live_state = (m.state_dict(keep_vars=True) for m in (ema, model))
     once = {id(v): k for k, v in reversed(ema_state.items()) if isinstance(v, torch.Tensor)}
     floats = [k for k in once.values() if ema_state[k].is_floating_point()]
@@ -201,13 +193,9 @@ def _ema_pairs(ema: nn.Module, model: nn.Module) -> tuple:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    parallel = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    inner = model.module if parallel else getattr(model, "_orig_mod", None)
+    return _unwrap(inner) if isinstance(inner, nn.Module) else model
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -244,23 +232,16 @@ def _check_state_parts(model, optimizer, scheduler) -> None:
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint restores, in one object; train_step updates it in place.
-
-    `scheduler` is any torch LR scheduler (stepped after every optimizer step; a
-    ReduceLROnPlateau after each evaluation) or None. `ema_decay` > 0 keeps `ema`, an exponential
-    moving average of the model (a copy of it unless given; early steps average faster: the
-    decay is at most (1 + step) / (10 + step)). `net` is what the step calls: the
-    model itself, or it wrapped by DDP / torch.compile. Build the state after moving the model
-    to its device: the EMA update holds on to the model's tensors.
-    """
+    """Everything a checkpoint restores, in one object; train_step updates it in place. Build it
+    after moving the model to its device: the EMA update holds on to the model's tensors."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any = None
+    scheduler: Any = None  # stepped after each optimizer step; a ReduceLROnPlateau after evaluation
     scaler: Optional[torch.amp.GradScaler] = None  # None: no loss scaling (all but fp16)
-    ema_decay: float = 0.0
-    ema: Optional[nn.Module] = None
-    net: Optional[nn.Module] = None
+    ema_decay: float = 0.0  # > 0: keep `ema`, decayed by at most (1 + step) / (10 + step)
+    ema: Optional[nn.Module] = None  # the moving average of the model (a copy of it unless given)
+    net: Optional[nn.Module] = None  # what the step calls: the model, or it in DDP/torch.compile
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     seen: int = 0  # samples of this epoch consumed by all processes (fit keeps it, not train_step)
@@ -279,14 +260,14 @@ class TrainState:
         self.net = self.model if self.net is None else self.net
         self.model = _unwrap(self.model)  # checkpoints hold the plain module's names
         self.scaler = self.scaler or torch.amp.GradScaler("cpu", enabled=False)
-        if (self.ema is not None or self.ema_decay) and not 0 < self.ema_decay < 1:
-            raise UsageError(f"ema_decay={self.ema_decay!r} must be in (0, 1), e.g. 0.999")
-        if self.ema_decay and self.ema is None and _is_sharded(self.model):
-            raise UsageError(  # FSDP refuses deepcopy
-                "ema_decay with a sharded model needs ema=: a copy of the model made before "
-                "sharding, sharded the same way"
-            )
-        if self.ema_decay:
+        if self.ema is not None or self.ema_decay:
+            if not 0 < self.ema_decay < 1:
+                raise UsageError(f"ema_decay={self.ema_decay!r} must be in (0, 1), e.g. 0.999")
+            if self.ema is None and _is_sharded(self.model):
+                raise UsageError(  # FSDP refuses deepcopy
+                    "ema_decay with a sharded model needs ema=: a copy of the model made before "
+                    "sharding, sharded the same way"
+                )
             if self.ema is None:
                 self.ema = copy.deepcopy(self.model).requires_grad_(False)
             self._ema_tensors = _ema_pairs(self.ema, self.model)
@@ -363,27 +344,23 @@ def parse_duration(text: str) -> Optional[float]:
     if not match or not any(match.groups()):
         raise UsageError(f"time_limit={text!r} is not a duration; use e.g. '2h30m', '45m' or '90s'")
     if match[3] and (match[1] or match[2]) and not text.endswith("s"):  # most mean 1h30 as 1h30m
-        unit = "s" if match[2] else "m"
-        raise UsageError(
-            f"time_limit={text!r} ends in a number without a unit; write {text + unit!r}"
-        )
-    hours, minutes, seconds = (float(g or 0) for g in match.groups())
-    total = hours * 3600 + minutes * 60 + seconds
+        fixed = text + ("s" if match[2] else "m")
+        raise UsageError(f"time_limit={text!r} ends in a number without a unit; write {fixed!r}")
+    total = sum(float(g or 0) * unit for g, unit in zip(match.groups(), (3600, 60, 1)))
     return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
 
 
 def check_config(config: Config) -> Config:
     """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
-    for name in ("data", "data_root", "out", "resume"):
-        if isinstance(getattr(config, name), os.PathLike):
-            config = dataclasses.replace(config, **{name: os.fspath(getattr(config, name))})
     for f in dataclasses.fields(Config):
-        value = getattr(config, f.name)
+        given = value = getattr(config, f.name)
+        if f.name in ("data", "data_root", "out", "resume") and isinstance(value, os.PathLike):
+            value = os.fspath(value)
         kind = {int: numbers.Integral, float: numbers.Real}.get(f.type, f.type)  # NumPy's too
         if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
             example = f", e.g. {f.default!r}" if f.default != "" else ""
             raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
-        if type(value) is not f.type:  # 3 -> 3.0, np.float32(0.1) -> 0.1: plain values to save
+        if type(given) is not f.type:  # Path -> str, 3 -> 3.0, np.float32(0.1) -> 0.1: to save
             config = dataclasses.replace(config, **{f.name: f.type(value)})
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
@@ -404,8 +381,7 @@ def check_config(config: Config) -> Config:
 
 
 def _line(error: BaseException, index: int = 0) -> str:
-    """One line of an error's text; the last (-1) holds the cause of a traceback's text (a loader
-    worker's, DCP's)."""
+    """One line of an error's text; the last (-1) names the cause in a worker's or DCP's trace."""
     lines = str(error).strip().splitlines()
     return lines[index] if lines else type(error).__name__
 
@@ -437,21 +413,18 @@ def _given(runtime) -> Optional[Runtime]:
     """`runtime` when it is a Runtime or None; else a UsageError."""
     if runtime is None or isinstance(runtime, Runtime):
         return runtime
-    raise UsageError(
-        f"runtime={runtime!r} is not a trainloop.Runtime; pass what setup_device() returns"
-    )
+    raise UsageError(f"runtime={runtime!r} is not a trainloop.Runtime; pass setup_device()'s")
 
 
 def _check_gpus_exist(ids: tuple) -> None:
-    # Ids follow nvidia-smi (PCI bus order); CUDA reads the order when it starts, so set it
-    # before the first CUDA call. An explicit user setting wins.
+    # Ids as nvidia-smi numbers them (PCI bus order): CUDA reads the order once, at its first
+    # call. A user's own setting wins.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     count = torch.cuda.device_count()  # 0 without CUDA
-    missing = [i for i in ids if i >= count]
-    if missing:
+    if max(ids) >= count:
         have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
         raise UsageError(
-            f"gpus={','.join(map(str, ids))!r} names GPU {missing[0]} but this machine has "
+            f"gpus={','.join(map(str, ids))!r} names GPU {max(ids)} but this machine has "
             f"{have}; pick from nvidia-smi's list or use gpus='cpu'"
         )
 
@@ -485,12 +458,9 @@ def _amp_dtype(precision: str, device_type: str, bf16_ok: bool) -> Optional[torc
 def setup_device(
     gpus: str = "", *, precision: str = "auto", deterministic: bool = False
 ) -> Runtime:
-    """Pick the device, join the process group under torchrun, and fix precision once. Sets the
-    process-wide switches of torch it needs: cuDNN autotuning, or deterministic kernels.
-
-    Reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun. `gpus` as in `parse_gpus`; under
-    torchrun process LOCAL_RANK takes the LOCAL_RANK-th listed GPU (or GPU LOCAL_RANK).
-    """
+    """Pick the device, join torchrun's process group (from RANK, LOCAL_RANK, WORLD_SIZE), fix
+    precision once, and set torch's process-wide cuDNN autotuning or deterministic kernels. `gpus`
+    as in parse_gpus: process LOCAL_RANK takes the LOCAL_RANK-th listed GPU (or GPU LOCAL_RANK)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = _pick_device(parse_gpus(gpus), local_rank)
