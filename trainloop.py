@@ -106,7 +106,7 @@ _FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError:
 
 class Stopped(SystemExit):
     """Training stopped on purpose (signal or time limit) after writing a checkpoint. Uncaught,
-    this SystemExit ends the program with `.code` (143 for SIGTERM, 75 for the time limit)."""
+    this SystemExit exits with `.code` (143 on SIGTERM, 75 at the time limit) and no traceback."""
 
 
 # ---- configuration ---------------------------------------------------------------------------
