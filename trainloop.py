@@ -1003,9 +1003,7 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
             else f"inputs that are a {type(inputs).__name__} go to model(*inputs), one argument "
             "each: to pass them as one, wrap them: ((items,), target)"
         )
-        raise UsageError(
-            f"the model cannot take the batch's inputs ({_line(error)}); {how}"
-        ) from error
+        raise UsageError(f"the model cannot take the inputs ({_line(error)}); {how}") from error
 
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
