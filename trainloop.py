@@ -541,12 +541,11 @@ def _mix_seed(*parts: int) -> int:
 
 
 class _EpochBatches(Sampler):
-    """Per-process batches of one epoch, resumable at any sample. The epoch's global order is a
-    function of (seed, epoch) alone; its unseen part, from `seen` on, is dealt round-robin to
-    however many processes exist, so a run resumed on another number of processes still sees
-    every sample of the epoch exactly once. Training (`shuffle`) drops at most world - 1 tail
-    samples so every process takes equal steps. With `sample_seeds`, batches hold keys
-    (index, per-sample seed), not indices."""
+    """Per-process batches of one epoch, resumable at any sample. The epoch's order depends on
+    (seed, epoch) alone; its unseen part (from `seen`) is dealt round-robin to the processes, so a
+    run resumed on another number of them still sees each sample once. Training (`shuffle`) drops
+    at most world - 1 tail samples: all take equal steps. `sample_seeds`: batches of keys
+    (index, per-sample seed)."""
 
     def __init__(self, size, batch_size, shuffle, seed, rank=0, world=1, sample_seeds=False):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
@@ -584,10 +583,9 @@ class _EpochBatches(Sampler):
 
 
 class _SeededSample(Dataset):
-    """Seeds a loader worker's RNGs from each sample's key before reading it, so augmentation
-    depends on (seed, epoch, index), not on the worker: a resumed run augments exactly as an
-    uninterrupted one. Without workers, the main process reads the samples, and the checkpoint
-    stores its RNG streams whole: no seeding needed there."""
+    """Seeds a loader worker's RNGs from each sample's key, so augmentation depends on (seed,
+    epoch, index), not on the worker: a resumed run augments as an uninterrupted one. (Without
+    workers, the checkpoint stores the main process's RNG streams whole.)"""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -731,11 +729,10 @@ class _SkipBatches:
 def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
     """Point `loader` at `epoch` and past what was consumed of it; returns what to iterate.
 
-    A make_loader loader reshuffles for `epoch` and starts at sample `seen` of it (all processes
-    together; else after `batches` batches of every process) without reading any sample before.
-    Any other loader gets `set_epoch(epoch)` on its sampler (a DistributedSampler reshuffles)
-    and skips its first `batches` batches: through its sampler when it is a DataLoader over a
-    map-style data set, else by reading and dropping them.
+    A make_loader loader reshuffles for `epoch` and starts at sample `seen` (of all processes;
+    else after `batches` batches of each) without reading the samples before. Any other loader
+    gets `set_epoch(epoch)` on its sampler (a DistributedSampler reshuffles) and skips `batches`
+    batches: through its sampler if a DataLoader over a map-style dataset, else by reading them.
     """
     source = loader = loader.source if isinstance(loader, _SkipBatches) else loader
     sampler = getattr(loader, "batch_sampler", None)
@@ -772,12 +769,9 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
 
 def _split_batch(batch):
     """(inputs, target[, weight]) or a dict for model(**batch) -> (inputs, target, weight)."""
-    if isinstance(batch, (tuple, list)):  # the common case first: it runs twice per micro-batch
-        if len(batch) == 2:
-            return batch[0], batch[1], None
-        if len(batch) == 3:
-            return batch[0], batch[1], batch[2]
-    elif isinstance(batch, dict):
+    if isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 3:  # first: twice per micro-batch
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    if isinstance(batch, dict):
         return batch, None, None
     what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
     raise UsageError(
@@ -787,11 +781,10 @@ def _split_batch(batch):
 
 
 def _count(obj, samples: Optional[int] = None) -> int:
-    """Samples in a batch part, from host metadata (no sync): a tensor's first dimension; for a
-    dict, that of its first value; for a list or tuple, its length when it holds one item per
-    sample (detection targets: a dict or a tensor of boxes per image), else the one first
-    dimension of its tensors (batched parts). `samples`, the inputs' count, tells the two
-    apart when every item is a tensor of the same first dimension."""
+    """Samples in a batch part, from host metadata (no sync): a tensor's first dimension; a
+    dict's first value's; a list's or tuple's length when it holds one item per sample
+    (detection targets: a dict or a tensor of boxes per image), else its tensors' one first
+    dimension (batched parts), told apart by `samples` (the inputs') when all items agree."""
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.shape else 1
     if isinstance(obj, dict):
@@ -912,9 +905,8 @@ def _loss_of(loss_fn, output, target):
     try:
         return loss_fn(output, target)
     except (RuntimeError, IndexError, TypeError, ValueError) as e:
-        faults = _is_oom(e) or "CUDA error" in str(e)  # maybe an earlier kernel's, async
-        if faults or not plain:
-            raise  # a fault, or the error of a loss of the user's own (a subclass, too)
+        if not plain or _is_oom(e) or "CUDA error" in str(e):  # (maybe an earlier kernel's)
+            raise  # the error of a loss of the user's own (a subclass, too), or a fault
         other = "; else pass your own loss_fn" if function is F.cross_entropy else ""
         if other and _returned_loss(output) is not None:
             other = "; the model returns its own loss: pass loss_fn=None"
@@ -970,10 +962,9 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
         tb = tb.tb_next
     try:
         signature = inspect.signature(forward)
-    except ValueError:  # (a forward without one)
-        return
-    try:
         signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
+    except ValueError:  # (a forward without a signature)
+        return
     except TypeError:
         how = (
             "inputs that are a dict (a dict batch is, whole) go to model(**inputs): name the "
@@ -982,18 +973,15 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
             else f"inputs that are a {type(inputs).__name__} go to model(*inputs), one argument "
             "each: to pass them as one, wrap them: ((items,), target)"
         )
-        raise UsageError(
-            f"the model cannot take the batch's inputs ({_line(error)}); {how}"
-        ) from error
+        raise UsageError(f"the model cannot take the inputs ({_line(error)}); {how}") from error
 
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
     if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
         raise UsageError(
-            "a dict batch goes whole to model(**batch), so the default "
-            "cross-entropy has no target; pass loss_fn=None (the model "
-            "returns its loss) or your own loss_fn(output, batch)"
+            "a dict batch goes whole to model(**batch), so the default cross-entropy has no "
+            "target; pass loss_fn=None (the model returns its loss) or a loss_fn(output, batch)"
         )
     try:
         if isinstance(inputs, dict):
@@ -1092,23 +1080,19 @@ def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, 
     return sum(losses[1:], start=losses[0])
 
 
-def _single_lambda(scheduler, optimizer) -> Optional[Callable]:
-    """The one function of a plain LambdaLR that serves every group alike, with float LRs
-    (then stepping it is just lr = base x f(step)); None for any other scheduler."""
-    lambdas = getattr(scheduler, "lr_lambdas", [None])
-    plain = type(scheduler) is LambdaLR and "step" not in vars(scheduler)
-    floats = not any(torch.is_tensor(g["lr"]) for g in optimizer.param_groups)
-    return lambdas[0] if plain and floats and all(f is lambdas[0] for f in lambdas) else None
-
-
 def _step_scheduler(state: TrainState) -> None:
     """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
     scheduler = state.scheduler
-    if state._fast_path[0] is not scheduler:  # decided once per scheduler object
-        state._fast_path = (scheduler, _single_lambda(scheduler, state.optimizer))
+    if state._fast_path[0] is not scheduler:  # decided once per scheduler object: the one
+        # function of a plain LambdaLR that serves every group alike, with float LRs, else None
+        lambdas = getattr(scheduler, "lr_lambdas", [None])
+        plain = type(scheduler) is LambdaLR and "step" not in vars(scheduler)
+        floats = not any(torch.is_tensor(g["lr"]) for g in state.optimizer.param_groups)
+        alike = plain and floats and all(f is lambdas[0] for f in lambdas)
+        state._fast_path = (scheduler, lambdas[0] if alike else None)
     lr_lambda = state._fast_path[1]
-    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers
-        scheduler.last_epoch += 1  # (a few % of a small model's step on a CPU)
+    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers (a few
+        scheduler.last_epoch += 1  # % of a small model's step on a CPU): lr = base x f(step)
         factor = lr_lambda(scheduler.last_epoch)
         scheduler._last_lr = [base * factor for base in scheduler.base_lrs]
         for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr, strict=True):
@@ -1138,12 +1122,11 @@ def train_step(
 ):
     """One optimizer step over `batches`, the micro-batches of one accumulation group.
 
-    Returns the step's mean loss as a detached device tensor (no host sync). Mutates model,
-    optimizer, scheduler, scaler and EMA in place and advances state.step and state.lr (the LR
-    this step applied). `weights` (one per micro-batch; default: each batch's own weight or
-    sample count, see _sizes) weigh the micro-batch losses, so the gradient equals that of one
-    big batch even when the last micro-batch is short. `clip_grad` > 0 clips the global
-    gradient norm; `channels_last` moves 4-d inputs to that memory format (off the CPU).
+    Returns the step's mean loss, a detached device tensor (no host sync). Mutates model,
+    optimizer, scheduler, scaler and EMA in place; advances state.step and state.lr (the LR this
+    step applied). `weights`, one per micro-batch (default: its weight or sample count, see
+    _sizes), weigh their losses: the gradient is one big batch's even if the last is short.
+    `clip_grad` > 0 clips the total gradient norm; `channels_last`: 4-d inputs so (off a CPU).
     """
     runtime = _given(runtime) or Runtime(_device_of(state.model))
     if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
@@ -1151,6 +1134,8 @@ def train_step(
             f"train_step takes a list of micro-batches, not a {type(batches).__name__} of "
             "tensors; pass [batch] for one batch"
         )
+    if not batches:
+        raise UsageError("train_step needs at least one micro-batch in batches=[...]")
     if runtime.world_size > 1 and not _reduces_gradients(state.net):
         warnings.warn(
             "train_step with several processes on a model that is not wrapped in "
@@ -1171,8 +1156,6 @@ def train_step(
             )
     if len(batches) == 1:
         step_loss = _backward(state, batches[0], None, loss_fn, runtime, channels_last)
-    elif not batches:
-        raise UsageError("train_step needs at least one micro-batch in batches=[...]")
     else:
         weights = weights or _sizes(batches)[1]
         step_loss = _accumulate(state, batches, weights, loss_fn, runtime, channels_last)
@@ -1226,13 +1209,11 @@ def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
 
 
 def _batch_metrics(output, target, loss, sizes: tuple, metrics: dict, classes_first) -> dict:
-    """{name: (sum, weight)} of one batch of `sizes` (samples, weight): the loss weighted as in
-    training, `metrics` (batch means) by samples, and accuracy and top-5 by labels, for class
-    logits (N, C, ...) against integer labels (N, ...), leaving out those outside 0..C-1 (such
-    as cross-entropy's ignore_index). Logits that also read as (N, ..., C), classes last, are
-    counted as acc? and top5? unless `classes_first` (the loss says which axis holds the
-    classes): evaluate adds them when other batches were classes first."""
-    samples, weight = sizes
+    """{name: (sum, weight)} of one batch of `sizes` (samples, [weight]), weighted as evaluate
+    says. Accuracy counts the integer labels (N, ...) in 0..C-1 of class logits (N, C, ...) (not
+    cross-entropy's ignore_index); logits that also read as (N, ..., C) count as acc? and top5?
+    unless `classes_first` (the loss says so): evaluate adds them to batches classes first."""
+    samples, [weight] = sizes
     values = {"loss": (loss.float() * weight, weight)}
     tensors = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
     labels = tensors and not target.is_floating_point() and target.dtype != torch.bool
@@ -1305,8 +1286,7 @@ def evaluate(
     try:
         for [batch] in _groups(data, 1):  # (the loader's own frame, for _fault)
             output, loss, target = _forward(model, batch, loss_fn, rt)
-            samples, [weight] = _sizes([batch])
-            scores = _batch_metrics(output, target, loss, (samples, weight), metrics, classes_first)
+            scores = _batch_metrics(output, target, loss, _sizes([batch]), metrics, classes_first)
             for name, (value, counted) in scores.items():
                 sums[name] = sums.get(name, 0) + value.detach()
                 weights[name] = weights.get(name, 0) + counted
