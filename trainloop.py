@@ -2011,7 +2011,7 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
         if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(),
             del optimizer.step  # which trainloop never makes (see _step_scheduler)
     elif config.out and not hasattr(scheduler, "state_dict"):
-        raise UsageError(  # a checkpoint restores it
+        raise UsageError(
             "the scheduler has no state_dict(), so a checkpoint cannot restore it; give it "
             "state_dict() and load_state_dict(), or pass out=''"
         )
@@ -2362,10 +2362,10 @@ def _stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> Sto
 
 def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=None):
     """The error to end training with for a fault met in the epoch loop or in validation
-    (`settle` None), or None: not one of ours. A fetch (a dead loader worker, see _faults; a
-    data set's unreadable file) or validation leaves the state whole: with one process it is
-    saved (mid-epoch once settle() records the position). Workers dead after a stop signal got
-    it too (it goes to the process group): that is the stop."""
+    (`settle` None), or None: not one of ours. A fetch (a dead loader worker, see
+    _catch_signals; a data set's unreadable file) or validation leaves the state whole: with one
+    process it is saved (mid-epoch once settle() records the position). Workers dead after a
+    stop signal got it too (it goes to the process group): that is the stop."""
     oom = _is_oom(error)
     tb, reading = error.__traceback__, False
     while tb is not None and not reading:  # a fetch from the loader, not a step or a metric
