@@ -1933,13 +1933,11 @@ def _make_optimizer(model: nn.Module, config: Config, fp16: bool) -> torch.optim
         for decay in (True, False)
         if (ps := [p for p in params if (p.dim() > 1) == decay])
     ]
-    # On a CPU torch's fused kernel updates all tensors in one call, about twice as fast as its
-    # default loop over them in Python; GPUs keep the default (foreach), which fused may not beat.
-    # Not for shards, nor with fp16's loss scaler: after a step it skips, fused SGD starts its
-    # momentum from uninitialised memory (torch 2.14; the weights reached 1e32 on the CPU).
+    # A CPU gets torch's fused kernel, about twice as fast as its default loop in Python (GPUs
+    # keep foreach, which fused may not beat); not shards, nor fp16: after a skipped step fused
+    # SGD starts its momentum from uninitialised memory (torch 2.14; weights reached 1e32 on CPU).
     on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
-    plain = not (sparse or config.shard or fp16)
-    fused = True if on_cpu and plain else None
+    fused = True if on_cpu and not (sparse or config.shard or fp16) else None
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
     return torch.optim.SGD(
@@ -1963,7 +1961,7 @@ def _new_state(model, config: Config, runtime: Runtime, optimizer, scheduler, st
         if not patched:  # LambdaLR's wrapper checks the order of calls to scheduler.step(),
             del optimizer.step  # which trainloop never makes (see _step_scheduler)
     elif config.out and not hasattr(scheduler, "state_dict"):
-        raise UsageError(  # a checkpoint restores it
+        raise UsageError(
             "the scheduler has no state_dict(), so a checkpoint cannot restore it; give it "
             "state_dict() and load_state_dict(), or pass out=''"
         )
@@ -1998,8 +1996,7 @@ def _sync_bn(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
 
 
 def _ddp_options(model: nn.Module) -> dict:
-    """What fit's DDP keeps of a user's own DDP wrapper (maybe compiled): its search for unused
-    parameters."""
+    """What fit's DDP keeps of a user's own DDP wrapper (maybe compiled): find_unused_parameters."""
     wrapper = getattr(model, "_orig_mod", model)
     if not isinstance(wrapper, nn.parallel.DistributedDataParallel):
         return {}
@@ -2051,10 +2048,9 @@ def _blocks(model: nn.Module, types) -> list:
 def _shard(model: nn.Module, config: Config, runtime: Runtime, blocks) -> tuple:
     """(a copy of `model`, its EMA or None), sharded with FSDP2 over all processes: each block
     (instances of the classes `blocks`, else the children that hold parameters), then the root.
-    Only each process's shards move to its device, so parameters, gradients and optimizer state
-    take about 1/N of the memory there; a block's whole weights exist only while it computes, in
-    autocast's dtype; gradients are reduced in fp32. A copy: FSDP holds the process group in the
-    modules it shards, and gloo aborts the process when such a module outlives the group."""
+    Each device holds 1/N of the parameters, gradients and optimizer state; a block's whole
+    weights exist only while it computes, in autocast's dtype; gradients reduce in fp32. A copy:
+    FSDP holds the process group in the modules it shards; gloo aborts if one outlives the group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -2145,19 +2141,18 @@ class _Stop:
 
 @contextlib.contextmanager
 def _catch_signals(stop: _Stop):
-    """SIGTERM, SIGINT and SIGUSR1 only set a flag; the loop checkpoints and stops. A second
-    signal, a second or more after the first, gets its previous handler back: a second Ctrl-C
-    stops at once. Closer repeats are echoes (Ctrl-C reaches a worker from the terminal and
-    again from torchrun) and are ignored. torch's SIGCHLD handler raises a loader worker's death
-    wherever the main thread is, maybe mid-step; here it is only noted in stop.deaths, and the
-    loader raises it at its next fetch (within 5 s), between two steps (see _faults)."""
+    """SIGTERM, SIGINT and SIGUSR1 only set stop.signal; the loop checkpoints and stops. A
+    repeat within a second is an echo (Ctrl-C reaches a worker from the terminal and from
+    torchrun), ignored; a later one gets the previous handler back: a second Ctrl-C stops at
+    once. torch's SIGCHLD handler raises a loader worker's death wherever the main thread is,
+    maybe mid-step; here it is only noted in stop.deaths, for the loader to raise at its next
+    fetch (within 5 s), between two steps (see _faults)."""
     previous = {}
 
     def handler(signum, frame):
-        now = time.monotonic()
         if not stop.signal:
-            stop.signal, stop.signal_time = signum, now
-        elif now - stop.signal_time > 1.0:
+            stop.signal, stop.signal_time = signum, time.monotonic()
+        elif time.monotonic() - stop.signal_time > 1.0:
             signal.signal(signum, previous[signum])
             signal.raise_signal(signum)
 
@@ -2188,11 +2183,6 @@ def _catch_signals(stop: _Stop):
                 signal.signal(sig, old)
 
 
-def _last_checkpoint(out: Path, config: Config) -> Path:
-    """Where the training checkpoint goes: a directory of shards when sharded."""
-    return out / ("last" if config.shard else "last.pt")
-
-
 @dataclass(frozen=True)
 class _Job:
     """What fit decided before training; the epoch loop reads it and never changes it."""
@@ -2212,30 +2202,28 @@ class _Job:
 
     @property
     def last(self) -> Optional[Path]:
-        return self.out and _last_checkpoint(self.out, self.config)
+        """Where the training checkpoint goes: a directory of shards when sharded."""
+        return self.out and self.out / ("last" if self.config.shard else "last.pt")
 
 
 @dataclass
 class _LossWindow:
-    """The losses of the steps since the last sync point, still on the device; the last one is
-    of step state.step."""
+    """The losses of the steps since the last sync point (the last: step state.step)."""
 
     losses: list = field(default_factory=list)  # one detached device scalar per step
     weights: list = field(default_factory=list)  # what each step's loss counts in the mean
 
     def drain(self, state: TrainState, runtime: Runtime) -> None:
         """Add the window's losses, summed over all processes, to state.epoch_loss; raise on a
-        NaN or inf, or when fp16 loss scaling has collapsed. A NaN on one process stops them all
-        at the same step."""
+        NaN or inf (on any process: all stop at the same step) or collapsed fp16 loss scaling."""
         values = torch.stack(self.losses).tolist() if self.losses else []  # sync point
         collapsed = state.scaler.is_enabled() and state.scaler.get_scale() < 2.0**-16
         n, weighted = len(values), [v * w for v, w in zip(values, self.weights)]
-        first = state.step - n + 1
         sums = _all_reduce(weighted + self.weights + [float(collapsed)], runtime)
-        bad = [i for i, v in enumerate(sums[:n]) if not math.isfinite(v)]
+        bad = [state.step - n + 1 + i for i, v in enumerate(sums[:n]) if not math.isfinite(v)]
         if bad:
             raise NonFiniteLossError(
-                f"the loss became NaN or inf at step {first + bad[0]} (epoch {state.epoch + 1}) "
+                f"the loss became NaN or inf at step {bad[0]} (epoch {state.epoch + 1}) "
                 "and no checkpoint was written after it; lower the learning rate below "
                 f"lr={_peak_lr(state):g}, use clip_grad=1.0, or check the data"
             )
@@ -2282,23 +2270,17 @@ def _out_of_memory(job: _Job, when: str, done: str, reading=False, workers=0) ->
 
 def _worker_died(error, deaths: list, job: _Job, when: str, done: str, workers: int):
     """One line: which worker, how it died, when, what was saved, and what to do."""
-    config = job.config
     deadline = time.monotonic() + 1.0  # the SIGCHLD naming the signal follows a broken read
     while not deaths and time.monotonic() < deadline:
         time.sleep(0.01)
     what = (deaths or [_line(error)])[0].split(". ")[0].rstrip(".")  # names the signal
     what = what if "DataLoader worker" in what else f"a DataLoader worker died ({what})"
-    killed = "Killed" in what  # SIGKILL: most often the kernel's out-of-memory killer
-    fix = (
-        f"; if it recurs, lower workers={workers}, batch_size={config.batch_size} or image_size="
-        f"{config.image_size or '<pixels>'}"
-        if killed
-        else ", or with workers=0 to see the worker's own error"
-    )
-    return WorkerDiedError(
-        f"{what} {when}{', most likely by the out-of-memory killer' if killed else ''}; {done}. "
-        f"Run the same command again to continue{fix}"
-    )
+    fix = ", or with workers=0 to see the worker's own error"
+    if "Killed" in what:  # SIGKILL: most often the kernel's out-of-memory killer
+        when += ", most likely by the out-of-memory killer"
+        size, pixels = job.config.batch_size, job.config.image_size or "<pixels>"
+        fix = f"; if it recurs, lower workers={workers}, batch_size={size} or image_size={pixels}"
+    return WorkerDiedError(f"{what} {when}; {done}. Run the same command again to continue{fix}")
 
 
 def _save(state: TrainState, job: _Job) -> None:
@@ -2324,25 +2306,21 @@ def _stopped(code: int, state: TrainState, job: _Job, saved: bool = True) -> Sto
     then = f"checkpoint {job.last}" if saved else _kept(job.last)
     then = f"{then}; run the same command again to continue"
     then = then if job.out else "nothing was saved (pass out= to be able to continue)"
-    where = _position(state)
-    job.console.write(f"stopped: {why} {where}; {then} (exit status {code})")
+    job.console.write(f"stopped: {why} {_position(state)}; {then} (exit status {code})")
     return Stopped(code)
 
 
 def _fault(error, state: TrainState, job: _Job, *, loader, stop: _Stop, settle=None):
-    """The error to end training with for a fault met in the epoch loop, or in validation
-    (`settle` None), or None: not one of ours. A dead loader worker is raised by a fetch, not
-    inside a step (see _faults), and validation changes no state: then the state is
-    whole, and with one process it is saved (mid-epoch once settle() records the position).
-    Workers dead after a stop signal got it too (sent to the process group): that is the stop.
-    A data set's unreadable file (_DataError) is met in a fetch too."""
+    """The error to end training with for a fault met in the epoch loop or in validation
+    (`settle` None), or None: not one of ours. A fetch (a dead loader worker, see
+    _catch_signals; a data set's unreadable file) or validation leaves the state whole: with one
+    process it is saved (mid-epoch once settle() records the position). Workers dead after a
+    stop signal got it too (it goes to the process group): that is the stop."""
     oom = _is_oom(error)
-    tb, entered = error.__traceback__, set()
-    while tb is not None:  # the functions of this file it passed: a loop over a loader, a step
-        if tb.tb_frame.f_globals is globals():
-            entered.add(tb.tb_frame.f_code)
+    tb, reading = error.__traceback__, False
+    while tb is not None and not reading:  # a fetch from the loader, not a step or a metric
+        reading = tb.tb_frame.f_code is _groups.__code__
         tb = tb.tb_next
-    reading = _groups.__code__ in entered  # a fetch from the loader, not a step or a metric
     # A worker that died holding a batch breaks the reading of that batch in any way; an error
     # the worker's own code raised comes back re-raised by torch ("Caught X in DataLoader ...").
     workers = getattr(getattr(loader, "loader", loader), "num_workers", job.config.workers)
@@ -2399,9 +2377,9 @@ def _log_progress(state, job: _Job, advance, speed: float, eta: float, step: int
 
 
 def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: float) -> int:
-    """Train from the current position to the end of the epoch, logging and checkpointing on
-    schedule. Returns 0, or the exit status of an early stop (its checkpoint written).
-    `reserve`: seconds the end of an epoch last took (evaluation and checkpoint)."""
+    """Train to the end of the epoch, logging and checkpointing on schedule; return 0, or the
+    exit status of an early stop (checkpoint written). `reserve`: seconds the end of an epoch
+    last took (evaluation and checkpoint)."""
     config, rt = job.config, job.runtime
     start_batches, start_seen, start_seconds = state.batches, state.seen, state.epoch_seconds
     loader = set_epoch(loader, state.epoch, seen=state.seen, batches=state.batches)
