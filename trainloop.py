@@ -2439,8 +2439,7 @@ def _train_epoch(state: TrainState, loader, job: _Job, stop: _Stop, reserve: flo
 
 
 def _monitor_name(config: Config, names) -> str:
-    """The metric that picks best.pt and early stopping, checked against the metric `names`
-    that fit can report (before training) or that an epoch reported."""
+    """The metric that picks best.pt and early stopping: one of `names`, else a UsageError."""
     auto = next((k for k in ("val_acc", "val_loss", "train_loss") if k in names), "train_loss")
     name = auto if config.monitor == "auto" else config.monitor
     if name not in names:
@@ -2471,8 +2470,7 @@ def _maximized(name: str, mode: str) -> bool:
 
 
 def _rebest(state: TrainState, config: Config) -> None:
-    """state.best and best_epoch: the history's first best row by the monitored metric (NaN
-    never is)."""
+    """state.best and best_epoch: the history's first best row by the monitor (NaN never is)."""
     state.best, state.best_epoch = None, 0
     if not state.history:
         return
@@ -2528,8 +2526,7 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
                 state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
             )
         row.update({f"val_{k}": v for k, v in scores.items()})
-    row["lr"] = state.lr
-    row["seconds"] = round(state.epoch_seconds + time.monotonic() - started, 3)
+    row.update(lr=state.lr, seconds=round(state.epoch_seconds + time.monotonic() - started, 3))
     if isinstance(state.scheduler, ReduceLROnPlateau) and config.monitor in (*row, "auto"):
         _step_plateau(state.scheduler, row, config)
     state.history.append(row)
@@ -2539,9 +2536,9 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
     state.epoch_loss, state.epoch_seconds = [0.0, 0.0], 0.0
     # best.pt and metrics.jsonl first: a kill before last.pt redoes the epoch and rewrites them.
     if improved and job.out is not None:  # best.pt: the weights to deploy, no training state
-        record = {"epoch": row["epoch"], "step": state.step, "metrics": row}
-        best = {"model": _weights(state.eval_model), **record, "classes": job.classes}
-        best = _plain({**best, "config": dataclasses.asdict(config)}, "best.pt")  # (as _save)
+        best = {"model": _weights(state.eval_model), "epoch": row["epoch"], "step": state.step}
+        best.update(metrics=row, classes=job.classes, config=dataclasses.asdict(config))
+        best = _plain(best, "best.pt")  # (as _save)
     if job.out is not None and job.runtime.is_main:
         if improved:
             _atomic_save(best, job.out / "best.pt", job.last)
@@ -2554,8 +2551,6 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
 
 
 def _tensorboard(job: _Job):
-    if job.out is None or not job.runtime.is_main:
-        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional extra
@@ -2569,9 +2564,8 @@ def _tensorboard(job: _Job):
 @contextlib.contextmanager
 def _run_directory(config: Config, runtime: Runtime):
     """Yields the run directory (None without out), created, locked and cleared of what a killed
-    save left. The lock, out/.lock, refuses a second run on the same out (two would overwrite
-    each other's checkpoints): a POSIX lock, which the kernel drops when the process ends,
-    however it ends, and which loader workers do not inherit."""
+    save left. out/.lock refuses a second run on it (two would overwrite each other's files): a
+    POSIX lock, which the kernel drops however the process ends, and loader workers lack."""
     out = Path(config.out) if config.out else None
     with contextlib.ExitStack() as stack:
         if out is not None and runtime.is_main:
@@ -2614,8 +2608,6 @@ def _lock(file, config: Config) -> None:
 def _write_config(job: _Job) -> None:
     """Record the run's settings in config.json before it trains: also the first write, which
     finds early that out cannot be written."""
-    if not job.runtime.is_main:
-        return
     record = dict(dataclasses.asdict(job.config), world_size=job.runtime.world_size)
     record.update(classes=job.classes, trainloop=__version__)
     path = job.out / "config.json"
@@ -2629,7 +2621,7 @@ def _write_config(job: _Job) -> None:
         ) from None
 
 
-# Settings that change a run's trajectory; resuming with another value is warned about.
+# Settings that leave a run's trajectory as it is: resuming with another value is not warned about.
 _NOT_TRAJECTORY = set(
     "out resume quiet log_every save_every time_limit eval_only patience workers download "
     "data_root monitor monitor_mode gpus".split()
@@ -2645,12 +2637,6 @@ def _resume_file(config: Config) -> Path:
     return Path(config.resume)
 
 
-def _newest_first(paths) -> list:
-    """The paths that exist, newest first: both kinds are there only after --shard changed."""
-    found = [p for p in paths if p.exists()]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 def _candidates(config: Config, out: Optional[Path]) -> list:
     """The checkpoints to resume from, in the order to try: the one named, else OUT's newest
     (a file or a directory of shards), then their previous versions."""
@@ -2658,8 +2644,9 @@ def _candidates(config: Config, out: Optional[Path]) -> list:
         return [_resume_file(config)]
     if config.resume == "none" or out is None:
         return []
-    last = [out / "last.pt", out / "last"]
-    return _newest_first(last) + _newest_first(map(_previous, last))
+    last = [out / "last.pt", out / "last"]  # both are there only after shard changed
+    found = [p for p in (*last, *map(_previous, last)) if p.exists()]
+    return sorted(found, key=lambda p: (p not in last, -p.stat().st_mtime))
 
 
 def _check_classes(path: Path, saved: Optional[list], classes: Optional[list]) -> None:
@@ -2702,10 +2689,9 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
 
 
 def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
-    """After a restore, the settings changed since the checkpoint win for trainloop's own
-    optimizer (lr, weight decay, momentum) and schedule; fused kernels are this machine's
-    choice. When an epoch has another number of steps (processes, batch size, accumulation or
-    data changed), the schedule goes on from the same share of training."""
+    """After a restore, settings changed since the checkpoint win for trainloop's own optimizer
+    (lr, weight decay, momentum; fused kernels: this machine's) and schedule, which goes on from
+    the same share of training when an epoch's number of steps changed."""
     config, groups, saved = job.config, state.optimizer.param_groups, ckpt.get("config", {})
     changed = {k for k in ("lr", "weight_decay", "momentum") if saved.get(k) != getattr(config, k)}
     if all("decay" in g for g in groups):  # built from the config, not the user's own
@@ -2733,10 +2719,9 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
 
 
 def _restore_generators(loader, generators: list, states: list) -> None:
-    """Set the user's loader's generators to the states a checkpoint saved at an epoch's end
-    (mid-epoch, that epoch's order was drawn from them already: see set_epoch). A loader with
-    persistent workers draws their seed only on its first iteration, from them or torch's RNG:
-    it makes that first, so that the next draws come from the restored states."""
+    """Set the user's loader's generators to the states saved at an epoch's end (mid-epoch, its
+    order was drawn from them already: see set_epoch). Persistent workers draw their seed (from
+    them or torch's RNG) on the first iteration alone: it is made here, before they are set."""
     ours = isinstance(getattr(loader, "batch_sampler", None), _EpochBatches)
     if getattr(loader, "persistent_workers", False) and loader.num_workers and not ours:
         with torch.random.fork_rng(devices=[]):
@@ -2808,14 +2793,8 @@ def _as_loader(data, config: Config, runtime: Runtime, train: bool, console: _Co
                 "batches unless it splits them by rank itself; pass a map-style Dataset to shard it"
             )
         return DataLoader(data, batch_size=config.batch_size) if streams else data
-    return make_loader(
-        data,
-        batch_size=config.batch_size,
-        train=train,
-        seed=config.seed,
-        workers=config.workers,
-        runtime=runtime,
-    )
+    settings = dict(batch_size=config.batch_size, seed=config.seed, workers=config.workers)
+    return make_loader(data, train=train, runtime=runtime, **settings)
 
 
 def _classes(data) -> Optional[list]:
@@ -2837,14 +2816,12 @@ def _length(data) -> Optional[int]:
 def _generators(loader) -> list:
     """The torch.Generators a loader of the user's draws its order (and worker seeds) from,
     as DataLoader(..., shuffle=True, generator=g) does: checkpoints keep their states."""
-    if isinstance(getattr(loader, "batch_sampler", None), _EpochBatches):
-        return []  # make_loader's order depends on (seed, epoch) alone
     batches = getattr(loader, "batch_sampler", None)
+    if isinstance(batches, _EpochBatches):
+        return []  # make_loader's order depends on (seed, epoch) alone
     holders = (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
-    found = {
-        id(g): g for h in holders if isinstance(g := getattr(h, "generator", None), torch.Generator)
-    }
-    return list(found.values())
+    found = [getattr(holder, "generator", None) for holder in holders]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
 
 
 def _check_data(train_data, train, val_data, val, runtime: Runtime, shard: bool) -> int:
@@ -2916,9 +2893,7 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
 def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics, blocks, config):
     """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
     if config.patience and val_data is None and config.monitor != "train_loss":
-        raise UsageError(
-            "patience needs validation data to watch; pass val_data, or monitor='train_loss'"
-        )
+        raise UsageError("patience needs validation data; pass val_data, or monitor='train_loss'")
     reported = ("loss", "acc", "top5", *_check_metrics(metrics))
     names = ["train_loss", *(f"val_{m}" for m in reported if val_data is not None)]
     _maximized(_monitor_name(config, names), config.monitor_mode)
@@ -2946,9 +2921,7 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
         raise UsageError("shard_blocks is for shard=True; pass both, or neither")
     classes = isinstance(blocks, (list, tuple)) and blocks
     if blocks is not None and not all(isinstance(b, type) for b in classes or [None]):
-        raise UsageError(
-            f"shard_blocks={blocks!r} must be a list of module classes, e.g. [MyBlock]"
-        )
+        raise UsageError(f"shard_blocks={blocks!r} must be a list of module classes, e.g. [Block]")
     objects = optimizer is not None or scheduler is not None and not callable(scheduler)
     if config.shard and objects:  # the model's parameters change when it is sharded
         raise UsageError(
@@ -3000,14 +2973,15 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
             f"processes resumed from different steps ({int(-low)} and {int(high)}): out must be "
             "on a filesystem that every machine shares"
         )
-    training = state.epoch < config.epochs  # a finished run's rerun writes nothing
-    if job.out is not None and training:
+    # The first process writes out's files; a finished run's rerun writes nothing.
+    writes = job.out is not None and rt.is_main and state.epoch < config.epochs
+    if writes:
         _write_config(job)
     if not state.model.training:  # a model in eval mode trains whole; parts you froze with
         state.model.train()  # .eval() in a model in train mode stay frozen
     state.net = _wrap(state.model, config, rt, job.ddp)
     stop, stop_early, reserve = _Stop(parse_duration(config.time_limit)), False, 1.0
-    tensorboard = _tensorboard(job) if training else None
+    tensorboard = _tensorboard(job) if writes else None
     try:
         with _catch_signals(stop):
             while state.epoch < config.epochs and not stop_early:
@@ -3069,12 +3043,12 @@ def fit(
     _check_arguments(
         model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
     )
-    if config.label_smoothing and loss_fn is not F.cross_entropy:
-        raise UsageError(
-            "label_smoothing is for the default cross-entropy; give your loss_fn its own, e.g. "
-            "nn.CrossEntropyLoss(label_smoothing=0.1)"
-        )
     if config.label_smoothing:
+        if loss_fn is not F.cross_entropy:
+            raise UsageError(
+                "label_smoothing is for the default cross-entropy; give your loss_fn its own, "
+                "e.g. nn.CrossEntropyLoss(label_smoothing=0.1)"
+            )
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     rt = _given(runtime) or setup_device(
         config.gpus, precision=config.precision, deterministic=config.deterministic
