@@ -3237,9 +3237,6 @@ _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
 
 
-_JPEG = ("JPEG", "MPO")  # PIL's names: MPO, a phone's JPEG with a second picture after it
-
-
 def _pil_pixels(image) -> torch.Tensor:
     """uint8 (3, H, W) of an open PIL image, upright, its range kept: PIL's convert clips
     16- and 32-bit integers (I;16, I: taken as 0-65535) and floats (F: 0-1) at 255."""
@@ -3254,37 +3251,29 @@ def _pil_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _decode(path, image) -> torch.Tensor:
-    """uint8 (3, H, W), upright: torchvision.io for a JPEG, else PIL's `image` (torchvision's
-    PNG decoder crashes the process on a damaged file, its WebP reader ignores EXIF)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    if image.format not in _JPEG:
-        return _pil_pixels(image)
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # a JPEG it does not read
-        return _pil_pixels(image)
-
-
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
     """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized. A
     JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft
-    mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io."""
+    mode: a 4000x3000 photo in 16-40 ms instead of 55-80), else by torchvision.io. Other
+    formats are PIL's: torchvision's PNG decoder crashes on a damaged file, its WebP reader
+    ignores EXIF."""
     from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resized_crop
 
     pixels = box = None
     with Image.open(path) as image:
-        if image.format in _JPEG:  # its size is known before decoding, so it can decode less
+        if image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a second picture after it
             turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
             width, height = image.size[::-1] if turned else image.size
-            box = box_fn(width, height)
+            box = box_fn(width, height)  # known before decoding, so it can decode less
             shrink = min(box[2:]) / size  # the crop may shrink this much and keep `size` pixels
             if shrink >= 2:
                 image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
-                pixels = _pil_pixels(image)
-        pixels = _decode(path, image) if pixels is None else pixels
+            else:
+                with contextlib.suppress(RuntimeError):  # a JPEG it does not read: PIL's
+                    pixels = decode_image(str(path), ImageReadMode.RGB, apply_exif_orientation=True)
+        pixels = _pil_pixels(image) if pixels is None else pixels
     if box is None:
         width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
     top, left, h, w = (round(v * pixels.shape[2] / width) for v in box)  # in decoded pixels
@@ -3341,12 +3330,9 @@ _TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
 _SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
 
 
-def _has_folders(folder: Path) -> bool:
-    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(".")
+def _subfolders(folder: Path) -> list:
+    """The folders in `folder`, less the hidden ones (.ipynb_checkpoints)."""
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def _image_files(folder: str) -> list:
@@ -3364,38 +3350,33 @@ def _image_files(folder: str) -> list:
                 walked.add(real)
                 kept.append(name)
         dirs[:] = kept
-        images = [f for f in files if _is_image_name(f)]
+        images = [f for f in files if f.lower().endswith(_IMAGE_SUFFIXES) and not f.startswith(".")]
         found.append((root, sorted(images)))
     return [os.path.join(root, name) for root, images in sorted(found) for name in images]
 
 
-def _holds_run(folder: Path) -> bool:
-    """Whether `folder` is a run directory (it holds a config.json) or holds one."""
-    return (folder / "config.json").is_file() or any(folder.glob("*/config.json"))
-
-
 def _class_folders(folder: Path, data: str, besides=()) -> tuple:
-    """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
-    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder), nor are the
-    folders `besides` (a val/ inside it) or one that holds them (the run's own out), nor a run
-    directory of an earlier run."""
+    """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder is no class
+    (torchvision's find_classes takes every folder), nor are the folders `besides` (a val/
+    inside it) or one that holds them (the run's own out), nor an earlier run's directory
+    (without images, holding a config.json or */config.json: runs/)."""
     besides = [p.resolve() for p in besides]
-    kept = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    kept = [p for p in _subfolders(folder) if p.name != "@eaDir"]
     kept = [p for p in kept if not any(p.resolve() in (b, *b.parents) for b in besides)]
-    files = {p.name: _image_files(str(p)) for p in kept if p.name != "@eaDir"}
-    runs = {n for n, found in files.items() if not found and _holds_run(folder / n)}
-    classes = sorted(files.keys() - runs)  # (an earlier run's out, such as runs/, is no class)
+    files = {p.name: _image_files(str(p)) for p in kept}
+    runs = [p for p in kept if not files[p.name]]
+    runs = {p.name for p in runs if (p / "config.json").is_file() or any(p.glob("*/config.json"))}
+    classes = sorted(files.keys() - runs)
     samples = [(f, label) for label, name in enumerate(classes) for f in files[name]]
-    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    empty = [name for name in classes if not files[name]]
     if empty:
         raise UsageError(
             f"{data}: the class folder(s) {', '.join(empty)} of {folder} hold no image file "
             f"({', '.join(_IMAGE_SUFFIXES)}); add images, or remove the folder(s)"
         )
-    for label, name in enumerate(classes):  # Test/<class>/*.jpg taken for a class "Test"
+    for name in classes:  # Test/<class>/*.jpg taken for a class "Test"
         inside = os.path.join(folder, name)
-        split = name.lower() in _SPLITS
-        if split and not any(os.path.dirname(p) == inside for p, i in samples if i == label):
+        if name.lower() in _SPLITS and all(os.path.dirname(f) != inside for f in files[name]):
             raise UsageError(
                 f"{data}: the class folder {name}/ of {folder} holds only folders: a split, not "
                 "a class? Use DIR/train/<class>/ and DIR/val/<class>/, or move it out of DIR"
@@ -3490,7 +3471,7 @@ def _image_folder(config: Config):
     # A split's folder is train/, val/ or valid/; or another split name, in any case, when it
     # holds folders (Train/ of {Bus, Car, Train}/, holding images, is a class).
     splits = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in _SPLITS]
-    splits = [p for p in splits if p.name in ("train", "val", "valid") or _has_folders(p)]
+    splits = [p for p in splits if p.name in ("train", "val", "valid") or _subfolders(p)]
     train_dir = next((p for p in splits if p.name.lower() in _TRAIN_NAMES), root)
     names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class here
     val_dir = next((p for p in splits if p.name.lower() in names), None)
@@ -3568,11 +3549,8 @@ def load_data(config: Config, rgb: bool = False):
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
     info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
     info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
-    train, val = (
-        _ImageTensors(x_train, y_train, pad, classes),
-        _ImageTensors(x_val, y_val, 0, classes),
-    )
-    return train, val, info
+    train = _ImageTensors(x_train, y_train, pad, classes)
+    return train, _ImageTensors(x_val, y_val, 0, classes), info
 
 
 class _Normalize(nn.Module):
@@ -3730,18 +3708,15 @@ def _resumed_settings(config: Config) -> tuple:
     """(config, {"path", "trainloop"} of the checkpoint to be resumed, or None). Its model
     normalizes as it was trained to, so the run's mean and std, which config.json and
     checkpoints record, are its own."""
-    found = None
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
             header = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            found = (path, header["config"], header.get("trainloop"))
-        if found is not None:
+            saved, version = header["config"], header.get("trainloop")
             break
-    if found is None:
+    else:
         return config, None
-    path, saved, version = found
     resumed = _unset_from(config, saved, ("mean", "std"))
     for name in ("mean", "std"):
         ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved.get(name)))
@@ -3913,19 +3888,18 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     codes = {**_FAULTS, CheckpointError: EXIT_CHECKPOINT, NonFiniteLossError: EXIT_NONFINITE}
     try:
         return job()
-    except (*codes, UsageError) as e:
-        code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
-        everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
-        message = _line(e, -1)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
-    message = re.sub(r"^[\w.]*Error: ", "", message)  # a worker's traceback ends "XError: ..."
-    rank = int(os.environ.get("RANK", "0"))
-    named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if rank == 0 or everywhere:  # the others would only repeat rank 0's line
-        where = f"(rank {rank}) " if rank or named else ""
-        print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
-    return code
+    except (*codes, UsageError) as e:
+        code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
+        rank = int(os.environ.get("RANK", "0"))
+        # The others would only repeat rank 0's line, but for what one process met.
+        if rank == 0 or isinstance(e, (_DataError, CheckpointError, *_FAULTS)):
+            named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            where = f"(rank {rank}) " if rank or named else ""
+            message = re.sub(r"^[\w.]*Error: ", "", _line(e, -1))  # a worker's: "XError: ..."
+            print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
+        return code
 
 
 def _worker(options: dict) -> None:
@@ -3950,6 +3924,9 @@ def _build_cli():
             raise typer.Exit()
 
     def command(**options):
+        """Train an image classifier. Defaults train a small CNN on a synthetic data set (no
+        download) to >95% accuracy in about a minute on a CPU; rerun the same command to resume
+        it."""
         options.pop("version", None)
         raise typer.Exit(_exit_code_of(lambda: _run_command(Config(**options))))
 
@@ -3967,11 +3944,7 @@ def _build_cli():
     app = typer.Typer(
         add_completion=False, context_settings={"help_option_names": ["-h", "--help"]}
     )
-    app.command(
-        help="Train an image classifier. Defaults train a small CNN on a synthetic "
-        "data set (no download) to >95% accuracy in about a minute on a CPU; rerun "
-        "the same command to resume it."
-    )(command)
+    app.command()(command)
     return app
 
 
