@@ -3200,13 +3200,10 @@ class _ImageTensors(TensorDataset):
 def synthetic_images(
     seed: int, *, train_size=10000, val_size=2000, classes=10, size=32, channels=3
 ):
-    """A learnable image-classification set made from the seed, no download.
-
-    Each class is a smooth random pattern; a sample is its class pattern shifted by up to an
-    eighth of the image, with random contrast and pixel noise three times stronger than the
-    pattern, so a model must pool evidence across the image (the small CNN reaches about 92%
-    validation accuracy after one epoch and about 99% after three).
-    """
+    """A learnable image-classification set made from the seed, no download: a sample is its
+    class's smooth random pattern shifted by up to an eighth of the image, with random contrast
+    and pixel noise three times stronger, so a model must pool evidence across the image (the
+    small CNN reaches about 92% validation accuracy after one epoch, 99% after three)."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(classes, channels, 4, 4, generator=generator)
     patterns = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -3229,6 +3226,13 @@ _TORCHVISION_DATA = {
 }
 _BUILTIN_DATA = ("synthetic", *_TORCHVISION_DATA)  # any other --data is a directory
 
+# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, GIF and JPEG's
+# other endings.
+_IMAGE_SUFFIXES = tuple(".jpg .jpeg .jpe .jfif .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
+
+# Folders that hold a data set's splits, by their lower-case names.
+_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
+_SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
 
 # Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
 # long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
@@ -3303,8 +3307,7 @@ class _ImageFiles(Dataset):
             fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
             raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
         except (OSError, ValueError, RuntimeError) as e:
-            why = _line(e)
-            raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
+            raise _DataError(f"cannot read image {path} ({_line(e)}); fix or remove it") from None
         if self.augment and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image, label
@@ -3318,16 +3321,6 @@ class _ImageFiles(Dataset):
 
         size_only = torch.empty(0, height, width)  # before decoding: get_params reads the size
         return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
-
-
-# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, GIF and JPEG's
-# other endings.
-_IMAGE_SUFFIXES = tuple(".jpg .jpeg .jpe .jfif .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
-
-
-# Folders that hold a data set's splits, by their lower-case names.
-_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
-_SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
 
 
 def _subfolders(folder: Path) -> list:
@@ -3386,11 +3379,10 @@ def _class_folders(folder: Path, data: str, besides=()) -> tuple:
 
 def _split(samples, config: Config, root: Path) -> tuple:
     """(train, val) samples, split per class by --val-fraction: of a class's n images,
-    round(fraction x n) to validation but never all (a class of one image trains); if that
-    holds none out at all, one image of the largest class (even its only one: fit needs a
-    validation image). Which ones is drawn by a hash of the seed and each file's path below
-    `root`, so adding or removing a file moves no other between the two (but at the quota's
-    edge), wherever the folder is."""
+    round(fraction x n) to validation but never all (a class of one image trains); if none at
+    all, one of the largest class (even its only one: fit needs a validation image). Which ones
+    is drawn by a hash of the seed and each file's path below `root`, so adding or removing a
+    file moves no other (but at the quota's edge), wherever the folder is."""
     counts = torch.bincount(torch.tensor([label for _, label in samples]))
     quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
     if quota.sum() == 0:
@@ -3436,10 +3428,9 @@ def _weights_enum(name: str, weights: str):
 
 def _image_settings(config: Config, samples) -> tuple:
     """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
-    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
-    and per-channel statistics of up to 256 `samples` (center crops at 64 px; the same pick for
-    every --seed and split, so that a run resumed with another normalizes as it began), rounded
-    so that config.json states them exactly."""
+    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute) and
+    per-channel statistics, rounded as config.json states them, of up to 256 `samples` (center
+    crops at 64 px; the same for every --seed and split: a resumed run normalizes as it began)."""
     enum = None
     with contextlib.suppress(UsageError):  # a file gone since, or a bad name: said when loaded
         enum = _weights_enum(config.model, config.weights) if config.weights else None
@@ -3538,14 +3529,12 @@ def load_data(config: Config, rgb: bool = False):
         splits, classes = synthetic_images(config.seed, size=config.image_size or 32), None
     else:
         splits, classes = _load_torchvision(config)
+    size = config.image_size
+    if size and splits[0][0].shape[-1] != size:  # (synthetic images are made at that size)
+        splits = [(F.interpolate(x, size, mode="bilinear", antialias=True), y) for x, y in splits]
+    if rgb and splits[0][0].shape[1] == 1:  # torchvision models expect 3 channels
+        splits = [(x.expand(-1, 3, -1, -1).contiguous(), y) for x, y in splits]
     (x_train, y_train), (x_val, y_val) = splits
-    if config.image_size and x_train.shape[-1] != config.image_size:
-        size = (config.image_size, config.image_size)
-        x_train, x_val = (
-            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
-        )
-    if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
-        x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
     info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
     info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
@@ -3643,13 +3632,11 @@ def _pretrained(name: str, weights: str) -> dict:
 def build_model(
     name: str, *, channels: int, classes: int, weights: str = "", mean=None, std=None
 ) -> nn.Module:
-    """smallcnn, or a torchvision classification model, with `classes` outputs.
-
-    weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
-    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint): all but the
-    classifier head is loaded. With mean and std (per channel, of 0-1 pixels) the model takes
-    uint8 images and normalizes them itself: nn.Sequential(normalize, model).
-    """
+    """smallcnn, or a torchvision classification model, with `classes` outputs. weights: a
+    torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the torch hub
+    cache) or a state_dict file (plain, or a trainloop checkpoint): all but the classifier head
+    is loaded. With mean and std (per channel, of 0-1 pixels) the model takes uint8 images and
+    normalizes them itself: nn.Sequential(normalize, model)."""
     model = _bare_model(name, channels, classes)
     if weights:
         with torch.device("meta"):  # no memory, no init: only tells the head's tensors apart
@@ -3706,8 +3693,7 @@ def _eval_checkpoint(config: Config) -> tuple:
 
 def _resumed_settings(config: Config) -> tuple:
     """(config, {"path", "trainloop"} of the checkpoint to be resumed, or None). Its model
-    normalizes as it was trained to, so the run's mean and std, which config.json and
-    checkpoints record, are its own."""
+    normalizes as it was trained to, so the run's mean and std (in config.json) are its own."""
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
@@ -3904,8 +3890,7 @@ def _exit_code_of(job: Callable[[], int]) -> int:
 
 def _worker(options: dict) -> None:
     """Entry point of each process started by _launch_local."""
-    code = _exit_code_of(lambda: _run_command(Config(**options)))
-    if code:
+    if code := _exit_code_of(lambda: _run_command(Config(**options))):
         sys.exit(code)
 
 
