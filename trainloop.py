@@ -3258,9 +3258,8 @@ def _pil_pixels(image) -> torch.Tensor:
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
     """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized. A
     JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft
-    mode: a 4000x3000 photo in 16-40 ms instead of 55-80), else by torchvision.io. Other
-    formats are PIL's: torchvision's PNG decoder crashes on a damaged file, its WebP reader
-    ignores EXIF."""
+    mode: a 4000x3000 photo in 16-40 ms instead of 55-80), else by torchvision.io; the rest by
+    PIL (torchvision's PNG decoder crashes on a damaged file, its WebP reader ignores EXIF)."""
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resized_crop
