@@ -3102,13 +3102,10 @@ class _ImageTensors(TensorDataset):
 def synthetic_images(
     seed: int, *, train_size=10000, val_size=2000, classes=10, size=32, channels=3
 ):
-    """A learnable image-classification set made from the seed, no download.
-
-    Each class is a smooth random pattern; a sample is its class pattern shifted by up to an
-    eighth of the image, with random contrast and pixel noise three times stronger than the
-    pattern, so a model must pool evidence across the image (the small CNN reaches about 92%
-    validation accuracy after one epoch and about 99% after three).
-    """
+    """A learnable image-classification set made from the seed, no download: a sample is its
+    class's smooth random pattern shifted by up to an eighth of the image, with random contrast
+    and pixel noise three times stronger, so a model must pool evidence across the image (the
+    small CNN reaches about 92% validation accuracy after one epoch, 99% after three)."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(classes, channels, 4, 4, generator=generator)
     patterns = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -3131,15 +3128,19 @@ _TORCHVISION_DATA = {
 }
 _BUILTIN_DATA = ("synthetic", *_TORCHVISION_DATA)  # any other --data is a directory
 
+# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, GIF and JPEG's
+# other endings.
+_IMAGE_SUFFIXES = tuple(".jpg .jpeg .jpe .jfif .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
+
+# Folders that hold a data set's splits, by their lower-case names.
+_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
+_SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
 
 # Image folders. Training crops cover this share of the area (torchvision's 0.08 is tuned for
 # long ImageNet runs; in 4 epochs on a small real folder 0.25 did as well or better, README);
 # validation crops the center _VAL_CROP of the shorter side (224 of 256).
 _CROP_AREA = (0.25, 1.0)
 _VAL_CROP = 0.875
-
-
-_JPEG = ("JPEG", "MPO")  # PIL's names: MPO, a phone's JPEG with a second picture after it
 
 
 def _pil_pixels(image) -> torch.Tensor:
@@ -3156,37 +3157,28 @@ def _pil_pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _decode(path, image) -> torch.Tensor:
-    """uint8 (3, H, W), upright: torchvision.io for a JPEG, else PIL's `image` (torchvision's
-    PNG decoder crashes the process on a damaged file, its WebP reader ignores EXIF)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    if image.format not in _JPEG:
-        return _pil_pixels(image)
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError:  # a JPEG it does not read
-        return _pil_pixels(image)
-
-
 def _read_image(path, size: int, box_fn) -> torch.Tensor:
     """uint8 (3, size, size): the crop box_fn(width, height) of the upright image, resized. A
     JPEG at least twice the crop's needed size is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft
-    mode: a 4000x3000 photo in 16-40 ms instead of 55-80); the rest by torchvision.io."""
+    mode: a 4000x3000 photo in 16-40 ms instead of 55-80), else by torchvision.io; the rest by
+    PIL (torchvision's PNG decoder crashes on a damaged file, its WebP reader ignores EXIF)."""
     from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resized_crop
 
     pixels = box = None
     with Image.open(path) as image:
-        if image.format in _JPEG:  # its size is known before decoding, so it can decode less
+        if image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a second picture after it
             turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated 90 degrees
             width, height = image.size[::-1] if turned else image.size
-            box = box_fn(width, height)
+            box = box_fn(width, height)  # known before decoding, so it can decode less
             shrink = min(box[2:]) / size  # the crop may shrink this much and keep `size` pixels
             if shrink >= 2:
                 image.draft(image.mode, (int(image.width / shrink), int(image.height / shrink)))
-                pixels = _pil_pixels(image)
-        pixels = _decode(path, image) if pixels is None else pixels
+            else:
+                with contextlib.suppress(RuntimeError):  # a JPEG it does not read: PIL's
+                    pixels = decode_image(str(path), ImageReadMode.RGB, apply_exif_orientation=True)
+        pixels = _pil_pixels(image) if pixels is None else pixels
     if box is None:
         width, box = pixels.shape[2], box_fn(pixels.shape[2], pixels.shape[1])
     top, left, h, w = (round(v * pixels.shape[2] / width) for v in box)  # in decoded pixels
@@ -3216,8 +3208,7 @@ class _ImageFiles(Dataset):
             fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
             raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
         except (OSError, ValueError, RuntimeError) as e:
-            why = _line(e)
-            raise _DataError(f"cannot read image {path} ({why}); fix or remove it") from None
+            raise _DataError(f"cannot read image {path} ({_line(e)}); fix or remove it") from None
         if self.augment and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image, label
@@ -3233,22 +3224,9 @@ class _ImageFiles(Dataset):
         return RandomResizedCrop.get_params(size_only, _CROP_AREA, (3 / 4, 4 / 3))
 
 
-# Image files by their name's ending, in any case: torchvision's IMG_EXTENSIONS, GIF and JPEG's
-# other endings.
-_IMAGE_SUFFIXES = tuple(".jpg .jpeg .jpe .jfif .png .ppm .bmp .pgm .tif .tiff .webp .gif".split())
-
-
-# Folders that hold a data set's splits, by their lower-case names.
-_TRAIN_NAMES, _VAL_NAMES = ("train", "training"), ("val", "valid", "validation")
-_SPLITS = (*_TRAIN_NAMES, *_VAL_NAMES, "test")
-
-
-def _has_folders(folder: Path) -> bool:
-    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(".")
+def _subfolders(folder: Path) -> list:
+    """The folders in `folder`, less the hidden ones (.ipynb_checkpoints)."""
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def _image_files(folder: str) -> list:
@@ -3266,38 +3244,33 @@ def _image_files(folder: str) -> list:
                 walked.add(real)
                 kept.append(name)
         dirs[:] = kept
-        images = [f for f in files if _is_image_name(f)]
+        images = [f for f in files if f.lower().endswith(_IMAGE_SUFFIXES) and not f.startswith(".")]
         found.append((root, sorted(images)))
     return [os.path.join(root, name) for root, images in sorted(found) for name in images]
 
 
-def _holds_run(folder: Path) -> bool:
-    """Whether `folder` is a run directory (it holds a config.json) or holds one."""
-    return (folder / "config.json").is_file() or any(folder.glob("*/config.json"))
-
-
 def _class_folders(folder: Path, data: str, besides=()) -> tuple:
-    """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder, such as
-    .ipynb_checkpoints, is no class (torchvision's find_classes takes every folder), nor are the
-    folders `besides` (a val/ inside it) or one that holds them (the run's own out), nor a run
-    directory of an earlier run."""
+    """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder is no class
+    (torchvision's find_classes takes every folder), nor are the folders `besides` (a val/
+    inside it) or one that holds them (the run's own out), nor an earlier run's directory
+    (without images, holding a config.json or */config.json: runs/)."""
     besides = [p.resolve() for p in besides]
-    kept = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    kept = [p for p in _subfolders(folder) if p.name != "@eaDir"]
     kept = [p for p in kept if not any(p.resolve() in (b, *b.parents) for b in besides)]
-    files = {p.name: _image_files(str(p)) for p in kept if p.name != "@eaDir"}
-    runs = {n for n, found in files.items() if not found and _holds_run(folder / n)}
-    classes = sorted(files.keys() - runs)  # (an earlier run's out, such as runs/, is no class)
+    files = {p.name: _image_files(str(p)) for p in kept}
+    runs = [p for p in kept if not files[p.name]]
+    runs = {p.name for p in runs if (p / "config.json").is_file() or any(p.glob("*/config.json"))}
+    classes = sorted(files.keys() - runs)
     samples = [(f, label) for label, name in enumerate(classes) for f in files[name]]
-    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    empty = [name for name in classes if not files[name]]
     if empty:
         raise UsageError(
             f"{data}: the class folder(s) {', '.join(empty)} of {folder} hold no image file "
             f"({', '.join(_IMAGE_SUFFIXES)}); add images, or remove the folder(s)"
         )
-    for label, name in enumerate(classes):  # Test/<class>/*.jpg taken for a class "Test"
+    for name in classes:  # Test/<class>/*.jpg taken for a class "Test"
         inside = os.path.join(folder, name)
-        split = name.lower() in _SPLITS
-        if split and not any(os.path.dirname(p) == inside for p, i in samples if i == label):
+        if name.lower() in _SPLITS and all(os.path.dirname(f) != inside for f in files[name]):
             raise UsageError(
                 f"{data}: the class folder {name}/ of {folder} holds only folders: a split, not "
                 "a class? Use DIR/train/<class>/ and DIR/val/<class>/, or move it out of DIR"
@@ -3307,11 +3280,10 @@ def _class_folders(folder: Path, data: str, besides=()) -> tuple:
 
 def _split(samples, config: Config, root: Path) -> tuple:
     """(train, val) samples, split per class by --val-fraction: of a class's n images,
-    round(fraction x n) to validation but never all (a class of one image trains); if that
-    holds none out at all, one image of the largest class (even its only one: fit needs a
-    validation image). Which ones is drawn by a hash of the seed and each file's path below
-    `root`, so adding or removing a file moves no other between the two (but at the quota's
-    edge), wherever the folder is."""
+    round(fraction x n) to validation but never all (a class of one image trains); if none at
+    all, one of the largest class (even its only one: fit needs a validation image). Which ones
+    is drawn by a hash of the seed and each file's path below `root`, so adding or removing a
+    file moves no other (but at the quota's edge), wherever the folder is."""
     counts = torch.bincount(torch.tensor([label for _, label in samples]))
     quota = torch.minimum((counts * config.val_fraction).round().long(), counts - 1)
     if quota.sum() == 0:
@@ -3357,10 +3329,9 @@ def _weights_enum(name: str, weights: str):
 
 def _image_settings(config: Config, samples) -> tuple:
     """(image size, validation crop ratio, mean, std): the flags, else the weights' transforms,
-    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute)
-    and per-channel statistics of up to 256 `samples` (center crops at 64 px; the same pick for
-    every --seed and split, so that a run resumed with another normalizes as it began), rounded
-    so that config.json states them exactly."""
+    else 224 px (as torchvision models were designed) or 64 for smallcnn (~12x less compute) and
+    per-channel statistics, rounded as config.json states them, of up to 256 `samples` (center
+    crops at 64 px; the same for every --seed and split: a resumed run normalizes as it began)."""
     enum = None
     with contextlib.suppress(UsageError):  # a file gone since, or a bad name: said when loaded
         enum = _weights_enum(config.model, config.weights) if config.weights else None
@@ -3392,7 +3363,7 @@ def _image_folder(config: Config):
     # A split's folder is train/, val/ or valid/; or another split name, in any case, when it
     # holds folders (Train/ of {Bus, Car, Train}/, holding images, is a class).
     splits = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in _SPLITS]
-    splits = [p for p in splits if p.name in ("train", "val", "valid") or _has_folders(p)]
+    splits = [p for p in splits if p.name in ("train", "val", "valid") or _subfolders(p)]
     train_dir = next((p for p in splits if p.name.lower() in _TRAIN_NAMES), root)
     names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class here
     val_dir = next((p for p in splits if p.name.lower() in names), None)
@@ -3459,22 +3430,17 @@ def load_data(config: Config, rgb: bool = False):
         splits, classes = synthetic_images(config.seed, size=config.image_size or 32), None
     else:
         splits, classes = _load_torchvision(config)
+    size = config.image_size
+    if size and splits[0][0].shape[-1] != size:  # (synthetic images are made at that size)
+        splits = [(F.interpolate(x, size, mode="bilinear", antialias=True), y) for x, y in splits]
+    if rgb and splits[0][0].shape[1] == 1:  # torchvision models expect 3 channels
+        splits = [(x.expand(-1, 3, -1, -1).contiguous(), y) for x, y in splits]
     (x_train, y_train), (x_val, y_val) = splits
-    if config.image_size and x_train.shape[-1] != config.image_size:
-        size = (config.image_size, config.image_size)
-        x_train, x_val = (
-            F.interpolate(x, size=size, mode="bilinear", antialias=True) for x in (x_train, x_val)
-        )
-    if rgb and x_train.shape[1] == 1:  # torchvision models expect 3 channels
-        x_train, x_val = (x.expand(-1, 3, -1, -1).contiguous() for x in (x_train, x_val))
     pad = max(1, x_train.shape[-1] // 8) if config.augment else 0
     info = {"channels": x_train.shape[1], "classes": int(y_train.max()) + 1}
     info.update(image_size=x_train.shape[-1], mean=None, std=None)  # normalized already
-    train, val = (
-        _ImageTensors(x_train, y_train, pad, classes),
-        _ImageTensors(x_val, y_val, 0, classes),
-    )
-    return train, val, info
+    train = _ImageTensors(x_train, y_train, pad, classes)
+    return train, _ImageTensors(x_val, y_val, 0, classes), info
 
 
 class _Normalize(nn.Module):
@@ -3567,13 +3533,11 @@ def _pretrained(name: str, weights: str) -> dict:
 def build_model(
     name: str, *, channels: int, classes: int, weights: str = "", mean=None, std=None
 ) -> nn.Module:
-    """smallcnn, or a torchvision classification model, with `classes` outputs.
-
-    weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the
-    torch hub cache) or a state_dict file (plain, or a trainloop checkpoint): all but the
-    classifier head is loaded. With mean and std (per channel, of 0-1 pixels) the model takes
-    uint8 images and normalizes them itself: nn.Sequential(normalize, model).
-    """
+    """smallcnn, or a torchvision classification model, with `classes` outputs. weights: a
+    torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; downloaded once into the torch hub
+    cache) or a state_dict file (plain, or a trainloop checkpoint): all but the classifier head
+    is loaded. With mean and std (per channel, of 0-1 pixels) the model takes uint8 images and
+    normalizes them itself: nn.Sequential(normalize, model)."""
     model = _bare_model(name, channels, classes)
     if weights:
         with torch.device("meta"):  # no memory, no init: only tells the head's tensors apart
@@ -3630,20 +3594,16 @@ def _eval_checkpoint(config: Config) -> tuple:
 
 def _resumed_settings(config: Config) -> tuple:
     """(config, {"path", "trainloop"} of the checkpoint to be resumed, or None). Its model
-    normalizes as it was trained to, so the run's mean and std, which config.json and
-    checkpoints record, are its own."""
-    found = None
+    normalizes as it was trained to, so the run's mean and std (in config.json) are its own."""
     for path in _candidates(config, Path(config.out)):
         file = path / "trainloop.pt" if path.is_dir() else path
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
             header = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            found = (path, header["config"], header.get("trainloop"))
-        if found is not None:
+            saved, version = header["config"], header.get("trainloop")
             break
-    if found is None:
+    else:
         return config, None
-    path, saved, version = found
     resumed = _unset_from(config, saved, ("mean", "std"))
     for name in ("mean", "std"):
         ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved.get(name)))
@@ -3815,25 +3775,23 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     codes = {**_FAULTS, CheckpointError: EXIT_CHECKPOINT, NonFiniteLossError: EXIT_NONFINITE}
     try:
         return job()
-    except (*codes, UsageError) as e:
-        code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
-        everywhere = isinstance(e, (_DataError, CheckpointError, *_FAULTS))  # met by one process
-        message = _line(e, -1)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         return 130
-    message = re.sub(r"^[\w.]*Error: ", "", message)  # a worker's traceback ends "XError: ..."
-    rank = int(os.environ.get("RANK", "0"))
-    named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if rank == 0 or everywhere:  # the others would only repeat rank 0's line
-        where = f"(rank {rank}) " if rank or named else ""
-        print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
-    return code
+    except (*codes, UsageError) as e:
+        code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
+        rank = int(os.environ.get("RANK", "0"))
+        # The others would only repeat rank 0's line, but for what one process met.
+        if rank == 0 or isinstance(e, (_DataError, CheckpointError, *_FAULTS)):
+            named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            where = f"(rank {rank}) " if rank or named else ""
+            message = re.sub(r"^[\w.]*Error: ", "", _line(e, -1))  # a worker's: "XError: ..."
+            print(f"trainloop: error: {where}{_as_flags(message)}", file=sys.stderr)
+        return code
 
 
 def _worker(options: dict) -> None:
     """Entry point of each process started by _launch_local."""
-    code = _exit_code_of(lambda: _run_command(Config(**options)))
-    if code:
+    if code := _exit_code_of(lambda: _run_command(Config(**options))):
         sys.exit(code)
 
 
@@ -3852,6 +3810,9 @@ def _build_cli():
             raise typer.Exit()
 
     def command(**options):
+        """Train an image classifier. Defaults train a small CNN on a synthetic data set (no
+        download) to >95% accuracy in about a minute on a CPU; rerun the same command to resume
+        it."""
         options.pop("version", None)
         raise typer.Exit(_exit_code_of(lambda: _run_command(Config(**options))))
 
@@ -3869,11 +3830,7 @@ def _build_cli():
     app = typer.Typer(
         add_completion=False, context_settings={"help_option_names": ["-h", "--help"]}
     )
-    app.command(
-        help="Train an image classifier. Defaults train a small CNN on a synthetic "
-        "data set (no download) to >95% accuracy in about a minute on a CPU; rerun "
-        "the same command to resume it."
-    )(command)
+    app.command()(command)
     return app
 
 
