@@ -1118,8 +1118,9 @@ def test_fit_bad_settings_fail_before_training(setting, message):
 
 
 def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
-    with pytest.raises(tl.UsageError, match="pass loss_fn=None"):
-        tl.fit(OwnLoss(), DictBatches(16), workers=0, **quiet())
+    for loss_fn in (F.cross_entropy, nn.CrossEntropyLoss(), nn.NLLLoss()):
+        with pytest.raises(tl.UsageError, match="cross-entropy has no target; pass loss_fn=None"):
+            tl.fit(OwnLoss(), DictBatches(16), loss_fn=loss_fn, workers=0, **quiet())
 
     class Features(nn.Linear):  # takes only some of the batch's keys: model(**batch) fails
         def forward(self, features):

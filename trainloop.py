@@ -978,10 +978,10 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
-    if target is None and getattr(loss_fn, "func", loss_fn) is F.cross_entropy:
+    if target is None and _is_cross_entropy(loss_fn):
         raise UsageError(
-            "a dict batch goes whole to model(**batch), so the default cross-entropy has no "
-            "target; pass loss_fn=None (the model returns its loss) or a loss_fn(output, batch)"
+            "a dict batch goes whole to model(**batch), so cross-entropy has no target; pass "
+            "loss_fn=None (the model returns its loss) or a loss_fn(output, batch) of your own"
         )
     try:
         if isinstance(inputs, dict):
