@@ -1212,6 +1212,7 @@ def test_cli_version(tmp_path, monkeypatch):
         (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
         (["--time-limit", "later"], "--time-limit later is not a duration"),
         (["--data", "mnist"], "--data mnist: not found under data/"),
+        (["--std", "0.3"], "--data synthetic comes normalized; mean and std are for an image"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, message, tmp_path, monkeypatch):

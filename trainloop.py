@@ -3742,6 +3742,10 @@ def _run_command(config: Config) -> int:
         data = Path(config.data).name or "data"
         config = dataclasses.replace(config, out=f"runs/{data}-{config.model}")
     _check_model_name(config.model)
+    if config.data in _BUILTIN_DATA and (config.mean or config.std):
+        raise UsageError(  # they would be recorded as if they had been used
+            f"data={config.data!r} comes normalized; mean and std are for an image folder (DIR)"
+        )
     if config.resume not in ("auto", "none"):
         _resume_file(config)
     ids = parse_gpus(config.gpus)
