@@ -2628,20 +2628,16 @@ _NOT_TRAJECTORY = set(
 )
 
 
-def _resume_file(config: Config) -> Path:
-    if not Path(config.resume).exists():
-        raise UsageError(
-            f"resume={config.resume!r}: no such file or directory; use resume='auto', "
-            "resume='none' or an existing checkpoint"
-        )
-    return Path(config.resume)
-
-
 def _candidates(config: Config, out: Optional[Path]) -> list:
     """The checkpoints to resume from, in the order to try: the one named, else OUT's newest
     (a file or a directory of shards), then their previous versions."""
     if config.resume not in ("auto", "none"):
-        return [_resume_file(config)]
+        if not Path(config.resume).exists():
+            raise UsageError(
+                f"resume={config.resume!r}: no such file or directory; use resume='auto', "
+                "resume='none' or an existing checkpoint"
+            )
+        return [Path(config.resume)]
     if config.resume == "none" or out is None:
         return []
     last = [out / "last.pt", out / "last"]  # both are there only after shard changed
@@ -3746,8 +3742,7 @@ def _run_command(config: Config) -> int:
         raise UsageError(  # they would be recorded as if they had been used
             f"data={config.data!r} comes normalized; mean and std are for an image folder (DIR)"
         )
-    if config.resume not in ("auto", "none"):
-        _resume_file(config)
+    _candidates(config, None)  # a named checkpoint that is missing: before any process starts
     ids = parse_gpus(config.gpus)
     if ids and len(ids) > 1 and "LOCAL_RANK" not in os.environ:
         _check_gpus_exist(ids)  # setup_device checks them in the other cases
