@@ -1083,16 +1083,17 @@ def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, 
 def _step_scheduler(state: TrainState) -> None:
     """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
     scheduler = state.scheduler
-    if state._fast_path[0] is not scheduler:  # decided once per scheduler object: the one
-        # function of a plain LambdaLR that serves every group alike, with float LRs, else None
+    # Decided once per scheduler object: the one function of a plain LambdaLR that serves every
+    # group alike, with float LRs (then a step is lr = base x f(step)), else None.
+    if state._fast_path[0] is not scheduler:
         lambdas = getattr(scheduler, "lr_lambdas", [None])
         plain = type(scheduler) is LambdaLR and "step" not in vars(scheduler)
         floats = not any(torch.is_tensor(g["lr"]) for g in state.optimizer.param_groups)
         alike = plain and floats and all(f is lambdas[0] for f in lambdas)
         state._fast_path = (scheduler, lambdas[0] if alike else None)
     lr_lambda = state._fast_path[1]
-    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers (a few
-        scheduler.last_epoch += 1  # % of a small model's step on a CPU): lr = base x f(step)
+    if lr_lambda is not None:  # LambdaLR.step() without its per-call checks and wrappers
+        scheduler.last_epoch += 1  # (a few % of a small model's step on a CPU)
         factor = lr_lambda(scheduler.last_epoch)
         scheduler._last_lr = [base * factor for base in scheduler.base_lrs]
         for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr, strict=True):
@@ -1126,7 +1127,7 @@ def train_step(
     optimizer, scheduler, scaler and EMA in place; advances state.step and state.lr (the LR this
     step applied). `weights`, one per micro-batch (default: its weight or sample count, see
     _sizes), weigh their losses: the gradient is one big batch's even if the last is short.
-    `clip_grad` > 0 clips the total gradient norm; `channels_last`: 4-d inputs so (off a CPU).
+    `clip_grad` > 0 clips the total gradient norm; `channels_last` makes 4-d inputs channels-last.
     """
     runtime = _given(runtime) or Runtime(_device_of(state.model))
     if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
