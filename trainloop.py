@@ -1424,8 +1424,7 @@ def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> s
 
 
 def _fsync(path: Path) -> None:
-    """Make a file's bytes, or the renames in a directory, survive a power cut (any descriptor
-    of a file flushes all that was written to it)."""
+    """Make a file's bytes (through any descriptor) or a directory's renames survive a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1631,7 +1630,6 @@ def _check_archive(path: Path, checksums: bool = True) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             compressed = [e for e in archive.infolist() if e.compress_type != zipfile.ZIP_STORED]
-            # testzip reads every entry and checks its CRC-32
             damaged = archive.testzip() if checksums and not compressed else None
     except Exception as e:  # damaged bytes raise many kinds (a flipped flag: "is encrypted")
         raise CheckpointError(
@@ -1809,14 +1807,13 @@ def _load_whole(state: TrainState, ckpt: dict) -> None:
 
     whole = sd.StateDictOptions(full_state_dict=True)
     names = {p: name for name, p in state.model.named_parameters()}
-    saved, by_name, groups = ckpt["optimizer"], {}, []
-    for saved_group, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
+    saved, optimizer = ckpt["optimizer"], {"state": {}, "param_groups": []}
+    for theirs, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
         params = [names[p] for p in group["params"]]
-        for index, name in zip(saved_group["params"], params, strict=True):
+        for index, name in zip(theirs["params"], params, strict=True):
             if index in saved["state"]:
-                by_name[name] = saved["state"][index]
-        groups.append({**saved_group, "params": params})
-    optimizer = {"state": by_name, "param_groups": groups}
+                optimizer["state"][name] = saved["state"][index]
+        optimizer["param_groups"].append({**theirs, "params": params})
     sd.set_model_state_dict(state.model, ckpt["model"], options=whole)
     sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=whole)
     if state.ema is not None:
