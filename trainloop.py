@@ -1362,26 +1362,30 @@ def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> s
     """One line on a file that could not be written: why, the last good checkpoint, what to do."""
     # An errno says why; torch's zip writer raises its own error with the OSError as context.
     cause = next((e for e in (error, error.__context__) if getattr(e, "errno", None)), None)
-    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 2**30
-    why = "no space left on device" if free < 2**20 else f"write failed ({_line(error)})"
-    why = os.strerror(cause.errno).lower() if cause is not None else why  # e.g. read-only
+    if cause is not None:
+        why = os.strerror(cause.errno).lower()  # e.g. read-only
+    elif path.parent.is_dir() and shutil.disk_usage(path.parent).free < 2**20:
+        why = "no space left on device"
+    else:
+        why = f"write failed ({_line(error)})"
     return (
         f"could not write {path}: {why}; {_kept(checkpoint)}. Free space on {path.parent} (or "
         "make it writable) and run the same command again"
     )
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Make a file's bytes (through any descriptor) or a directory's renames survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)  # makes renames in it survive a power cut
+        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-# What weights_only loading takes back, beside None and lists, tuples, sets and dicts of these:
-# exactly these types (a subclass, such as an IntEnum, is refused), and tensors, dtypes, devices.
-_SCALARS = (bool, int, float, complex, str, bytes)
+# What weights_only loading takes back, beside lists, tuples, sets and dicts of these: exactly
+# these types (a subclass, such as an IntEnum, is refused), and tensors, dtypes, devices.
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
 
 def _plain(value, where: str):
@@ -1396,8 +1400,6 @@ def _plain(value, where: str):
         return kind(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, np.generic):
         return value.item()
-    if value is None:
-        return value
     raise UsageError(
         f"{where} holds a {type(value).__name__}, which loading refuses; keep to tensors, "
         "numbers, strings, lists and dicts, e.g. dataclasses.asdict(config) with os.fspath(path)"
@@ -1415,12 +1417,11 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _fsync(tmp)
         if checkpoint is None and path.exists():
             os.replace(path, _previous(path))
         os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        _fsync(path.parent)
     except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
         raise SaveError(_save_failure(e, path, checkpoint or path)) from e
     finally:
@@ -1429,9 +1430,8 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
 
 
 def _runtime_of(model: nn.Module) -> Runtime:
-    """The model's device and, for a sharded model, this process's rank and world size: the
-    runtime of a checkpoint saved or loaded without one (sharded: every process must call; a
-    plain model's checkpoint can be saved or loaded by one process alone)."""
+    """The runtime of a checkpoint saved or loaded without one: the model's device, and for a
+    sharded model the process group's rank and size (a plain model's may be one process's)."""
     if not (_is_sharded(model) and dist.is_initialized()):
         return Runtime(_device_of(model))
     return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
@@ -1462,29 +1462,25 @@ def _swap_in(new: Path, path: Path) -> None:
             os.replace(prev, old)
         os.replace(path, prev)
     os.replace(new, path)
-    _fsync_directory(path.parent)
+    _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime) -> None:
-    """Write the directory `path`: model, optimizer and EMA as torch.distributed.checkpoint
-    shards (each process writes its own), `header` as trainloop.pt, and checksums.json, the CRC-32
-    of every file, last. It is written as .<name>.tmp and swapped in when complete (_swap_in)."""
+    """Write the directory `path`: model, optimizer and EMA as DCP shards (each process its own),
+    `header` as trainloop.pt, and last checksums.json (CRC-32s), in .<name>.tmp, then swap it in."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
     # Buffers (BatchNorm statistics) are not sharded and differ between processes: each
     # process's are kept, so that a resumed run goes on as an unbroken one.
-    modules = (("model", state.model), ("ema", state.ema))
-    buffers = {
-        part: {name: b.detach().cpu() for name, b in module.named_buffers()}
-        for part, module in modules
-        if module is not None
-    }
-    header = {**header, "buffers": _gather(buffers, runtime)}
-    tensors = dict(zip(("model", "optimizer"), get_state_dict(state.model, state.optimizer)))
+    buffers = {"model": dict(state.model.named_buffers())}
     if state.ema is not None:
         tensors["ema"] = get_model_state_dict(state.ema)
+        buffers["ema"] = dict(state.ema.named_buffers())
+    buffers = _map_tensors(buffers, lambda t: t.detach().cpu())
+    header = {**header, "buffers": _gather(buffers, runtime)}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if runtime.is_main:
@@ -1495,10 +1491,8 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
         crcs = _checksums(tmp, runtime)
         if runtime.is_main:
-            with open(tmp / "checksums.json", "w") as f:
-                json.dump(crcs, f, indent=0)
-                f.flush()
-                os.fsync(f.fileno())
+            (tmp / "checksums.json").write_text(json.dumps(crcs, indent=0))
+            _fsync(tmp / "checksums.json")
             _swap_in(tmp, path)
     except (OSError, RuntimeError, dcp.CheckpointException) as e:
         if runtime.is_main:  # partial shards would keep the disk full
@@ -1508,15 +1502,15 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
         raise SaveError(_save_failure(e, path, path)) from e
 
 
-# The state's own checkpoint entries, beside _COUNTERS and world_size.
-_RESERVED = {"format", "trainloop", "model", "optimizer", "optimizer_type", "scheduler"}
-_RESERVED |= {"scaler", "ema", "rng", "sharded", "buffers"}
+# The state's own checkpoint entries.
+_RESERVED = {"format", "trainloop", "model", "optimizer", "optimizer_type", "scheduler", "scaler"}
+_RESERVED |= {"ema", "rng", "sharded", "buffers", "world_size", *_COUNTERS}
 
 
 def _check_extra(extra: dict) -> dict:
     """Extra checkpoint entries, which must not shadow the state's, as they load back."""
     for key in extra:
-        if key in _RESERVED or key in _COUNTERS or key == "world_size":
+        if key in _RESERVED:
             raise UsageError(f"save_checkpoint(..., {key}=...): {key!r} is the state's own entry")
     return {key: _plain(value, f"save_checkpoint(..., {key}=...)") for key, value in extra.items()}
 
@@ -1531,11 +1525,10 @@ def _scheduler_kind(scheduler) -> str:
 def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = None, **extra):
     """Write a complete checkpoint of `state` (and the plain values `extra`) atomically to `path`.
 
-    With several processes every one must call it (their RNG states are gathered); only rank 0
-    writes, and all wait at a barrier so none reads a half-written file. The previous file is
-    kept as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights. A
-    sharded model (FSDP2's fully_shard at its root) is saved as a directory instead, every
-    process writing its own shards (see _save_sharded).
+    With several processes every one must call it (their RNG states are gathered); rank 0
+    writes, and a barrier keeps all from reading a half-written file. The previous file is kept
+    as `<name>.prev.pt`. Refuses non-finite weights. A sharded model (FSDP2's fully_shard at its
+    root) is saved as a directory, every process writing its own shards.
     """
     sharded = _is_sharded(state.model)
     if not sharded:  # (a sharded model's runtime comes from the process group)
@@ -1558,9 +1551,9 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
             f"learning rate below lr={_peak_lr(state):g} or use clip_grad=1.0"
         )
     scheduler = state.scheduler
-    if scheduler is not None and not hasattr(scheduler, "state_dict"):
-        raise UsageError("the scheduler has no state_dict(), so no checkpoint can restore it")
     if scheduler is not None:
+        if not hasattr(scheduler, "state_dict"):
+            raise UsageError("the scheduler has no state_dict(), so no checkpoint can restore it")
         scheduler = {"type": _scheduler_kind(scheduler), **scheduler.state_dict()}
     header = {  # checked by every process: when one refuses, all do
         "scheduler": scheduler,
@@ -1571,15 +1564,14 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
         "world_size": runtime.world_size,
         **extra,
     }
-    header = _plain(header, "the checkpoint")
     if sharded:
-        _save_sharded(Path(path), state, header, runtime)
-    else:  # (a model's extra state, an optimizer's state)
+        _save_sharded(Path(path), state, _plain(header, "the checkpoint"), runtime)
+    else:  # _plain checks a model's extra state and an optimizer's state too
         ema = state.ema.state_dict() if state.ema is not None else None
         tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
-        tensors = _plain({**tensors, "ema": ema}, "the checkpoint")
+        entries = _plain({**header, **tensors, "ema": ema}, "the checkpoint")
         if runtime.is_main:
-            _atomic_save({**tensors, **header}, Path(path))
+            _atomic_save(entries, Path(path))
     _barrier(runtime)
 
 
@@ -1589,8 +1581,7 @@ def _check_archive(path: Path, checksums: bool = True) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             compressed = [e for e in archive.infolist() if e.compress_type != zipfile.ZIP_STORED]
-            check = checksums and not compressed
-            damaged = archive.testzip() if check else None  # reads and checks every CRC-32
+            damaged = archive.testzip() if checksums and not compressed else None
     except Exception as e:  # damaged bytes raise many kinds (a flipped flag: "is encrypted")
         raise CheckpointError(
             f"{path} is corrupt or truncated (not a complete torch.save archive: {_line(e)})"
@@ -1604,24 +1595,32 @@ def _check_archive(path: Path, checksums: bool = True) -> None:
         raise CheckpointError(f"{path} is corrupt: entry {damaged!r} fails its checksum")
 
 
-def _read_checkpoint(path: Path) -> dict:
-    _check_archive(path)
+def _read_checkpoint(path: Path, runtime: Runtime) -> dict:
+    """The verified header of the checkpoint file or directory `path` (see load_checkpoint)."""
+    if path.is_dir():
+        _check_directory(path, runtime)
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    file = path / "trainloop.pt" if path.is_dir() else path
+    _check_archive(file)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip reader errors, truncation: all untrusted input
         blocked = re.search(r".*(GLOBAL|Unsupported).*", str(e))  # the line naming the class
         if not (isinstance(e, pickle.UnpicklingError) and blocked):
-            raise CheckpointError(f"{path} is corrupt or truncated ({_line(e)})") from None
+            raise CheckpointError(f"{file} is corrupt or truncated ({_line(e)})") from None
         raise CheckpointError(
-            f"{path} refused: it holds Python objects, not only tensors and numbers, and "
+            f"{file} refused: it holds Python objects, not only tensors and numbers, and "
             f"loading it could run code ({blocked[0].strip().split('. ')[0]}); nothing from it "
             "was run"
         ) from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(
-            f"{path} is not a trainloop checkpoint; load its weights with "
+            f"{file} is not a trainloop checkpoint; load its weights with "
             "torch.load(path, weights_only=True) instead"
         )
+    if "sharded" in ckpt and file == path:
+        raise UsageError(f"{path} is part of a sharded checkpoint; pass {path.parent}")
     return ckpt
 
 
@@ -1677,14 +1676,14 @@ def _mismatch(error: Exception) -> str:
     return " ".join(lines[1:] or lines)[:400]
 
 
-def _check_fits(model: nn.Module, saved: dict) -> None:
-    """A ValueError naming the first tensor of `saved` that is missing from `model`, is not in
-    `saved`, or has another shape (entries that are no tensors, such as extra state, have none)."""
-    mine = model.state_dict()
+def _check_fits(saved: dict, mine: dict) -> None:
+    """A ValueError naming the first entry that only one of the state dicts `saved` and `mine`
+    holds, or that has two shapes (one that is no tensor, such as extra state, has ())."""
     for name in [*mine, *(k for k in saved if k not in mine)]:
-        shapes = [
-            tuple(getattr(d[name], "shape", ())) if name in d else "none" for d in (saved, mine)
-        ]
+        if name not in saved or name not in mine:
+            there = "in the checkpoint, not" if name in saved else "not in the checkpoint, but"
+            raise ValueError(f"{name}: {there} in the model")
+        shapes = [tuple(getattr(d[name], "shape", ())) for d in (saved, mine)]
         if shapes[0] != shapes[1]:
             raise ValueError(f"{name}: {shapes[0]} in the checkpoint, {shapes[1]} in the model")
 
@@ -1692,48 +1691,38 @@ def _check_fits(model: nn.Module, saved: dict) -> None:
 def _unflattened(name: str, state: dict) -> str:
     """The entry of `state` that DCP's flattened `name` is part of (extra state that is a dict
     is saved as name.key), else `name`."""
-    prefix = name
-    while "." in prefix:
-        prefix = prefix.rsplit(".", 1)[0]
-        if prefix in state:
-            return prefix
-    return name
-
-
-def _saved_entries(path: Path) -> dict:
-    """A sharded checkpoint's entries by DCP's flattened names (model.layer.weight, ...)."""
-    with open(path / ".metadata", "rb") as f:  # (checked by _check_directory)
-        return _CheckpointRecords(f).load().state_dict_metadata
-
-
-def _check_shards_fit(parts: dict, path: Path) -> None:
-    """A ValueError naming the first entry of a part (model, ema) that the sharded checkpoint
-    `path` and `parts` do not both hold, or another number of optimizer groups: DCP reads what
-    `parts` asks for and ignores the rest."""
-    saved = _saved_entries(path)
-    for part, state in parts.items():
-        if part == "optimizer":
-            groups = {k.split(".")[2] for k in saved if k.startswith("optimizer.param_groups.")}
-            if len(groups) != len(state["param_groups"]):
-                mine = len(state["param_groups"])
-                raise ValueError(f"{len(groups)} optimizer groups in the checkpoint, {mine} here")
-            continue
-        theirs = {
-            _unflattened(k[len(part) + 1 :], state) for k in saved if k.startswith(f"{part}.")
-        }
-        for name in sorted(theirs ^ set(state)):
-            there = "in the checkpoint, not" if name in theirs else "not in the checkpoint, but"
-            raise ValueError(f"{name}: {there} in the model")
+    parts = name.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))  # longest first
+    return next((prefix for prefix in prefixes if prefix in state), name)
 
 
 def _read_shards(parts: dict, path: Path, alone: bool) -> None:
-    """Fill the tensors of `parts` in place from a sharded checkpoint; `alone`: without the
-    other processes (torch would warn about that every time)."""
+    """Fill the tensors of `parts` (model, optimizer, ema) in place from the sharded checkpoint
+    `path`; `alone`: without the other processes. DCP ignores what `parts` does not ask for, so
+    first a ValueError names an entry that only one side holds, or unequal optimizer groups."""
     import torch.distributed.checkpoint as dcp
 
-    _check_shards_fit(parts, path)
+    with open(path / ".metadata", "rb") as f:  # (checked by _check_directory)
+        saved = _CheckpointRecords(f).load().state_dict_metadata  # by flattened names
+    for part, state in parts.items():
+        if part != "optimizer":
+            theirs = {
+                _unflattened(k[len(part) + 1 :], state) for k in saved if k.startswith(f"{part}.")
+            }
+            _check_fits(dict.fromkeys(sorted(theirs)), dict.fromkeys(state))  # (DCP checks shapes)
+            continue
+        groups = {k.split(".")[2] for k in saved if k.startswith("optimizer.param_groups.")}
+        mine = len(state["param_groups"])
+        if len(groups) != mine:
+            raise ValueError(f"{len(groups)} optimizer groups in the checkpoint, {mine} here")
+        # DCP makes state for every parameter; a checkpoint has none for those with no gradient yet
+        states = {
+            name: {k: v for k, v in values.items() if f"optimizer.state.{name}.{k}" in saved}
+            for name, values in state["state"].items()
+        }
+        state["state"] = {name: values for name, values in states.items() if values}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # torch would warn every time a process reads alone
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(parts, checkpoint_id=path, no_dist=alone or not dist.is_initialized())
     except dcp.CheckpointException as e:  # a BaseException holding every process's traceback
@@ -1747,17 +1736,10 @@ def _load_shards(state: TrainState, ckpt: dict, path: Path, runtime: Runtime) ->
     from torch.distributed.checkpoint import state_dict as sd
 
     model, optimizer = sd.get_state_dict(state.model, state.optimizer)
-    saved = _saved_entries(path)  # DCP makes state for every parameter; a checkpoint has none
-    for name, values in list(optimizer["state"].items()):  # for those that had no gradient yet
-        values = {k: v for k, v in values.items() if f"optimizer.state.{name}.{k}" in saved}
-        if values:
-            optimizer["state"][name] = values
-        else:
-            del optimizer["state"][name]
     alone = not _is_sharded(state.model)  # whole tensors: no process needs another
     _read_shards({"model": model, "optimizer": optimizer}, path, alone)
     sd.set_model_state_dict(state.model, model)
-    lenient = sd.StateDictOptions(strict=False)  # (those parameters keep no state)
+    lenient = sd.StateDictOptions(strict=False)  # (parameters with no gradient yet have no state)
     sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=lenient)
     if state.ema is not None:  # an EMA turned on only now starts from the weights
         ema = sd.get_model_state_dict(state.ema)
@@ -1776,14 +1758,13 @@ def _load_whole(state: TrainState, ckpt: dict) -> None:
 
     whole = sd.StateDictOptions(full_state_dict=True)
     names = {p: name for name, p in state.model.named_parameters()}
-    saved, by_name, groups = ckpt["optimizer"], {}, []
-    for saved_group, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
+    saved, optimizer = ckpt["optimizer"], {"state": {}, "param_groups": []}
+    for theirs, group in zip(saved["param_groups"], state.optimizer.param_groups, strict=True):
         params = [names[p] for p in group["params"]]
-        for index, name in zip(saved_group["params"], params, strict=True):
+        for index, name in zip(theirs["params"], params, strict=True):
             if index in saved["state"]:
-                by_name[name] = saved["state"][index]
-        groups.append({**saved_group, "params": params})
-    optimizer = {"state": by_name, "param_groups": groups}
+                optimizer["state"][name] = saved["state"][index]
+        optimizer["param_groups"].append({**theirs, "params": params})
     sd.set_model_state_dict(state.model, ckpt["model"], options=whole)
     sd.set_optimizer_state_dict(state.model, state.optimizer, optimizer, options=whole)
     if state.ema is not None:
@@ -1804,9 +1785,8 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
     saved = ckpt["scheduler"]
     kind = _scheduler_kind(state.scheduler) if state.scheduler is not None else None
     saved_kind = saved.get("type", "LambdaLR") if saved is not None else None  # 0.1: LambdaLR
-    if kind and saved_kind and "(" not in saved_kind:  # saved by 0.3.2 and before
-        kind = kind.split("(")[0]
-    if saved_kind != kind:  # checked before anything of the state changes
+    # (0.3.2 and before saved a chain as its outer class alone: SequentialLR)
+    if saved_kind not in (kind, kind and kind.split("(")[0]):  # before anything changes
         own = getattr(getattr(state.scheduler, "lr_lambdas", [None])[0], "func", None)
         if own is _lr_factor:
             kind += " (trainloop's own schedule)"
@@ -1820,7 +1800,7 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
         elif _is_sharded(state.model):
             _load_whole(state, ckpt)
         else:  # load_state_dict copies what fits before it says what does not: check first
-            _check_fits(state.model, ckpt["model"])
+            _check_fits(ckpt["model"], state.model.state_dict())
             state.optimizer.load_state_dict(ckpt["optimizer"])  # it checks before it changes
             state.model.load_state_dict(ckpt["model"])
             if state.ema is not None:  # an EMA turned on only now starts from the weights
@@ -1850,11 +1830,11 @@ def load_checkpoint(
 ) -> dict:
     """Read and verify a checkpoint; with `state`, restore training state into it.
 
-    Never runs code from the file: only tensors and plain Python values load
-    (weights_only=True). Raises CheckpointError naming the file when it is corrupt, truncated,
-    fails a checksum or holds anything else. Restoring also sets this process's RNG states.
-    A sharded checkpoint (a directory) restores into a sharded or a plain model on any number
-    of processes, and a file into either; with several processes every one must call it.
+    Never runs code from the file: only tensors and plain Python values load (weights_only).
+    Raises CheckpointError naming the file when it is corrupt, truncated, fails a checksum or
+    holds anything else. Restoring also sets this process's RNG states. A sharded checkpoint (a
+    directory) or a file restores into a sharded or a plain model on any number of processes;
+    with several processes every one must call it.
     """
     path = Path(path)
     if state is not None and not isinstance(state, TrainState):
@@ -1873,15 +1853,7 @@ def load_checkpoint(
         inside = [p for p in (path / "last.pt", path / "last", path / "best.pt") if p.exists()]
         example = f", e.g. {inside[0]}" if inside else " (it holds none yet)"
         raise UsageError(f"{path} is a run directory; pass a checkpoint in it{example}")
-    if path.is_dir():
-        _check_directory(path, runtime)
-        ckpt = _read_checkpoint(path / "trainloop.pt")
-    elif path.is_file():
-        ckpt = _read_checkpoint(path)
-        if "sharded" in ckpt:
-            raise UsageError(f"{path} is part of a sharded checkpoint; pass {path.parent}")
-    else:
-        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    ckpt = _read_checkpoint(path, runtime)
     if state is not None:
         _restore(state, ckpt, runtime, path)
     return ckpt
