@@ -522,13 +522,25 @@ def _sync_buffers(modules, runtime: Runtime) -> None:
                 dist.broadcast(buffer, 0)
 
 
-def _alone(runtime: Optional[Runtime], consequence: str, stacklevel: int = 3) -> None:
-    """Warn when a building block is called without runtime= while several processes run."""
-    if runtime is None and dist.is_initialized() and dist.get_world_size() > 1:
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _runtime_for(runtime, model: Optional[nn.Module], alone: str = "", stacklevel=3) -> Runtime:
+    """What a building block runs with: `runtime`, else the model's device (a sharded model's
+    also the process group's rank and size), warning that `alone` happens when several
+    processes run."""
+    if _given(runtime) is not None:
+        return runtime
+    device = _device_of(model) if model is not None else torch.device("cpu")
+    if model is not None and _is_sharded(model) and dist.is_initialized():
+        return Runtime(device, dist.get_rank(), world_size=dist.get_world_size())
+    if alone and dist.is_initialized() and dist.get_world_size() > 1:
         warnings.warn(
-            f"{consequence}; pass runtime= (setup_device()'s) from every process",
-            stacklevel=stacklevel,
+            f"{alone}; pass runtime= (setup_device()'s) from every process", stacklevel=stacklevel
         )
+    return Runtime(device)
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -671,8 +683,8 @@ def make_loader(
     fast path (moved onto the GPU when it fits); anything else gets a DataLoader with `workers`
     processes (-1 = default_workers()).
     """
-    rt = _given(runtime) or Runtime(torch.device("cpu"))
-    _alone(runtime, "make_loader without runtime= gives every process all the batches")
+    alone = "make_loader without runtime= gives every process all the batches"
+    rt = _runtime_for(runtime, None, alone)
     tensors = isinstance(dataset, tuple) and all(map(torch.is_tensor, dataset))  # (x, y)
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or tensors:
         raise UsageError(
@@ -1024,11 +1036,6 @@ def _forward(net, batch, loss_fn, runtime: Runtime, channels_last: bool = False)
         return _output_and_loss(net, inputs, target, batch, loss_fn)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _no_sync_sharded(model):
     """FSDP2's no_sync: gradients stay whole and unreduced on each process and gathered weights
@@ -1129,7 +1136,7 @@ def train_step(
     _sizes), weigh their losses: the gradient is one big batch's even if the last is short.
     `clip_grad` > 0 clips the total gradient norm; `channels_last` makes 4-d inputs channels-last.
     """
-    runtime = _given(runtime) or Runtime(_device_of(state.model))
+    runtime = _runtime_for(runtime, state.model)
     if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
         raise UsageError(
             f"train_step takes a list of micro-batches, not a {type(batches).__name__} of "
@@ -1272,8 +1279,8 @@ def evaluate(
             "train=False) or a list of batches, not a Dataset (of ready batches: pass "
             "DataLoader(dataset, batch_size=None))"
         )
-    rt = _given(runtime) or Runtime(_device_of(model))
-    _alone(runtime, "evaluate without runtime= scores this process's batches alone", 4)
+    alone = "evaluate without runtime= scores this process's batches alone"
+    rt = _runtime_for(runtime, model, alone, stacklevel=4)
     _sync_buffers([model], rt)  # so that all score the weights a checkpoint holds
     sums, weights, batch, extra = {}, {}, None, 0
     metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
@@ -1429,14 +1436,6 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
             tmp.unlink()  # clears what is left (_run_directory)
 
 
-def _runtime_of(model: nn.Module) -> Runtime:
-    """The runtime of a checkpoint saved or loaded without one: the model's device, and for a
-    sharded model the process group's rank and size (a plain model's may be one process's)."""
-    if not (_is_sharded(model) and dist.is_initialized()):
-        return Runtime(_device_of(model))
-    return Runtime(_device_of(model), dist.get_rank(), world_size=dist.get_world_size())
-
-
 def _crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -1530,14 +1529,10 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     as `<name>.prev.pt`. Refuses non-finite weights. A sharded model (FSDP2's fully_shard at its
     root) is saved as a directory, every process writing its own shards.
     """
+    alone = "save_checkpoint without runtime= saves as one process: called by all, they all "
+    alone += "write the file; by one, the others' RNG streams are not saved"
+    runtime = _runtime_for(runtime, state.model, alone)
     sharded = _is_sharded(state.model)
-    if not sharded:  # (a sharded model's runtime comes from the process group)
-        _alone(
-            runtime,
-            "save_checkpoint without runtime= saves as one process: called by all, "
-            "they all write the file; by one, the others' RNG streams are not saved",
-        )
-    runtime = _given(runtime) or _runtime_of(state.model)
     extra = _check_extra(extra)
     if not sharded and Path(path).is_dir():
         raise UsageError(f"{path} is a directory; pass a file path, e.g. {Path(path) / 'last.pt'}")
@@ -1842,13 +1837,9 @@ def load_checkpoint(
             f"load_checkpoint(path, state) restores a TrainState, not a {type(state).__name__}; "
             "for weights alone: model.load_state_dict(load_checkpoint(path)['model'])"
         )
-    if state is not None and not _is_sharded(state.model):
-        _alone(
-            runtime,
-            "load_checkpoint without runtime= restores as one process alone: every "
-            "process takes one and the same RNG stream, not its own",
-        )
-    runtime = _given(runtime) or _runtime_of(state.model if state else nn.Module())
+    alone = "load_checkpoint without runtime= restores as one process alone: every process "
+    alone += "takes one and the same RNG stream, not its own"
+    runtime = _runtime_for(runtime, state and state.model, alone if state else "")
     if (path / "config.json").is_file():  # a run directory (a sharded checkpoint has none)
         inside = [p for p in (path / "last.pt", path / "last", path / "best.pt") if p.exists()]
         example = f", e.g. {inside[0]}" if inside else " (it holds none yet)"
