@@ -2866,6 +2866,15 @@ def test_save_checkpoint_refuses_extras_it_could_not_load_back(tmp_path):
     assert (tmp_path / "run").is_dir() and not (tmp_path / "run.prev").exists()
 
 
+def test_load_checkpoint_onto_another_number_of_processes_takes_any_config_extra(tmp_path):
+    state = one_step_state(mlp())
+    tl.save_checkpoint(tmp_path / "c.pt", state, config="notes of my own")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    ckpt["world_size"] = 2  # as if saved by two processes: this one reseeds its RNG streams
+    torch.save(ckpt, tmp_path / "c.pt")
+    assert tl.load_checkpoint(tmp_path / "c.pt", state)["config"] == "notes of my own"
+
+
 def test_save_checkpoint_never_writes_what_loading_refuses_in_the_model_or_optimizer(
     tmp_path, monkeypatch
 ):

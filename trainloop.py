@@ -1816,7 +1816,8 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
     if ckpt["world_size"] == runtime.world_size:
         _set_rng_state(ckpt["rng"][runtime.rank], runtime)
     else:  # elastic resume: old per-process streams do not map onto new processes
-        seed = ckpt.get("config", {}).get("seed", 0)
+        config = ckpt.get("config")  # fit's; a user's loop may have saved anything there
+        seed = config.get("seed", 0) if isinstance(config, dict) else 0
         _seed_everything(_mix_seed(seed, state.step), runtime.rank)
 
 
