@@ -1122,6 +1122,13 @@ def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
         with pytest.raises(tl.UsageError, match="cross-entropy has no target; pass loss_fn=None"):
             tl.fit(OwnLoss(), DictBatches(16), loss_fn=loss_fn, workers=0, **quiet())
 
+    class BatchCrossEntropy(nn.CrossEntropyLoss):  # a subclass of the user's: it takes the batch
+        def forward(self, output, batch):
+            return super().forward(output["logits"], batch["labels"])
+
+    history = tl.fit(OwnLoss(), DictBatches(16), loss_fn=BatchCrossEntropy(), workers=0, **quiet())
+    assert history[-1]["train_loss"] > 0
+
     class Features(nn.Linear):  # takes only some of the batch's keys: model(**batch) fails
         def forward(self, features):
             return super().forward(features)
@@ -5485,9 +5492,16 @@ SHARDED_LOOP = textwrap.dedent("""
         tl.evaluate(model, [batch] if rt.rank == 0 else [], runtime=rt)
     except tl.UsageError as e:
         refused = tl._gather(str(e), rt)
+    try:  # without runtime, the process group's: a stream has no len() to even processes out
+        tl.evaluate(model, iter([batch]))
+    except tl.UsageError as e:
+        streamed = tl._gather(str(e), rt)
+    scores = tl._gather(tl.evaluate(model, [batch]), rt)  # every process's batch, counted once
     if rt.is_main:
         print("steps", steps, flush=True)
         print("refused", refused, flush=True)
+        print("streamed", streamed, flush=True)
+        print("same scores", scores[0] == scores[1], flush=True)
     del model, state, again  # sharded modules hold the group: gone before it (README)
     tl.teardown(rt)
 """)
@@ -5499,6 +5513,8 @@ def test_building_blocks_save_a_sharded_state_under_torchrun_without_a_runtime(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps [4, 4]" in result.stdout
     assert result.stdout.count("needs a batch on every process") == 2, result.stdout
+    assert result.stdout.count("needs data with a len(), e.g. a list") == 2
+    assert "same scores True" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["ckpt", "ckpt.prev"]
 
 

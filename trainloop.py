@@ -106,7 +106,8 @@ _FAULTS = {SaveError: EXIT_SAVE, WorkerDiedError: EXIT_WORKER, OutOfMemoryError:
 
 class Stopped(SystemExit):
     """Training stopped on purpose (signal or time limit) after writing a checkpoint. Uncaught,
-    this SystemExit exits with `.code` (143 on SIGTERM, 75 at the time limit) and no traceback."""
+    this SystemExit exits with `.code` (143 on SIGTERM, 75 at the time limit) and no traceback;
+    catch it to carry on in your own script."""
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any = None  # stepped after each optimizer step; a ReduceLROnPlateau after evaluation
     scaler: Optional[torch.amp.GradScaler] = None  # None: no loss scaling (all but fp16)
-    ema_decay: float = 0.0  # > 0: keep `ema`, decayed by at most (1 + step) / (10 + step)
+    ema_decay: float = 0.0  # > 0: keep `ema`; early steps decay by at most (1+step)/(10+step)
     ema: Optional[nn.Module] = None  # the moving average of the model (a copy of it unless given)
     net: Optional[nn.Module] = None  # what the step calls: the model, or it in DDP/torch.compile
     epoch: int = 0  # epochs completed
@@ -360,7 +361,9 @@ def check_config(config: Config) -> Config:
         if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
             example = f", e.g. {f.default!r}" if f.default != "" else ""
             raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
-        if type(given) is not f.type:  # Path -> str, 3 -> 3.0, np.float32(0.1) -> 0.1: to save
+        if (
+            type(given) is not f.type
+        ):  # Path -> str, 3 -> 3.0, np.float32(0.1) -> 0.1: plain values to save
             config = dataclasses.replace(config, **{f.name: f.type(value)})
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
@@ -413,7 +416,9 @@ def _given(runtime) -> Optional[Runtime]:
     """`runtime` when it is a Runtime or None; else a UsageError."""
     if runtime is None or isinstance(runtime, Runtime):
         return runtime
-    raise UsageError(f"runtime={runtime!r} is not a trainloop.Runtime; pass setup_device()'s")
+    raise UsageError(
+        f"runtime={runtime!r} is not a trainloop.Runtime; pass what setup_device() returns"
+    )
 
 
 def _check_gpus_exist(ids: tuple) -> None:
@@ -421,10 +426,10 @@ def _check_gpus_exist(ids: tuple) -> None:
     # call. A user's own setting wins.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     count = torch.cuda.device_count()  # 0 without CUDA
-    if max(ids) >= count:
+    if missing := [i for i in ids if i >= count]:
         have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
         raise UsageError(
-            f"gpus={','.join(map(str, ids))!r} names GPU {max(ids)} but this machine has "
+            f"gpus={','.join(map(str, ids))!r} names GPU {missing[0]} but this machine has "
             f"{have}; pick from nvidia-smi's list or use gpus='cpu'"
         )
 
@@ -529,8 +534,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _runtime_for(runtime, model: Optional[nn.Module], alone: str = "", stacklevel=3) -> Runtime:
     """What a building block runs with: `runtime`, else the model's device (a sharded model's
-    also the process group's rank and size), warning that `alone` happens when several
-    processes run."""
+    also the process group's rank and size); given none while several processes run, it warns
+    that `alone` (what then goes wrong)."""
     if _given(runtime) is not None:
         return runtime
     device = _device_of(model) if model is not None else torch.device("cpu")
@@ -667,6 +672,14 @@ def default_workers(world_size: int = 1) -> int:
     return max(0, min(8, (cores or 1) // max(1, world_size) - 1))
 
 
+def _length(data) -> Optional[int]:
+    """len(data), or None when it has none (a DataLoader over a stream raises TypeError)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
 def make_loader(
     dataset,
     *,
@@ -781,7 +794,9 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
 
 def _split_batch(batch):
     """(inputs, target[, weight]) or a dict for model(**batch) -> (inputs, target, weight)."""
-    if isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 3:  # first: twice per micro-batch
+    if (
+        isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 3
+    ):  # tested first: it runs twice a micro-batch
         return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     if isinstance(batch, dict):
         return batch, None, None
@@ -866,11 +881,13 @@ def _is_oom(error: BaseException) -> bool:
     )
 
 
+_CROSS_ENTROPY = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
 def _is_cross_entropy(loss_fn) -> bool:
     """Whether loss_fn compares class logits (N, C, ...) with labels: cross-entropy or NLL."""
     function = getattr(loss_fn, "func", loss_fn)  # a partial's
-    classes = (nn.CrossEntropyLoss, nn.NLLLoss)
-    return function in (F.cross_entropy, F.nll_loss) or isinstance(loss_fn, classes)
+    return function in (F.cross_entropy, F.nll_loss) or isinstance(loss_fn, _CROSS_ENTROPY)
 
 
 # Losses that compare output and target element by element: other shapes broadcast, silently.
@@ -990,7 +1007,9 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
-    if target is None and _is_cross_entropy(loss_fn):
+    function = getattr(loss_fn, "func", loss_fn)  # (a subclass of theirs may take the batch)
+    torch_own = function in (F.cross_entropy, F.nll_loss) or type(loss_fn) in _CROSS_ENTROPY
+    if target is None and torch_own:
         raise UsageError(
             "a dict batch goes whole to model(**batch), so cross-entropy has no target; pass "
             "loss_fn=None (the model returns its loss) or a loss_fn(output, batch) of your own"
@@ -1217,10 +1236,11 @@ def _lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
 
 
 def _batch_metrics(output, target, loss, sizes: tuple, metrics: dict, classes_first) -> dict:
-    """{name: (sum, weight)} of one batch of `sizes` (samples, [weight]), weighted as evaluate
+    """{name: (sum, weight)} of one batch of `sizes` (samples, [its weight]), weighted as evaluate
     says. Accuracy counts the integer labels (N, ...) in 0..C-1 of class logits (N, C, ...) (not
     cross-entropy's ignore_index); logits that also read as (N, ..., C) count as acc? and top5?
-    unless `classes_first` (the loss says so): evaluate adds them to batches classes first."""
+    unless `classes_first` (a cross-entropy loss: classes on dim 1); evaluate merges those into
+    acc and top5 when other batches were classes-first."""
     samples, [weight] = sizes
     values = {"loss": (loss.float() * weight, weight)}
     tensors = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
@@ -1285,10 +1305,12 @@ def evaluate(
     sums, weights, batch, extra = {}, {}, None, 0
     metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
     if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
-        most, fewest = _all_reduce([len(data), -len(data)], rt, dist.ReduceOp.MAX)
+        if (size := _length(data)) is None:
+            raise UsageError("evaluate on a sharded model needs data with a len(), e.g. a list")
+        most, fewest = _all_reduce([size, -size], rt, dist.ReduceOp.MAX)
         if fewest == 0:  # -0: a process without a batch has no input to take part with
             raise UsageError("evaluate on a sharded model needs a batch on every process")
-        extra = int(most) - len(data)
+        extra = int(most) - size
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -1381,8 +1403,8 @@ def _save_failure(error: Exception, path: Path, checkpoint: Optional[Path]) -> s
     )
 
 
-def _fsync(path: Path) -> None:
-    """Make a file's bytes (through any descriptor) or a directory's renames survive a power cut."""
+def _fsync_directory(path: Path) -> None:
+    """Make the renames in a directory survive a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1424,11 +1446,12 @@ def _atomic_save(entries: dict, path: Path, checkpoint: Optional[Path] = None) -
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
-        _fsync(tmp)
+            f.flush()
+            os.fsync(f.fileno())
         if checkpoint is None and path.exists():
             os.replace(path, _previous(path))
         os.replace(tmp, path)
-        _fsync(path.parent)
+        _fsync_directory(path.parent)
     except (OSError, RuntimeError) as e:  # torch's zip writer raises a full disk as RuntimeError
         raise SaveError(_save_failure(e, path, checkpoint or path)) from e
     finally:
@@ -1461,7 +1484,7 @@ def _swap_in(new: Path, path: Path) -> None:
             os.replace(prev, old)
         os.replace(path, prev)
     os.replace(new, path)
-    _fsync(path.parent)
+    _fsync_directory(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -1490,8 +1513,10 @@ def _save_sharded(path: Path, state: TrainState, header: dict, runtime: Runtime)
         dcp.save(tensors, checkpoint_id=tmp)  # returns once every file, .metadata too, is written
         crcs = _checksums(tmp, runtime)
         if runtime.is_main:
-            (tmp / "checksums.json").write_text(json.dumps(crcs, indent=0))
-            _fsync(tmp / "checksums.json")
+            with open(tmp / "checksums.json", "w") as f:
+                json.dump(crcs, f, indent=0)
+                f.flush()
+                os.fsync(f.fileno())
             _swap_in(tmp, path)
     except (OSError, RuntimeError, dcp.CheckpointException) as e:
         if runtime.is_main:  # partial shards would keep the disk full
@@ -1526,8 +1551,8 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
 
     With several processes every one must call it (their RNG states are gathered); rank 0
     writes, and a barrier keeps all from reading a half-written file. The previous file is kept
-    as `<name>.prev.pt`. Refuses non-finite weights. A sharded model (FSDP2's fully_shard at its
-    root) is saved as a directory, every process writing its own shards.
+    as `<name>.prev.pt` until the new one is complete. Refuses non-finite weights. A sharded
+    model (FSDP2's fully_shard at its root) is saved as a directory, each process its shards.
     """
     alone = "save_checkpoint without runtime= saves as one process: called by all, they all "
     alone += "write the file; by one, the others' RNG streams are not saved"
@@ -1694,7 +1719,8 @@ def _unflattened(name: str, state: dict) -> str:
 def _read_shards(parts: dict, path: Path, alone: bool) -> None:
     """Fill the tensors of `parts` (model, optimizer, ema) in place from the sharded checkpoint
     `path`; `alone`: without the other processes. DCP ignores what `parts` does not ask for, so
-    first a ValueError names an entry that only one side holds, or unequal optimizer groups."""
+    first a ValueError names an entry that only one side holds, or unequal optimizer groups; the
+    optimizer's state is pruned to what was saved (none for a parameter with no gradient yet)."""
     import torch.distributed.checkpoint as dcp
 
     with open(path / ".metadata", "rb") as f:  # (checked by _check_directory)
@@ -2173,7 +2199,7 @@ class _Job:
 
 @dataclass
 class _LossWindow:
-    """The losses of the steps since the last sync point (the last: step state.step)."""
+    """The losses of the steps since the last sync point (the last one is step state.step's)."""
 
     losses: list = field(default_factory=list)  # one detached device scalar per step
     weights: list = field(default_factory=list)  # what each step's loss counts in the mean
@@ -2530,7 +2556,8 @@ def _tensorboard(job: _Job):
 def _run_directory(config: Config, runtime: Runtime):
     """Yields the run directory (None without out), created, locked and cleared of what a killed
     save left. out/.lock refuses a second run on it (two would overwrite each other's files): a
-    POSIX lock, which the kernel drops however the process ends, and loader workers lack."""
+    POSIX lock, which the kernel drops however the process ends, and which loader workers do not
+    inherit."""
     out = Path(config.out) if config.out else None
     with contextlib.ExitStack() as stack:
         if out is not None and runtime.is_main:
@@ -2651,8 +2678,8 @@ def _warn_changes(ckpt: dict, job: _Job) -> None:
 
 def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
     """After a restore, settings changed since the checkpoint win for trainloop's own optimizer
-    (lr, weight decay, momentum; fused kernels: this machine's) and schedule, which goes on from
-    the same share of training when an epoch's number of steps changed."""
+    (lr, weight decay, momentum; fused kernels are this machine's choice) and schedule, which
+    goes on from the same share of training when an epoch's number of steps changed."""
     config, groups, saved = job.config, state.optimizer.param_groups, ckpt.get("config", {})
     changed = {k for k in ("lr", "weight_decay", "momentum") if saved.get(k) != getattr(config, k)}
     if all("decay" in g for g in groups):  # built from the config, not the user's own
@@ -2682,7 +2709,8 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
 def _restore_generators(loader, generators: list, states: list) -> None:
     """Set the user's loader's generators to the states saved at an epoch's end (mid-epoch, its
     order was drawn from them already: see set_epoch). Persistent workers draw their seed (from
-    them or torch's RNG) on the first iteration alone: it is made here, before they are set."""
+    them or torch's RNG) on the first iteration alone: that one is made here, before the states
+    are set."""
     ours = isinstance(getattr(loader, "batch_sampler", None), _EpochBatches)
     if getattr(loader, "persistent_workers", False) and loader.num_workers and not ours:
         with torch.random.fork_rng(devices=[]):
@@ -2764,14 +2792,6 @@ def _classes(data) -> Optional[list]:
     names = getattr(data, "classes", getattr(getattr(data, "dataset", None), "classes", None))
     plain = isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
     return list(names) if plain and names else None
-
-
-def _length(data) -> Optional[int]:
-    """len(data), or None when it has none (a DataLoader over a stream raises TypeError)."""
-    try:
-        return len(data)
-    except TypeError:
-        return None
 
 
 def _generators(loader) -> list:
@@ -3744,7 +3764,8 @@ def _exit_code_of(job: Callable[[], int]) -> int:
     except (*codes, UsageError) as e:
         code = next((c for kind, c in codes.items() if isinstance(e, kind)), EXIT_USAGE)
         rank = int(os.environ.get("RANK", "0"))
-        # The others would only repeat rank 0's line, but for what one process met.
+        # Other ranks print only what one process may meet alone (data, checkpoint, faults);
+        # the rest would repeat rank 0's line.
         if rank == 0 or isinstance(e, (_DataError, CheckpointError, *_FAULTS)):
             named = code in _FAULTS.values() and int(os.environ.get("WORLD_SIZE", "1")) > 1
             where = f"(rank {rank}) " if rank or named else ""
