@@ -194,6 +194,14 @@ def test_parse_duration_refuses_a_number_without_a_unit_after_hours_or_minutes(t
         ("std", "0.2,0.2", "std='0.2,0.2' is not 1 or 3"),
         ("std", "0.2,0.2,0", r"std='0.2,0.2,0' is not 1 or 3 comma-separated numbers in \(0, 1\]"),
         ("monitor_mode", "max", "monitor_mode='max' needs a monitor too, e.g. monitor='val_loss'"),
+        ("batch_size", 10**30, rf"batch_size={10**30} must be at least 1 \(below 2\*\*63\)"),
+        ("seed", 2**64, r"seed=18446744073709551616 must be zero or more \(below 2\*\*63\)"),
+        ("workers", 10**6, "workers=1000000 must be -1 .one per spare core. or 0 to 256"),
+        ("image_size", 100000, "image_size=100000 must be 0 .keep. or 4 to 8192 pixels"),
+        ("gpus", "\u00b2", "gpus='\u00b2' is not a list of GPU ids"),
+        ("data", " ", "data=' ' is empty"),
+        ("resume", "", "resume='' is empty"),
+        ("out", "runs/" + "x" * 256, "out='runs/xxx.* has a name over 255 bytes; shorten it"),
     ],
 )
 def test_check_config_names_field_value_and_fix(field, value, message):
@@ -1105,7 +1113,12 @@ def test_fit_without_out_writes_nothing(tmp_path, monkeypatch):
         (dict(gpus=0), "gpus=0 must be of type str"),
         (dict(lr="0.1"), "lr='0.1' must be of type float"),
         (dict(epochs=1.5), "epochs=1.5 must be of type int"),
-        (dict(image_size=2), "image_size=2 is too small"),
+        (dict(image_size=2), "image_size=2 must be 0 (keep) or 4 to 8192 pixels"),
+        (dict(loss_fn=5), "loss_fn=5 is not a function; pass one, or None"),
+        (dict(log="print"), "log='print' is not a function"),
+        (dict(scheduler=torch.optim.lr_scheduler.StepLR), "scheduler=StepLR is a class; pass lam"),
+        (dict(metrics={5: len}), "metrics must be a dict of functions, e.g. {'mae': my_mae}"),
+        (dict(val_data=5), "val_data=5 is not data; pass a Dataset or a DataLoader"),
         (
             dict(monitor="val_f1"),
             "monitor='val_f1' is not a reported metric; choose from train_loss",
@@ -1114,7 +1127,8 @@ def test_fit_without_out_writes_nothing(tmp_path, monkeypatch):
 )
 def test_fit_bad_settings_fail_before_training(setting, message):
     with pytest.raises(tl.UsageError, match=re.escape(message)):
-        fit_mlp(16, blobs(16), **setting)
+        settings = dict(setting)
+        fit_mlp(16, settings.pop("val_data", blobs(16)), **settings)
 
 
 def test_fit_dict_batch_with_the_default_loss_says_what_to_pass():
@@ -1354,6 +1368,64 @@ def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
     result = cli(args + ["--eval-only"], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "eval run/best.pt: val_acc=" in result.output
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name in ("notes.txt", "tensor.pt"):
+        result = cli(args + ["--eval-only", "--resume", name], tmp_path, monkeypatch)
+        assert result.exit_code == 3 and result.output.count("\n") == 1, result.output
+        assert result.output.endswith("; evaluate another checkpoint (--resume PATH)\n")
+    result = cli(args + ["--eval-only", "--model", "resnet18"], tmp_path, monkeypatch)
+    error = result.output.splitlines()[-1]  # after the start line
+    assert result.exit_code == 2 and "does not match --model resnet18 (" in error
+    assert error.endswith("); leave model unset to take the checkpoint's")
+
+
+def test_fit_images_too_small_for_the_model_are_one_line():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    data = TensorDataset(torch.randn(8, 3, 3, 3), torch.randint(0, 2, (8,)))
+    with pytest.raises(tl.UsageError, match=r"^the model cannot take images of 3x3 pixels \("):
+        tl.fit(model, data, epochs=1, workers=0, **quiet())
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_build_model_of_torchvision_with_auxiliary_heads_returns_logits_in_training(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torchvision warns about their init unless told)
+        model = tl.build_model(name, channels=3, classes=4)
+    assert model.train()(torch.randn(2, 3, 80, 80)).shape == (2, 4)
+
+
+def test_build_model_refuses_weights_that_fail_their_checksum(tmp_path):
+    tl.save_checkpoint(tmp_path / "c.pt", one_step_state(tl.small_cnn(3, 2)))
+    data = bytearray((tmp_path / "c.pt").read_bytes())
+    offset = data.index(b"/data/0") + 200  # inside the first tensor's bytes
+    data[offset] ^= 0xFF
+    (tmp_path / "c.pt").write_bytes(bytes(data))
+    with pytest.raises(tl.CheckpointError, match="fails its checksum"):
+        tl.build_model("smallcnn", channels=3, classes=2, weights=str(tmp_path / "c.pt"))
+
+
+def test_image_files_out_of_memory_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "pets", per_class=1)
+
+    def read_image(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")
+
+    monkeypatch.setattr(tl, "_read_image", read_image)
+    files = tl._ImageFiles([(tmp_path / "pets" / "cat" / "0.png", 0)], 8, False, 1.0)
+    with pytest.raises(RuntimeError) as failed:
+        files[0]
+    assert not isinstance(failed.value, tl.UsageError) and tl._is_oom(failed.value)
+
+
+def test_metrics_jsonl_writes_a_nan_as_null(tmp_path):
+    nan = {"odd": lambda output, target: float("nan")}
+    fit_mlp(16, blobs(16), epochs=1, metrics=nan, out=tmp_path)
+    line = (tmp_path / "metrics.jsonl").read_text()
+    row = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert row["val_odd"] is None
 
 
 def test_cli_eval_only_out_of_memory_is_one_line_with_its_status(tmp_path, monkeypatch):

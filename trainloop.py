@@ -289,19 +289,24 @@ CHOICES = {
     "monitor_mode": ("auto", "min", "max"),
 }
 
-_RANGES = (  # (fields, test, what the error says)
-    ("epochs batch_size accumulate log_every", lambda v: v >= 1, "must be at least 1"),
+_RANGES = (  # (fields, test, what the error says); counts fit torch's int64
     (
-        "weight_decay clip_grad save_every patience seed warmup",
+        "epochs batch_size accumulate log_every",
+        lambda v: 1 <= v < 2**63,
+        "must be at least 1 (below 2**63)",
+    ),
+    ("save_every patience seed", lambda v: 0 <= v < 2**63, "must be zero or more (below 2**63)"),
+    (
+        "weight_decay clip_grad warmup",
         lambda v: 0 <= v < math.inf,
         "must be zero or more (and finite)",
     ),
     ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.9"),
-    ("workers", lambda v: v >= -1, "must be -1 (one per spare core) or 0 or more"),
+    ("workers", lambda v: -1 <= v <= 256, "must be -1 (one per spare core) or 0 to 256"),
     ("lr", lambda v: 0 < v < math.inf, "must be a positive number, e.g. 0.05"),
     ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("ema", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999 (0 turns it off)"),
-    ("image_size", lambda v: v == 0 or v >= 4, "is too small; use 0 (keep) or 4+"),
+    ("image_size", lambda v: v == 0 or 4 <= v <= 8192, "must be 0 (keep) or 4 to 8192 pixels"),
     ("val_fraction", lambda v: 0 < v < 1, "must be between 0 and 1"),
 )
 
@@ -312,7 +317,7 @@ def parse_gpus(text: str) -> Optional[tuple]:
     if text in ("", "cpu"):
         return None if text == "" else ()
     parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
+    if not all(re.fullmatch("[0-9]+", p) for p in parts):  # (isdigit() takes "²" too)
         raise UsageError(f"gpus={text!r} is not a list of GPU ids; use e.g. '0' or '0,1' or 'cpu'")
     ids = tuple(int(p) for p in parts)
     if len(set(ids)) != len(ids):
@@ -351,20 +356,26 @@ def parse_duration(text: str) -> Optional[float]:
     return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
 
 
+_PATHS = ("data", "data_root", "out", "resume")
+
+
 def check_config(config: Config) -> Config:
     """`config` with paths as strings, or a UsageError naming the first bad field and the fix."""
     for f in dataclasses.fields(Config):
         given = value = getattr(config, f.name)
-        if f.name in ("data", "data_root", "out", "resume") and isinstance(value, os.PathLike):
+        if f.name in _PATHS and isinstance(value, os.PathLike):
             value = os.fspath(value)
         kind = {int: numbers.Integral, float: numbers.Real}.get(f.type, f.type)  # NumPy's too
         if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
             example = f", e.g. {f.default!r}" if f.default != "" else ""
             raise UsageError(f"{f.name}={value!r} must be of type {f.type.__name__}{example}")
-        if (
-            type(given) is not f.type
-        ):  # Path -> str, 3 -> 3.0, np.float32(0.1) -> 0.1: plain values to save
+        if type(given) is not f.type:  # Path -> str, 3 -> 3.0, np.float32(0.1) -> 0.1: to save
             config = dataclasses.replace(config, **{f.name: f.type(value)})
+        if f.name in _PATHS and any(len(os.fsencode(p)) > 255 for p in Path(value).parts):
+            raise UsageError(f"{f.name}={value!r:.80}... has a name over 255 bytes; shorten it")
+    if not (config.data.strip() and config.resume.strip()):  # '' would read as '.'
+        name = "data" if not config.data.strip() else "resume"
+        raise UsageError(f"{name}={getattr(config, name)!r} is empty; see the help for its values")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}")
@@ -974,6 +985,12 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
             "freeze them (requires_grad_(False)), or wrap the model yourself and pass that: "
             "DistributedDataParallel(model, find_unused_parameters=True)"
         ) from error
+    small = r"Output size is too small|Kernel size can't be greater|Wrong image (height|width)"
+    if isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and re.search(small, str(error)):
+        raise UsageError(  # (torchvision's vision transformers assert their size)
+            f"the model cannot take images of {inputs.shape[-2]}x{inputs.shape[-1]} pixels "
+            f"({_line(error)}); give it the size it was made for (the command line: image_size=224)"
+        ) from error
     if "Expected more than 1 value per channel when training" in str(error):
         raise UsageError(
             "a batch of 1 sample reached a BatchNorm layer, which cannot train on it (the last "
@@ -1021,7 +1038,7 @@ def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
             output = net(*inputs)
         else:
             output = net(inputs)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         _forward_mistake(e, net, inputs)
         raise
     target = batch if target is None else target  # a dict batch: loss and metrics take it whole
@@ -1271,7 +1288,7 @@ def _batch_metrics(output, target, loss, sizes: tuple, metrics: dict, classes_fi
 def _check_metrics(metrics) -> dict:
     """`metrics` ({} for None), or a UsageError."""
     functions = isinstance(metrics, dict) and all(map(callable, metrics.values()))
-    if metrics is not None and not functions:
+    if metrics is not None and not (functions and all(isinstance(k, str) for k in metrics)):
         raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
     if metrics and "loss" in metrics:
         raise UsageError("metrics={'loss': ...} would replace the loss; name it otherwise")
@@ -2490,10 +2507,12 @@ _EVENTS = "events.out.tfevents.*"  # TensorBoard's file
 
 
 def _write_metrics(history: list, job: _Job, tensorboard) -> None:
-    """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows."""
+    """metrics.jsonl rewritten from the checkpointed history: a resume never duplicates rows. A
+    NaN or inf is written as null, as JSON has no such numbers."""
     tmp, path = job.out / ".metrics.jsonl.tmp", job.out / "metrics.jsonl"
+    finite = [{k: v if math.isfinite(v) else None for k, v in row.items()} for row in history]
     try:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in finite))
         os.replace(tmp, path)
         if tensorboard is not None:
             path = job.out / _EVENTS
@@ -2871,7 +2890,9 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
     return config
 
 
-def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics, blocks, config):
+def _check_arguments(
+    model, train_data, val_data, optimizer, scheduler, loss_fn, log, metrics, blocks, config
+):
     """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
     if config.patience and val_data is None and config.monitor != "train_loss":
         raise UsageError("patience needs validation data; pass val_data, or monitor='train_loss'")
@@ -2888,6 +2909,9 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if isinstance(data, tuple) and all(map(torch.is_tensor, data)):  # (x, y): a slip
             raise UsageError(f"{name} is a tuple of tensors; pass TensorDataset(*{name})")
+        readable = hasattr(data, "__iter__") or hasattr(data, "__getitem__")
+        if not readable and (data is not None or name == "train_data"):
+            raise UsageError(f"{name}={data!r:.40} is not data; pass a Dataset or a DataLoader")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise UsageError(
             f"optimizer={optimizer!r} is not an optimizer; pass one built on the model's "
@@ -2898,6 +2922,12 @@ def _check_arguments(model, train_data, val_data, optimizer, scheduler, metrics,
             f"scheduler={scheduler!r} is not a scheduler; pass a torch LR scheduler, a function "
             "optimizer -> scheduler, or a schedule name as schedule='cosine'"
         )
+    if isinstance(scheduler, type):  # a class is callable, but takes more than the optimizer
+        name = scheduler.__name__
+        raise UsageError(f"scheduler={name} is a class; pass lambda opt: {name}(opt, ...)")
+    for name, function in (("loss_fn", loss_fn), ("log", log)):
+        if function is not None and not callable(function):
+            raise UsageError(f"{name}={function!r:.40} is not a function; pass one, or None")
     if blocks is not None and not config.shard:
         raise UsageError("shard_blocks is for shard=True; pass both, or neither")
     classes = isinstance(blocks, (list, tuple)) and blocks
@@ -3022,7 +3052,16 @@ def fit(
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
     _check_arguments(
-        model, train_data, val_data, optimizer, scheduler, metrics, shard_blocks, config
+        model,
+        train_data,
+        val_data,
+        optimizer,
+        scheduler,
+        loss_fn,
+        log,
+        metrics,
+        shard_blocks,
+        config,
     )
     if config.label_smoothing:
         if loss_fn is not F.cross_entropy:
@@ -3189,6 +3228,8 @@ class _ImageFiles(Dataset):
             fix = f"shrink it to under {Image.MAX_IMAGE_PIXELS:,} pixels"
             raise _DataError(f"cannot read image {path} ({why}); {fix}") from None
         except (OSError, ValueError, RuntimeError) as e:
+            if _is_oom(e):  # (a huge image_size): said as running out of memory, not as the file
+                raise
             raise _DataError(f"cannot read image {path} ({_line(e)}); fix or remove it") from None
         if self.augment and torch.rand(()) < 0.5:
             image = image.flip(-1)
@@ -3448,12 +3489,18 @@ def small_cnn(channels: int, classes: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128, classes))
 
 
+_AUXILIARY_HEADS = ("googlenet", "inception_v3")
+
+
 def _bare_model(name: str, channels: int, classes: int) -> nn.Module:
     if name == "smallcnn":
         return small_cnn(channels, classes)
     import torchvision
 
-    return torchvision.models.get_model(name, weights=None, num_classes=classes)
+    # GoogLeNet and Inception v3 return auxiliary outputs in training unless told otherwise (as
+    # their torchvision weights are); init_weights=True is their default, said to silence a warning.
+    options = dict(aux_logits=False, init_weights=True) if name in _AUXILIARY_HEADS else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=classes, **options)
 
 
 def _check_fetchable(enum, weights: str) -> None:
@@ -3492,12 +3539,14 @@ def _pretrained(name: str, weights: str) -> dict:
 
         _check_fetchable(enum, weights)
         return torchvision.models.get_model(name, weights=enum).state_dict()
+    if zipfile.is_zipfile(weights):  # (torch.load reads older formats too)
+        _check_archive(Path(weights))  # a damaged one is refused, not half-loaded
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state.get("ema") or state["model"]  # a trainloop checkpoint's weights to use
-        if not isinstance(state, dict):
-            raise TypeError(f"it holds a {type(state).__name__}")
+        if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise TypeError(f"it holds a {type(state).__name__}, not tensors by name")
     except Exception as e:  # torch.load raises many kinds
         # A refused unpickling opens with torch's advice to load unsafely; the cause comes after.
         cause = re.search(r"WeightsUnpickler error:\s*(.*)", str(e))
@@ -3568,7 +3617,10 @@ def _eval_checkpoint(config: Config) -> tuple:
         path = out / "last.pt" if (out / "last.pt").is_file() else out / "last"
     if not path.exists():
         raise UsageError(f"eval_only=True: no checkpoint at {path}; pass resume=PATH")
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; evaluate another checkpoint (resume=PATH)") from None
     names = "data data_root val_fraction seed model image_size mean std weights".split()
     return _unset_from(config, ckpt.get("config", {}), names), path, ckpt
 
@@ -3581,8 +3633,9 @@ def _resumed_settings(config: Config) -> tuple:
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
             header = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            saved, version = header["config"], header.get("trainloop")
-            break
+            if isinstance(header, dict):  # (else fit says what it is)
+                saved, version = header["config"], header.get("trainloop")
+                break
     else:
         return config, None
     resumed = _unset_from(config, saved, ("mean", "std"))
@@ -3664,8 +3717,11 @@ def _train_or_evaluate(config: Config, runtime: Runtime) -> None:
     _check_classes(path, ckpt.get("classes"), _classes(train))
     try:
         _load_weights(model, ckpt, path)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match model={config.model!r} ({_mismatch(e)})") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(
+            f"{path} does not match model={config.model!r} ({_mismatch(e)}); leave model unset to "
+            "take the checkpoint's"
+        ) from None
     console = _console(None, False, runtime)
     val = _as_loader(val, config, runtime, False, console)
     try:
