@@ -1024,13 +1024,13 @@ def _check_binds(forward: Callable, inputs, error: TypeError) -> None:
 
 def _output_and_loss(net, inputs, target, batch, loss_fn) -> tuple:
     """(output, loss, what the loss compared the output with: the target, else the batch)."""
-    function = getattr(loss_fn, "func", loss_fn)  # (a subclass of theirs may take the batch)
-    torch_own = function in (F.cross_entropy, F.nll_loss) or type(loss_fn) in _CROSS_ENTROPY
-    if target is None and torch_own:
-        raise UsageError(
-            "a dict batch goes whole to model(**batch), so cross-entropy has no target; pass "
-            "loss_fn=None (the model returns its loss) or a loss_fn(output, batch) of your own"
-        )
+    if target is None:  # a dict batch (a subclass of torch's losses may take it whole)
+        function = getattr(loss_fn, "func", loss_fn)
+        if function in (F.cross_entropy, F.nll_loss) or type(loss_fn) in _CROSS_ENTROPY:
+            raise UsageError(
+                "a dict batch goes whole to model(**batch), so cross-entropy has no target; pass "
+                "loss_fn=None (the model returns its loss) or a loss_fn(output, batch) of yours"
+            )
     try:
         if isinstance(inputs, dict):
             output = net(**inputs)
