@@ -1380,6 +1380,17 @@ def test_cli_eval_only_reports_a_checkpoint(tmp_path, monkeypatch):
     assert error.endswith("); leave model unset to take the checkpoint's")
 
 
+def test_fit_refuses_a_model_on_meta_or_in_half_precision_and_a_metric_of_one_argument():
+    with torch.device("meta"):
+        unmade = mlp()
+    with pytest.raises(tl.UsageError, match="weights are on the meta device, without values"):
+        tl.fit(unmade, blobs(16), **quiet())
+    with pytest.raises(tl.UsageError, match=r"^the model's weights are float16 and the inputs f"):
+        tl.fit(mlp().half(), blobs(16), workers=0, **quiet())
+    with pytest.raises(tl.UsageError, match=r"metrics\['m'\] must take two arguments"):
+        fit_mlp(16, blobs(16), metrics={"m": lambda output: 1.0})
+
+
 def test_fit_images_too_small_for_the_model_are_one_line():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)

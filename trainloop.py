@@ -976,6 +976,12 @@ def _forward_mistake(error: Exception, net: nn.Module, inputs) -> None:
             "the inputs are float64 and the model is not; convert them, e.g. "
             "torch.tensor(x, dtype=torch.float32), or the model: model.double()"
         ) from error
+    halves = {p.dtype for p in net.parameters()} & {torch.float16, torch.bfloat16}
+    if halves and torch.float32 in dtypes and re.search(r"\b(Half|BFloat16)\b", str(error)):
+        raise UsageError(  # autocast computes in half precision, with float32 weights
+            f"the model's weights are {str(halves.pop())[6:]} and the inputs float32; keep the "
+            "model in float32 (model.float()) and pass precision='bf16' or 'fp16'"
+        ) from error
     if isinstance(error, TypeError) and isinstance(inputs, (dict, tuple, list)):
         _check_binds(_unwrap(net).forward, inputs, error)
     _compiler_missing(error)
@@ -1292,6 +1298,15 @@ def _check_metrics(metrics) -> dict:
         raise UsageError("metrics must be a dict of functions, e.g. {'mae': my_mae}")
     if metrics and "loss" in metrics:
         raise UsageError("metrics={'loss': ...} would replace the loss; name it otherwise")
+    for name, function in (metrics or {}).items():
+        try:
+            inspect.signature(function).bind(None, None)
+        except TypeError:
+            raise UsageError(
+                f"metrics[{name!r}] must take two arguments: (output, target)"
+            ) from None
+        except ValueError:  # a builtin without a signature
+            pass
     return metrics or {}
 
 
@@ -2905,6 +2920,11 @@ def _check_arguments(
         raise UsageError(  # (their shapes come from the first batch: nothing can be built yet)
             "the model has lazy layers (nn.LazyLinear, ...) not yet built; run one batch through "
             "it first, e.g. with torch.no_grad(): model(x[:2])"
+        )
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise UsageError(
+            "the model's weights are on the meta device, without values; give them some first: "
+            "model.to_empty(device='cpu'), then initialize them or load a state_dict"
         )
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if isinstance(data, tuple) and all(map(torch.is_tensor, data)):  # (x, y): a slip
