@@ -202,6 +202,7 @@ def test_parse_duration_refuses_a_number_without_a_unit_after_hours_or_minutes(t
         ("data", " ", "data=' ' is empty"),
         ("resume", "", "resume='' is empty"),
         ("out", "runs/" + "x" * 256, "out='runs/xxx.* has a name over 255 bytes; shorten it"),
+        ("weights", "x" * 256 + ".pt", "weights='xxx.* has a name over 255 bytes; shorten it"),
     ],
 )
 def test_check_config_names_field_value_and_fix(field, value, message):
@@ -3272,6 +3273,7 @@ def test_fit_and_config_take_paths(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["out"] == str(
         tmp_path / "run"
     )
+    assert tl.check_config(tl.Config(weights=tmp_path / "w.pt")).weights == str(tmp_path / "w.pt")
 
 
 @pytest.mark.parametrize(
@@ -4514,7 +4516,9 @@ def test_build_model_refuses_a_picture_or_a_pickled_model_as_weights_with_only_i
 ):
     (tmp_path / "some.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # a JPEG's start
     torch.save(nn.Linear(2, 2), tmp_path / "model.pt")  # the whole module, pickled
+    (tmp_path / "empty.pt").touch()
     for name, why in [
+        ("empty.pt", "the file is empty"),
         ("some.jpg", "Unsupported operand 255"),
         (
             "model.pt",

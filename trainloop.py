@@ -123,7 +123,7 @@ D, M, R = "Data", "Model", "Run"  # help panels of the CLI
 @dataclass(frozen=True)
 class Config:
     """Every knob in one place: the CLI has one option per field; change it with `replace`.
-    Path fields (data, data_root, out, resume) also take any os.PathLike, e.g. a pathlib.Path."""
+    Path fields (data, data_root, out, resume, weights) also take an os.PathLike, e.g. a Path."""
 
     data: str = _opt(
         "synthetic",
@@ -356,7 +356,7 @@ def parse_duration(text: str) -> Optional[float]:
     return total if total > 0 else None  # 0 is no limit, as 0 turns other options off
 
 
-_PATHS = ("data", "data_root", "out", "resume")
+_PATHS = ("data", "data_root", "out", "resume", "weights")
 
 
 def check_config(config: Config) -> Config:
@@ -3571,6 +3571,7 @@ def _pretrained(name: str, weights: str) -> dict:
         # A refused unpickling opens with torch's advice to load unsafely; the cause comes after.
         cause = re.search(r"WeightsUnpickler error:\s*(.*)", str(e))
         why = cause[1].split(". ")[0] if cause else _line(e)
+        why = "the file is empty" if os.path.getsize(weights) == 0 else why
         raise UsageError(
             f"weights={weights!r}: not a readable state_dict ({why}); pass a file "
             "saved with torch.save(model.state_dict()) or a trainloop checkpoint"
