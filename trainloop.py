@@ -805,9 +805,8 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
 
 def _split_batch(batch):
     """(inputs, target[, weight]) or a dict for model(**batch) -> (inputs, target, weight)."""
-    if (
-        isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 3
-    ):  # tested first: it runs twice a micro-batch
+    # The common case, tested first: this runs twice a micro-batch.
+    if isinstance(batch, (tuple, list)) and 2 <= len(batch) <= 3:
         return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     if isinstance(batch, dict):
         return batch, None, None
@@ -2119,6 +2118,8 @@ class _Console:
 
 
 def _console(log: Optional[Callable], quiet: bool, runtime: Runtime) -> _Console:
+    if log is not None and not callable(log):
+        raise UsageError(f"log={log!r:.40} is not a function; pass one, or None")
     if not runtime.is_main:
         return _Console(lambda text: None, quiet=True)
     if log is not None:
@@ -2906,7 +2907,7 @@ def _settings(config: Optional[Config], overrides: dict) -> Config:
 
 
 def _check_arguments(
-    model, train_data, val_data, optimizer, scheduler, loss_fn, log, metrics, blocks, config
+    model, train_data, val_data, optimizer, scheduler, loss_fn, metrics, blocks, config
 ):
     """Refuse arguments of the wrong kind or that do not go together, before anything is built."""
     if config.patience and val_data is None and config.monitor != "train_loss":
@@ -2945,9 +2946,8 @@ def _check_arguments(
     if isinstance(scheduler, type):  # a class is callable, but takes more than the optimizer
         name = scheduler.__name__
         raise UsageError(f"scheduler={name} is a class; pass lambda opt: {name}(opt, ...)")
-    for name, function in (("loss_fn", loss_fn), ("log", log)):
-        if function is not None and not callable(function):
-            raise UsageError(f"{name}={function!r:.40} is not a function; pass one, or None")
+    if loss_fn is not None and not callable(loss_fn):
+        raise UsageError(f"loss_fn={loss_fn!r:.40} is not a function; pass one, or None")
     if blocks is not None and not config.shard:
         raise UsageError("shard_blocks is for shard=True; pass both, or neither")
     classes = isinstance(blocks, (list, tuple)) and blocks
@@ -3072,16 +3072,7 @@ def fit(
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
     _check_arguments(
-        model,
-        train_data,
-        val_data,
-        optimizer,
-        scheduler,
-        loss_fn,
-        log,
-        metrics,
-        shard_blocks,
-        config,
+        model, train_data, val_data, optimizer, scheduler, loss_fn, metrics, shard_blocks, config
     )
     if config.label_smoothing:
         if loss_fn is not F.cross_entropy:
