@@ -907,6 +907,18 @@ def test_fit_resumes_a_dataloader_with_its_own_generator_exactly_at_an_epoch_end
     assert not any("warning" in line for line in lines)  # (epochs 2 -> 4 warned, with constant LR)
 
 
+def test_fit_resumes_a_dataloader_generator_saved_by_0_3_3(tmp_path):
+    def run(epochs):
+        loader = DataLoader(blobs(64), batch_size=16, shuffle=True, generator=torch.Generator())
+        return tl.fit(mlp(), loader, epochs=epochs, out=tmp_path, **quiet())
+
+    run(1)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["loader_rng"] = ckpt["loader_rng"][0]  # 0.3.3 saved one process's list, not one per rank
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert [row["epoch"] for row in run(2)] == [1, 2]
+
+
 def test_fit_accepts_dataloaders_and_a_user_optimizer():
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)

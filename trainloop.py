@@ -2786,8 +2786,10 @@ def _resume(state: TrainState, train, job: _Job) -> None:
         _check_classes(path, ckpt.get("classes"), job.classes)
         _restore(state, ckpt, rt, path)
         if ckpt["world_size"] == rt.world_size and not state.batches:
-            saved = ckpt.get("loader_rng")
-            _restore_generators(train, job.generators, saved[rt.rank] if saved else [])
+            saved = ckpt.get("loader_rng") or []
+            if saved and not torch.is_tensor(saved[0]):  # per process; 0.3.3 kept rank 0's alone
+                saved = saved[rt.rank]
+            _restore_generators(train, job.generators, saved)
         _warn_changes(ckpt, job)
         _apply_config(state, job, ckpt)
         _rebest(state, config)  # by this run's monitor and monitor_mode
