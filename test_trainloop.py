@@ -1839,6 +1839,28 @@ def test_damaged_zip_headers_are_reported_as_corrupt_and_resume_falls_back(where
     assert any("falling back to" in line for line in lines), lines
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("step", "x"), ("epoch", -1), ("epoch_loss", []), ("rng", []), ("history", None)]
+    + [("world_size", 1.5), ("config", None), ("scheduler", {}), ("model", None)]
+    + [("optimizer", 5), ("best", "x"), ("lr", "x")],
+)
+def test_a_checkpoint_edited_by_hand_is_one_line_and_resume_falls_back(key, value, tmp_path):
+    out = tmp_path / "run"
+    fit_mlp(64, epochs=2, out=out)
+    edited = torch.load(out / "last.pt", weights_only=True)
+    edited[key] = value  # (tracebacks before: KeyError, TypeError, IndexError, AttributeError)
+    torch.save(edited, out / "last.pt")
+    with pytest.raises((tl.CheckpointError, tl.UsageError), match=r"last\.pt (holds|does not)"):
+        fit_mlp(64, epochs=3, out=out, resume=out / "last.pt")
+    if key in ("model", "optimizer", "scheduler"):  # another model's checkpoint: not skipped
+        return
+    lines = []
+    history = fit_mlp(64, epochs=3, out=out, log=lines.append)
+    assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt
+    assert "which fit never writes (edited by hand?); falling back to" in lines[0], lines
+
+
 def test_mid_epoch_checkpoint_records_the_time_spent_in_its_epoch(tmp_path):
     fit_mlp(80, epochs=1, save_every=2, out=tmp_path)  # saves at steps 2 and 4, then 5
     mid_epoch = tl.load_checkpoint(tmp_path / "last.prev.pt")

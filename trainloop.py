@@ -1857,13 +1857,13 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
             state.model.load_state_dict(ckpt["model"])
             if state.ema is not None:  # an EMA turned on only now starts from the weights
                 state.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
-    except (RuntimeError, ValueError, KeyError) as e:
+        if state.scheduler is not None:
+            state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(
-            f"{path} does not match this model or optimizer ({_mismatch(e)}); "
+            f"{path} does not match this model, optimizer or scheduler ({_mismatch(e)}); "
             "use resume='none' or another out"
         ) from None
-    if state.scheduler is not None:
-        state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
     if ckpt["scaler"]:
         state.scaler.load_state_dict(ckpt["scaler"])
     for key in _COUNTERS:
@@ -2741,6 +2741,41 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
         g["lr"] = base * factor
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What fit writes in each plain entry of a checkpoint to train on.
+_ENTRY_CHECKS = {
+    **dict.fromkeys(
+        ("epoch", "step", "seen", "batches", "best_epoch"), lambda v: type(v) is int and v >= 0
+    ),
+    **dict.fromkeys(("lr", "epoch_seconds"), _is_number),
+    "best": lambda v: v is None or _is_number(v),
+    "history": lambda v: isinstance(v, list) and all(isinstance(row, dict) for row in v),
+    "epoch_loss": lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)),
+    "world_size": lambda v: type(v) is int and v > 0,
+    "rng": lambda v: isinstance(v, list) and all(isinstance(state, dict) for state in v),
+    "scaler": lambda v: isinstance(v, dict),
+    "scheduler": lambda v: v is None or isinstance(v, dict),
+    "config": lambda v: isinstance(v, dict),
+}
+
+
+def _check_entries(ckpt: dict, path: Path) -> None:
+    """A CheckpointError on a checkpoint to train on whose plain entries fit never writes (one
+    edited by hand), before any is restored; one of weights alone is left to _restore to name."""
+    if "optimizer" not in ckpt and "optimizer" not in ckpt.get("sharded", ()):
+        return
+    for key, fits in _ENTRY_CHECKS.items():
+        if key == "config" and key not in ckpt:  # a user's loop may save none
+            continue
+        value = ckpt.get(key)
+        if key not in ckpt or not fits(value) or key == "rng" and len(value) != ckpt["world_size"]:
+            held = f"{key}={value!r:.60}" if key in ckpt else f"no {key}"
+            raise CheckpointError(f"{path} holds {held}, which fit never writes (edited by hand?)")
+
+
 def _restore_generators(loader, generators: list, states: list) -> None:
     """Set the user's loader's generators to the states saved at an epoch's end (mid-epoch, its
     order was drawn from them already: see set_epoch). Persistent workers draw their seed (from
@@ -2768,6 +2803,7 @@ def _resume(state: TrainState, train, job: _Job) -> None:
     for i, path in enumerate(candidates):
         try:
             ckpt = load_checkpoint(path, runtime=rt)
+            _check_entries(ckpt, path)
         except CheckpointError as e:
             if i + 1 == len(candidates):  # the last, or the one file named
                 raise CheckpointError(
