@@ -216,11 +216,11 @@ def test_check_config_takes_a_mean_of_zero_for_a_channel_dark_throughout():
 
 
 def test_catch_signals_after_a_stop_wraps_torchs_handler_not_the_stopped_runs():
-    stopped = tl._Stop()
+    stopped, before = tl._Stop(), signal.getsignal(signal.SIGINT)  # (ignored when run with &)
     with tl._catch_signals(stopped):
         stopped.signal = signal.SIGINT  # a notebook's interrupt: fit returns, Python goes on
     left = signal.getsignal(signal.SIGCHLD)  # kept: the stopped loader's workers die on
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     with tl._catch_signals(tl._Stop()):
         assert signal.getsignal(signal.SIGCHLD).wrapped is left.wrapped  # (it wrapped `left`)
     assert signal.getsignal(signal.SIGCHLD) is left.wrapped  # torch's own again
