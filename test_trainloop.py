@@ -1455,6 +1455,8 @@ def test_metrics_jsonl_writes_a_nan_as_null(tmp_path):
 def test_cli_eval_only_out_of_memory_is_one_line_with_its_status(tmp_path, monkeypatch):
     args = ["--epochs", "1", "--batch-size", "64", "--workers", "0", "--out", "run"]
     cli_args = args + ["--image-size", "8"]
+    small = functools.partial(tl.synthetic_images, train_size=256, val_size=64)
+    monkeypatch.setattr(tl, "synthetic_images", small)  # a run to evaluate, in a second
     assert cli(cli_args, tmp_path, monkeypatch).exit_code == 0
 
     def out_of_memory(*args, **kwargs):
