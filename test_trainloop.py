@@ -4481,6 +4481,13 @@ def test_load_data_names_a_corrupt_image_read_at_start_up(tmp_path):
         tl.load_data(tl.Config(data=str(root)))
 
 
+def test_load_data_splits_files_whose_names_are_not_utf8(tmp_path):  # as from an old zip
+    root = make_image_folder(tmp_path / "pets", per_class=3)
+    os.rename(root / "cat" / "0.png", os.fsencode(root / "cat") + b"/caf\xe9.png")
+    train, val, _ = tl.load_data(tl.Config(data=str(root), mean="0.5", std="0.2"))
+    assert len(train) + len(val) == 6 and train[0][0].shape == (3, 64, 64)
+
+
 def test_image_files_names_an_image_over_pils_decompression_bomb_limit(tmp_path):
     from PIL import Image
 

@@ -3364,7 +3364,8 @@ def _split(samples, config: Config, root: Path) -> tuple:
 
     def draw(i: int) -> bytes:
         name = f"{config.seed}/" + samples[i][0][start:].replace(os.sep, "/")
-        return hashlib.blake2b(name.encode(), digest_size=8).digest()
+        # (a name that is not UTF-8, as from an old zip, hashes as its own bytes)
+        return hashlib.blake2b(os.fsencode(name), digest_size=8).digest()
 
     for i in sorted(range(len(samples)), key=draw):  # the first quota[c] images of class c
         label = samples[i][1]
