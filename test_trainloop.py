@@ -4481,6 +4481,43 @@ def test_load_data_names_a_corrupt_image_read_at_start_up(tmp_path):
         tl.load_data(tl.Config(data=str(root)))
 
 
+def test_load_data_refuses_a_fifo_an_empty_file_or_a_broken_link_before_reading(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=2)
+    config = tl.Config(data=str(root), mean="0.5", std="0.2")  # (nothing measured: none read)
+    for name, make in (
+        ("fifo.png", os.mkfifo),  # reading it hung the run
+        ("empty.jpg", lambda path: path.write_bytes(b"")),
+        ("gone.jpg", lambda path: path.symlink_to(tmp_path / "nowhere.jpg")),
+    ):
+        make(root / "cat" / name)
+        with pytest.raises(
+            tl.UsageError, match=f"1 image file.s. cannot be read, such as .*{name}"
+        ):
+            tl.load_data(config)
+        (root / "cat" / name).unlink()
+
+
+def test_load_data_says_what_this_user_may_not_read(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "pets", per_class=2)
+    make_image_folder(root / "cat" / "more", classes=("x",), per_class=1)
+    config = tl.Config(data=str(root), mean="0.5", std="0.2")
+    scandir = os.scandir
+
+    def locked(path):  # as for another user's chmod 700 folder (root may read any)
+        if str(path).endswith("more"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", locked)
+        with pytest.raises(tl.UsageError, match="Permission denied: .*more'; make it readable"):
+            tl.load_data(config)  # (its image was left out without a word)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and "0.png" not in path)
+    with pytest.raises(tl.UsageError, match="3 image file.s. cannot be read, such as .*0.png: em"):
+        tl.load_data(config)
+
+
 def test_load_data_splits_files_whose_names_are_not_utf8(tmp_path):  # as from an old zip
     root = make_image_folder(tmp_path / "pets", per_class=3)
     os.rename(root / "cat" / "0.png", os.fsencode(root / "cat") + b"/caf\xe9.png")

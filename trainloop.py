@@ -3306,7 +3306,11 @@ def _image_files(folder: str) -> list:
     thumbnails (@eaDir/), or a link up the tree (cat/up -> ..: it would add the other classes)."""
     top = os.path.realpath(folder)
     walked, found = {top}, []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def refuse(error):  # a folder it cannot list: said, not its images silently left out
+        raise error
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=refuse):
         kept = []
         for name in sorted(dirs):  # of two links to one folder, the first by name is kept
             real = os.path.realpath(os.path.join(root, name))
@@ -3333,6 +3337,14 @@ def _class_folders(folder: Path, data: str, besides=()) -> tuple:
     runs = {p.name for p in runs if (p / "config.json").is_file() or any(p.glob("*/config.json"))}
     classes = sorted(files.keys() - runs)
     samples = [(f, label) for label, name in enumerate(classes) for f in files[name]]
+    # Before training, a stat or two each: reading a FIFO hangs; the others would fail mid-epoch.
+    odd = [f for f, _ in samples if not (os.path.isfile(f) and os.path.getsize(f))]
+    odd = odd or [f for f, _ in samples if not os.access(f, os.R_OK)]
+    if odd:
+        raise UsageError(
+            f"{data}: {len(odd)} image file(s) cannot be read, such as {odd[0]}: empty, "
+            "unreadable, a broken link or no file (a FIFO, a socket); remove or replace them"
+        )
     empty = [name for name in classes if not files[name]]
     if empty:
         raise UsageError(
@@ -3445,6 +3457,8 @@ def _image_folder(config: Config):
         val_classes, val_samples = (
             _class_folders(val_dir, data, run) if val_dir else (classes, None)
         )
+    except PermissionError as e:  # a folder this user may not list
+        raise UsageError(f"{data}: {e}; make it readable, or move it out of {root}") from None
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(classes) < 2:
