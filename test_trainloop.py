@@ -4361,6 +4361,14 @@ def test_load_data_splits_each_class_and_keeps_a_training_image_of_each(tmp_path
     assert [label for _, label in split(0, share=0.01)[1]] == [1]  # none: one of the largest
 
 
+def test_load_data_keeps_a_class_that_holds_the_runs_out(tmp_path):
+    root = make_image_folder(tmp_path / "pets", per_class=4)
+    for out in (root / "cat" / "run", root / "runs" / "x"):  # only runs/, without images, goes
+        out.mkdir(parents=True)
+        train, val, info = tl.load_data(tl.Config(data=str(root), out=str(out)))
+        assert train.classes == ["cat", "dog"] and len(train) + len(val) == 8  # (cat was dropped)
+
+
 def test_load_data_takes_a_valid_folder_as_validation(tmp_path):  # Kaggle's and Roboflow's
     make_image_folder(tmp_path / "pets" / "train", per_class=4)
     make_image_folder(tmp_path / "pets" / "valid", per_class=2)

@@ -3300,12 +3300,13 @@ def _subfolders(folder: Path) -> list:
     return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-def _image_files(folder: str) -> list:
+def _image_files(folder: str, skip=()) -> list:
     """The image files below `folder` (by _IMAGE_SUFFIXES, any case) in torchvision's order, each
     once, without what is hidden (the ._name.jpg a Mac leaves, .ipynb_checkpoints/), a NAS's
-    thumbnails (@eaDir/), or a link up the tree (cat/up -> ..: it would add the other classes)."""
+    thumbnails (@eaDir/), the folders `skip`, or a link up the tree (cat/up -> ..: it would add
+    the other classes)."""
     top = os.path.realpath(folder)
-    walked, found = {top}, []
+    walked, found = {top, *map(str, skip)}, []
 
     def refuse(error):  # a folder it cannot list: said, not its images silently left out
         raise error
@@ -3327,14 +3328,14 @@ def _image_files(folder: str) -> list:
 def _class_folders(folder: Path, data: str, besides=()) -> tuple:
     """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder is no class
     (torchvision's find_classes takes every folder), nor are the folders `besides` (a val/
-    inside it) or one that holds them (the run's own out), nor an earlier run's directory
-    (without images, holding a config.json or */config.json: runs/)."""
+    inside it, the run's own out), nor one without images besides them that holds them or an
+    earlier run (a config.json or */config.json: runs/). A class holding the out stays one."""
     besides = [p.resolve() for p in besides]
-    kept = [p for p in _subfolders(folder) if p.name != "@eaDir"]
-    kept = [p for p in kept if not any(p.resolve() in (b, *b.parents) for b in besides)]
-    files = {p.name: _image_files(str(p)) for p in kept}
-    runs = [p for p in kept if not files[p.name]]
-    runs = {p.name for p in runs if (p / "config.json").is_file() or any(p.glob("*/config.json"))}
+    kept = [p for p in _subfolders(folder) if p.name != "@eaDir" and p.resolve() not in besides]
+    files = {p.name: _image_files(str(p), besides) for p in kept}
+    bare = [p for p in kept if not files[p.name]]
+    runs = {p.name for p in bare if any(p.resolve() in b.parents for b in besides)}
+    runs |= {p.name for p in bare if (p / "config.json").is_file() or any(p.glob("*/config.json"))}
     classes = sorted(files.keys() - runs)
     samples = [(f, label) for label, name in enumerate(classes) for f in files[name]]
     # Before training, a stat or two each: reading a FIFO hangs; the others would fail mid-epoch.
