@@ -351,6 +351,26 @@ def test_make_loader_reshuffles_per_epoch_and_covers_every_sample():
     assert orders[0] != orders[1]
 
 
+def test_make_loader_warns_when_an_epoch_is_read_again_without_set_epoch():
+    loader = tl.make_loader(TensorDataset(torch.arange(40)), batch_size=16, seed=0)
+    first = [b[0] for b in loader]
+    with pytest.warns(UserWarning, match="epoch 0 read again.*loader = set_epoch"):
+        assert torch.equal(torch.cat([b[0] for b in loader]), torch.cat(first))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with set_epoch, even to the same epoch: none
+        for epoch in (0, 0, 1):
+            list(tl.set_epoch(loader, epoch))
+        list(tl.make_loader(TensorDataset(torch.arange(40)), batch_size=16, train=False))
+
+
+@pytest.mark.parametrize("setting", [{"batch_size": 16.0}, {"seed": None}, {"workers": "2"}])
+def test_make_loader_refuses_settings_that_are_no_int_in_one_line(setting):
+    settings = {"batch_size": 16, **setting}
+    name, value = next(iter(setting.items()))
+    with pytest.raises(tl.UsageError, match=f"^{name}={value!r} must be of type int, e.g. "):
+        tl.make_loader(TensorDataset(torch.arange(40)), **settings)
+
+
 def test_make_loader_resumes_at_any_sample_without_reading_earlier_ones():
     reads = []
 
@@ -1085,7 +1105,13 @@ def test_checkpoint_holds_the_unwrapped_model_and_loads_weights_only(tmp_path):
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_fit_takes_the_optimizer_by_name_without_decay_on_biases_and_norms(name, monkeypatch):
     built = []
-    monkeypatch.setattr(tl, "TrainState", lambda *a, **k: built.append(a[1]) or Built(*a, **k))
+
+    class Spy(Built):  # a TrainState still (the steps check that), which notes its optimizer
+        def __post_init__(self):
+            built.append(self.optimizer)
+            super().__post_init__()
+
+    monkeypatch.setattr(tl, "TrainState", Spy)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
     tl.fit(model, blobs(32), epochs=1, batch_size=16, optimizer=name, lr=1e-3, **quiet())
     [optimizer] = built
@@ -2864,6 +2890,30 @@ def test_train_step_steps_any_torch_scheduler():
     assert state.scheduler.last_epoch == 4 and state.scheduler.get_last_lr() == [
         pytest.approx(0.01)
     ]
+
+
+def test_train_step_warns_when_the_users_loop_steps_the_scheduler_too():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    state = tl.TrainState(model, optimizer, L.StepLR(optimizer, step_size=2, gamma=0.1))
+    x, y = blobs(8).tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # train_step alone: no warning
+        tl.train_step(state, [(x, y)])
+        tl.train_step(state, [(x, y)])
+    state.scheduler.step()  # the mistake: train_step already stepped it
+    with pytest.warns(UserWarning, match="stepped outside train_step.*remove your scheduler"):
+        tl.train_step(state, [(x, y)])
+
+
+def test_train_step_and_save_checkpoint_refuse_a_model_for_the_state_in_one_line(tmp_path):
+    model = mlp()
+    x, y = blobs(8).tensors
+    with pytest.raises(tl.UsageError, match=r"^train_step\(state, batches\) takes a TrainState, n"):
+        tl.train_step(model, [(x, y)])
+    with pytest.raises(tl.UsageError, match=r"takes a TrainState, not a Sequential; build one"):
+        tl.save_checkpoint(tmp_path / "c.pt", model)
+    assert not (tmp_path / "c.pt").exists()
 
 
 def test_train_step_honours_a_lambda_per_parameter_group():

@@ -255,6 +255,7 @@ class TrainState:
     epoch_seconds: float = 0.0  # time spent in the current epoch before a resume
     _ema_tensors: tuple = field(default=(), init=False, repr=False)  # see _ema_pairs
     _fast_path: tuple = field(default=(None, None), init=False, repr=False)  # _step_scheduler
+    _scheduled: tuple = field(default=(None, 0, None), init=False, repr=False)  # _step_scheduler
 
     def __post_init__(self):
         _check_state_parts(self.model, self.optimizer, self.scheduler)
@@ -277,6 +278,15 @@ class TrainState:
     def eval_model(self) -> nn.Module:
         """The weights to evaluate and deploy: the EMA when there is one."""
         return self.ema if self.ema is not None else self.model
+
+
+def _check_state(state, call: str) -> None:
+    """A UsageError for a model (or anything else) passed where a TrainState goes."""
+    if not isinstance(state, TrainState):
+        raise UsageError(
+            f"{call} takes a TrainState, not a {type(state).__name__}; build one first: "
+            "state = TrainState(model, optimizer)"
+        )
 
 
 # The plain-value part of TrainState that a checkpoint carries.
@@ -579,9 +589,17 @@ class _EpochBatches(Sampler):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world, self.sample_seeds = rank, world, sample_seeds
         self.epoch, self.seen = 0, 0  # where the next iteration starts (see set_epoch)
+        self.read = None  # (epoch, seen) of the last iteration since set_epoch
 
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the rest of the epoch, in order."""
+        if self.shuffle and self.read == (self.epoch, self.seen):  # a loop without set_epoch
+            warnings.warn(
+                f"make_loader's batches of epoch {self.epoch} read again, in the same order; call "
+                "loader = set_epoch(loader, epoch) before each epoch",
+                stacklevel=3,
+            )
+        self.read = (self.epoch, self.seen)
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=generator)
@@ -715,6 +733,9 @@ def make_loader(
             f"make_loader takes a map-style Dataset, not a {type(dataset).__name__}; batch a "
             "stream with a DataLoader of your own, or tensors (x, y) as TensorDataset(x, y)"
         )
+    for name, value in (("batch_size", batch_size), ("seed", seed), ("workers", workers)):
+        if not isinstance(value, numbers.Integral):  # (a float batch size fails only when read)
+            raise UsageError(f"{name}={value!r} must be of type int, e.g. {getattr(Config, name)}")
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} must be at least 1")
     workers = default_workers(rt.world_size) if workers < 0 else workers
@@ -774,6 +795,7 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
     sampler = getattr(loader, "batch_sampler", None)
     if isinstance(sampler, _EpochBatches):
         sampler.epoch, sampler.seen = epoch, 0
+        sampler.read = None  # (even the same epoch again: the caller asked for it)
         sampler.seen = seen or sampler.seen_after(batches)  # batches: all processes took as many
         return loader
     for shuffler in (getattr(loader, "sampler", None), sampler, getattr(sampler, "sampler", None)):
@@ -1131,6 +1153,15 @@ def _accumulate(state: TrainState, batches, weights, loss_fn, runtime: Runtime, 
 def _step_scheduler(state: TrainState) -> None:
     """Advance the LR schedule by one optimizer step; a ReduceLROnPlateau waits for evaluate."""
     scheduler = state.scheduler
+    # (scheduler, step, last_epoch) after train_step last stepped it: a scheduler that moved
+    # since was stepped by the user's loop too, and its schedule runs ahead.
+    mark = (scheduler, state.step, getattr(scheduler, "last_epoch", None))
+    if state._scheduled[:2] == mark[:2] and state._scheduled[2] != mark[2]:
+        warnings.warn(
+            "the scheduler was stepped outside train_step, which steps it after every optimizer "
+            "step, so its schedule runs ahead; remove your scheduler.step()",
+            stacklevel=3,
+        )
     # Decided once per scheduler object: the one function of a plain LambdaLR that serves every
     # group alike, with float LRs (then a step is lr = base x f(step)), else None.
     if state._fast_path[0] is not scheduler:
@@ -1148,6 +1179,9 @@ def _step_scheduler(state: TrainState) -> None:
             group["lr"] = lr
     elif scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
         scheduler.step()
+    else:
+        return  # nothing to step (a ReduceLROnPlateau steps after evaluation)
+    state._scheduled = (scheduler, state.step + 1, getattr(scheduler, "last_epoch", None))
 
 
 def _update_ema(pairs: tuple, decay: float, step: int) -> None:
@@ -1177,6 +1211,7 @@ def train_step(
     _sizes), weigh their losses: the gradient is one big batch's even if the last is short.
     `clip_grad` > 0 clips the total gradient norm; `channels_last` makes 4-d inputs channels-last.
     """
+    _check_state(state, "train_step(state, batches)")
     runtime = _runtime_for(runtime, state.model)
     if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
         raise UsageError(
@@ -1587,6 +1622,7 @@ def save_checkpoint(path, state: TrainState, *, runtime: Optional[Runtime] = Non
     """
     alone = "save_checkpoint without runtime= saves as one process: called by all, they all "
     alone += "write the file; by one, the others' RNG streams are not saved"
+    _check_state(state, "save_checkpoint(path, state)")
     runtime = _runtime_for(runtime, state.model, alone)
     sharded = _is_sharded(state.model)
     extra = _check_extra(extra)
