@@ -641,7 +641,9 @@ class _SeededSample(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        torch.manual_seed(seed)
+        # The CPU generator alone, which is all a loader worker may use: torch.manual_seed also
+        # queues the seed for CUDA, MPS and XPU with a formatted stack, 0.2-0.4 ms a sample.
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         return self.dataset[index]
