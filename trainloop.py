@@ -596,7 +596,7 @@ class _EpochBatches(Sampler):
         if self.shuffle and self.read == (self.epoch, self.seen):  # a loop without set_epoch
             warnings.warn(
                 f"make_loader's batches of epoch {self.epoch} read again, in the same order; call "
-                "loader = set_epoch(loader, epoch) before each epoch",
+                "loader = set_epoch(loader, epoch) before each epoch (to evaluate: train=False)",
                 stacklevel=3,
             )
         self.read = (self.epoch, self.seen)
