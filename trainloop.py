@@ -1215,31 +1215,7 @@ def train_step(
     """
     _check_state(state, "train_step(state, batches)")
     runtime = _runtime_for(runtime, state.model)
-    if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
-        raise UsageError(
-            f"train_step takes a list of micro-batches, not a {type(batches).__name__} of "
-            "tensors; pass [batch] for one batch"
-        )
-    if not batches:
-        raise UsageError("train_step needs at least one micro-batch in batches=[...]")
-    if runtime.world_size > 1 and not _reduces_gradients(state.net):
-        warnings.warn(
-            "train_step with several processes on a model that is not wrapped in "
-            "DistributedDataParallel (or sharded): each process trains alone; set state.net",
-            stacklevel=2,
-        )
-    if runtime.amp_dtype is torch.float16 and not state.scaler.is_enabled():
-        raise UsageError(  # fp16 gradients underflow to zero without loss scaling
-            "fp16 training needs a loss scaler: TrainState(..., "
-            f"scaler=torch.amp.GradScaler({runtime.device.type!r}))"
-        )
-    if weights is not None:
-        weights = weights.tolist() if torch.is_tensor(weights) else list(weights)
-        if len(weights) != len(batches) or min(weights) < 0 or not sum(weights) > 0:
-            raise UsageError(
-                f"train_step needs one weight per micro-batch ({len(batches)}), none negative "
-                f"and a positive total, not weights={weights}"
-            )
+    weights = _check_step(state, batches, weights, runtime)
     if len(batches) == 1:
         step_loss = _backward(state, batches[0], None, loss_fn, runtime, channels_last)
     else:
@@ -1260,6 +1236,37 @@ def train_step(
         _update_ema(state._ema_tensors, state.ema_decay, state.step)
     state.step += 1
     return step_loss
+
+
+def _check_step(state: TrainState, batches, weights, runtime: Runtime) -> Optional[list]:
+    """train_step's `batches` and `weights` (returned as a list) checked against the state and
+    runtime: a UsageError, or a warning when each process would train alone."""
+    if not isinstance(batches, (list, tuple)) or batches and torch.is_tensor(batches[0]):
+        raise UsageError(
+            f"train_step takes a list of micro-batches, not a {type(batches).__name__} of "
+            "tensors; pass [batch] for one batch"
+        )
+    if not batches:
+        raise UsageError("train_step needs at least one micro-batch in batches=[...]")
+    if runtime.world_size > 1 and not _reduces_gradients(state.net):
+        warnings.warn(
+            "train_step with several processes on a model that is not wrapped in "
+            "DistributedDataParallel (or sharded): each process trains alone; set state.net",
+            stacklevel=3,
+        )
+    if runtime.amp_dtype is torch.float16 and not state.scaler.is_enabled():
+        raise UsageError(  # fp16 gradients underflow to zero without loss scaling
+            "fp16 training needs a loss scaler: TrainState(..., "
+            f"scaler=torch.amp.GradScaler({runtime.device.type!r}))"
+        )
+    if weights is not None:
+        weights = weights.tolist() if torch.is_tensor(weights) else list(weights)
+        if len(weights) != len(batches) or min(weights) < 0 or not sum(weights) > 0:
+            raise UsageError(
+                f"train_step needs one weight per micro-batch ({len(batches)}), none negative "
+                f"and a positive total, not weights={weights}"
+            )
+    return weights
 
 
 def _reduces_gradients(net: nn.Module) -> bool:
@@ -1370,15 +1377,9 @@ def evaluate(
     alone = "evaluate without runtime= scores this process's batches alone"
     rt = _runtime_for(runtime, model, alone, stacklevel=4)
     _sync_buffers([model], rt)  # so that all score the weights a checkpoint holds
-    sums, weights, batch, extra = {}, {}, None, 0
+    sums, weights, batch = {}, {}, None
     metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
-    if _is_sharded(model) and rt.world_size > 1:  # each forward gathers weights from all
-        if (size := _length(data)) is None:
-            raise UsageError("evaluate on a sharded model needs data with a len(), e.g. a list")
-        most, fewest = _all_reduce([size, -size], rt, dist.ReduceOp.MAX)
-        if fewest == 0:  # -0: a process without a batch has no input to take part with
-            raise UsageError("evaluate on a sharded model needs a batch on every process")
-        extra = int(most) - size
+    extra = _extra_forwards(model, data, rt)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -1395,6 +1396,24 @@ def evaluate(
             module.training = training
         if _is_sharded(model):  # FSDP keeps a root's weights gathered after no-grad forwards,
             model.reshard()  # and an EMA update of its shards would not reach them
+    return _mean_scores(sums, weights, metrics, rt)
+
+
+def _extra_forwards(model: nn.Module, data, rt: Runtime) -> int:
+    """The forwards this process makes beyond its batches: each forward of a model sharded over
+    several processes gathers weights from all, so all make as many as the one with most."""
+    if not (_is_sharded(model) and rt.world_size > 1):
+        return 0
+    if (size := _length(data)) is None:
+        raise UsageError("evaluate on a sharded model needs data with a len(), e.g. a list")
+    most, fewest = _all_reduce([size, -size], rt, dist.ReduceOp.MAX)
+    if fewest == 0:  # -0: a process without a batch has no input to take part with
+        raise UsageError("evaluate on a sharded model needs a batch on every process")
+    return int(most) - size
+
+
+def _mean_scores(sums: dict, weights: dict, metrics: dict, rt: Runtime) -> dict:
+    """evaluate's scores: each sum over all processes by its weight over all processes."""
     # A process that had no batch does not know the metric names.
     names = sorted(set().union(*_gather(sorted(sums), rt)))
     parts = [d.get(k, 0) for d in (sums, weights) for k in names]
