@@ -1046,6 +1046,20 @@ def test_fit_writes_the_run_directory(tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
 
 
+def test_fit_config_json_records_the_users_optimizer_and_scheduler_not_unused_defaults(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    tl.fit(model, blobs(32), optimizer=optimizer, scheduler=scheduler, out=tmp_path, **quiet())
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert (record["optimizer"], record["lr"], record["schedule"]) == ("Adam", 3e-3, "StepLR")
+    assert record["model"] is record["data"] is record["weight_decay"] is None  # (smallcnn, sgd)
+    config = tl.Config(model="resnet18", data="photos")  # a config= records them, as the CLI's
+    tl.fit(mlp(), blobs(32), config=config, out=tmp_path / "b", **quiet())
+    record = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (record["model"], record["optimizer"], record["lr"]) == ("resnet18", "sgd", 0.05)
+
+
 def test_fit_refuses_an_out_that_another_run_is_using(tmp_path):
     out = tmp_path / "run"
     fit_mlp(32, epochs=1, out=out)

@@ -2277,6 +2277,7 @@ class _Job:
     train_size: int  # samples in the training set (0: unknown)
     steps_per_epoch: int
     own_schedule: bool  # the LR schedule is trainloop's (config.schedule), not the user's
+    command_line: bool  # config's data and model settings built them (given in a config=)
     classes: Optional[list]  # the name of each label, when the training data says (_classes)
     generators: list  # those the user's training loader draws from (_generators)
     ddp: dict  # the option of the user's own DDP wrapper that fit's keeps
@@ -2689,11 +2690,19 @@ def _lock(file, config: Config) -> None:
         file.flush()
 
 
-def _write_config(job: _Job) -> None:
+def _write_config(job: _Job, state: TrainState) -> None:
     """Record the run's settings in config.json before it trains: also the first write, which
-    finds early that out cannot be written."""
+    finds early that out cannot be written. Settings that did not shape the run are null, and
+    the user's optimizer and scheduler are named."""
     record = dict(dataclasses.asdict(job.config), world_size=job.runtime.world_size)
     record.update(classes=job.classes, trainloop=__version__)
+    if not job.command_line:
+        record.update(dict.fromkeys(_COMMAND_LINE | {"model"}))
+    if not all("decay" in group for group in state.optimizer.param_groups):  # not built by fit
+        record.update(optimizer=type(state.optimizer).__name__, momentum=None, weight_decay=None)
+        record["lr"] = _peak_lr(state)
+    if not job.own_schedule:
+        record.update(schedule=_scheduler_kind(state.scheduler), warmup=None)
     path = job.out / "config.json"
     try:
         path.write_text(json.dumps(record, indent=2) + "\n")
@@ -3102,7 +3111,7 @@ def _train(state: TrainState, train, val, job: _Job) -> list:
     # The first process writes out's files; a finished run's rerun writes nothing.
     writes = job.out is not None and rt.is_main and state.epoch < config.epochs
     if writes:
-        _write_config(job)
+        _write_config(job, state)
     if not state.model.training:  # a model in eval mode trains whole; parts you froze with
         state.model.train()  # .eval() in a model in train mode stay frozen
     state.net = _wrap(state.model, config, rt, job.ddp)
@@ -3162,7 +3171,7 @@ def fit(
     Raises Stopped (a SystemExit) after checkpointing on a signal or the time limit, and the
     other errors of __all__ for bad settings and faults.
     """
-    ddp = _ddp_options(model)
+    ddp, command_line = _ddp_options(model), config is not None
     if isinstance(optimizer, str):  # a name, like the config field: optimizer="adamw"
         overrides["optimizer"], optimizer = optimizer, None
     config = _settings(config, overrides)
@@ -3203,7 +3212,7 @@ def fit(
             with _run_directory(config, rt) as out:
                 own = scheduler is None
                 parts = (config, rt, loss_fn, metrics or {}, console, out, size, steps, own)
-                job = _Job(*parts, _classes(train_data), _generators(train), ddp)
+                job = _Job(*parts, command_line, _classes(train_data), _generators(train), ddp)
                 history = _train(state, train, val, job)
             if state.ema is not None or net is not model:  # the weights evaluated, in the model
                 _copy_whole(state.eval_model, model)
