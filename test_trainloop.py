@@ -363,6 +363,14 @@ def test_make_loader_warns_when_an_epoch_is_read_again_without_set_epoch():
         list(tl.make_loader(TensorDataset(torch.arange(40)), batch_size=16, train=False))
 
 
+def test_make_loader_reads_a_list_of_samples_in_process_unless_told():
+    samples = list(blobs(16))
+    assert tl.make_loader(samples, batch_size=4).num_workers == 0  # (default_workers() before)
+    assert tl.make_loader(samples, batch_size=4, workers=1).num_workers == 1
+    expected = tl.default_workers()
+    assert tl.make_loader(Rows(*blobs(16).tensors), batch_size=4).num_workers == expected
+
+
 @pytest.mark.parametrize("setting", [{"batch_size": 16.0}, {"seed": None}, {"workers": "2"}])
 def test_make_loader_refuses_settings_that_are_no_int_in_one_line(setting):
     settings = {"batch_size": 16, **setting}

@@ -725,7 +725,7 @@ def make_loader(
 
     Call set_epoch(loader, epoch) before each epoch. A plain TensorDataset takes the in-memory
     fast path (moved onto the GPU when it fits); anything else gets a DataLoader with `workers`
-    processes (-1 = default_workers()).
+    processes (-1 = default_workers(); none for a list of samples, read as fast in-process).
     """
     alone = "make_loader without runtime= gives every process all the batches"
     rt = _runtime_for(runtime, None, alone)
@@ -740,7 +740,9 @@ def make_loader(
             raise UsageError(f"{name}={value!r} must be of type int, e.g. {getattr(Config, name)}")
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} must be at least 1")
-    workers = default_workers(rt.world_size) if workers < 0 else workers
+    if workers < 0:  # a list holds ready samples: a worker would only copy them between processes
+        ready = isinstance(dataset, (list, tuple)) and collate_fn is None
+        workers = 0 if ready else default_workers(rt.world_size)
     seeded = train and workers > 0
     sampler = _EpochBatches(len(dataset), batch_size, train, seed, rt.rank, rt.world_size, seeded)
     # A TensorDataset subclass that overrides __getitem__ must be read through it.
