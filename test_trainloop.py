@@ -1908,23 +1908,45 @@ def test_damaged_zip_headers_are_reported_as_corrupt_and_resume_falls_back(where
 @pytest.mark.parametrize(
     "key, value",
     [("step", "x"), ("epoch", -1), ("epoch_loss", []), ("rng", []), ("history", None)]
-    + [("world_size", 1.5), ("config", None), ("scheduler", {}), ("model", None)]
-    + [("optimizer", 5), ("best", "x"), ("lr", "x")],
+    + [("world_size", 1.5), ("scheduler", {}), ("model", None), ("optimizer", 5)]
+    + [("best", "x"), ("lr", "x"), ("best_epoch", ...)],  # ...: deleted (as 0.1.0 wrote none)
 )
 def test_a_checkpoint_edited_by_hand_is_one_line_and_resume_falls_back(key, value, tmp_path):
     out = tmp_path / "run"
     fit_mlp(64, epochs=2, out=out)
     edited = torch.load(out / "last.pt", weights_only=True)
     edited[key] = value  # (tracebacks before: KeyError, TypeError, IndexError, AttributeError)
+    if value is ...:
+        del edited[key]
     torch.save(edited, out / "last.pt")
     with pytest.raises((tl.CheckpointError, tl.UsageError), match=r"last\.pt (holds|does not)"):
         fit_mlp(64, epochs=3, out=out, resume=out / "last.pt")
-    if key in ("model", "optimizer", "scheduler"):  # another model's checkpoint: not skipped
+    if key == "scheduler":  # another scheduler's state: not skipped
         return
     lines = []
     history = fit_mlp(64, epochs=3, out=out, log=lines.append)
     assert [r["epoch"] for r in history] == [1, 2, 3]  # epoch 1 from last.prev.pt
-    assert "which fit never writes (edited by hand?); falling back to" in lines[0], lines
+    said = (
+        f"(trainloop {tl.__version__}, or edited by hand)" if value is ... else "(edited by hand?)"
+    )
+    assert f"{said}; falling back to" in lines[0], lines
+
+
+def test_fit_resumes_a_users_checkpoint_with_a_tensor_best_and_a_config_of_its_own(tmp_path):
+    def parts():
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 5)
+
+    model, optimizer, scheduler = parts()
+    state = tl.TrainState(model, optimizer, scheduler)
+    tl.train_step(state, [blobs(16)[:]], runtime=CPU)
+    state.best = torch.tensor(0.5)  # a user's val loss; fit recomputes best from history
+    tl.save_checkpoint(tmp_path / "mine.pt", state, runtime=CPU, config="configs/mlp.yaml")
+    model, optimizer, scheduler = parts()
+    settings = dict(optimizer=optimizer, scheduler=scheduler, resume=tmp_path / "mine.pt")
+    history = tl.fit(model, blobs(32), epochs=2, batch_size=16, **settings, **quiet())
+    assert [r["epoch"] for r in history] == [1, 2]  # (refused as edited by hand; a traceback)
 
 
 def test_mid_epoch_checkpoint_records_the_time_spent_in_its_epoch(tmp_path):

@@ -1918,7 +1918,7 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
                 state.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
         if state.scheduler is not None:
             state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(
             f"{path} does not match this model, optimizer or scheduler ({_mismatch(e)}); "
             "use resume='none' or another out"
@@ -2810,10 +2810,13 @@ def _apply_config(state: TrainState, job: _Job, ckpt: dict) -> None:
 
 
 def _is_number(value) -> bool:
+    """A float or int (not a bool), or a tensor of one (state.best = a user's loss tensor)."""
+    if torch.is_tensor(value):
+        return value.numel() == 1
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# What fit writes in each plain entry of a checkpoint to train on.
+# What fit writes in each entry of a checkpoint to train on (of a file: model and optimizer too).
 _ENTRY_CHECKS = {
     **dict.fromkeys(
         ("epoch", "step", "seen", "batches", "best_epoch"), lambda v: type(v) is int and v >= 0
@@ -2824,24 +2827,30 @@ _ENTRY_CHECKS = {
     "epoch_loss": lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)),
     "world_size": lambda v: type(v) is int and v > 0,
     "rng": lambda v: isinstance(v, list) and all(isinstance(state, dict) for state in v),
-    "scaler": lambda v: isinstance(v, dict),
+    **dict.fromkeys(("scaler", "model", "optimizer"), lambda v: isinstance(v, dict)),
     "scheduler": lambda v: v is None or isinstance(v, dict),
-    "config": lambda v: isinstance(v, dict),
 }
 
 
 def _check_entries(ckpt: dict, path: Path) -> None:
-    """A CheckpointError on a checkpoint to train on whose plain entries fit never writes (one
-    edited by hand), before any is restored; one of weights alone is left to _restore to name."""
-    if "optimizer" not in ckpt and "optimizer" not in ckpt.get("sharded", ()):
+    """A CheckpointError on a checkpoint to train on that holds what fit never writes (one edited
+    by hand) or lacks an entry (one of trainloop 0.1), before any is restored; one of weights
+    alone is left to _restore to name."""
+    sharded = ckpt.get("sharded", ())  # (its model and optimizer are in the shards)
+    if "optimizer" not in ckpt and "optimizer" not in sharded:
         return
     for key, fits in _ENTRY_CHECKS.items():
-        if key == "config" and key not in ckpt:  # a user's loop may save none
-            continue
-        value = ckpt.get(key)
-        if key not in ckpt or not fits(value) or key == "rng" and len(value) != ckpt["world_size"]:
-            held = f"{key}={value!r:.60}" if key in ckpt else f"no {key}"
+        if key not in ckpt and not (sharded and key in ("model", "optimizer")):
+            version = ckpt.get("trainloop", "?")
+            raise CheckpointError(f"{path} holds no {key} (trainloop {version}, or edited by hand)")
+        if key in ckpt and not fits(ckpt[key]):
+            held = f"{key}={ckpt[key]!r:.60}"
             raise CheckpointError(f"{path} holds {held}, which fit never writes (edited by hand?)")
+    if len(ckpt["rng"]) != ckpt["world_size"]:
+        raise CheckpointError(
+            f"{path} holds {len(ckpt['rng'])} RNG states for world_size={ckpt['world_size']}, "
+            "which fit never writes (edited by hand?)"
+        )
 
 
 def _restore_generators(loader, generators: list, states: list) -> None:
@@ -2881,7 +2890,9 @@ def _resume(state: TrainState, train, job: _Job) -> None:
             job.console.write(f"warning: {e}; falling back to {candidates[i + 1]}")
             corrupt.append(path)
             continue
-        saved = ckpt.get("config", {})
+        if not isinstance(ckpt.get("config"), dict):  # a user's loop may save anything there
+            ckpt["config"] = {}
+        saved = ckpt["config"]
         if saved.get("optimizer", config.optimizer) != config.optimizer:
             raise UsageError(
                 f"optimizer={config.optimizer!r}: {path} was trained with "
