@@ -352,15 +352,21 @@ def test_make_loader_reshuffles_per_epoch_and_covers_every_sample():
 
 
 def test_make_loader_warns_when_an_epoch_is_read_again_without_set_epoch():
-    loader = tl.make_loader(TensorDataset(torch.arange(40)), batch_size=16, seed=0)
-    first = [b[0] for b in loader]
-    with pytest.warns(UserWarning, match="epoch 0 read again.*loader = set_epoch"):
-        assert torch.equal(torch.cat([b[0] for b in loader]), torch.cat(first))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # with set_epoch, even to the same epoch: none
-        for epoch in (0, 0, 1):
-            list(tl.set_epoch(loader, epoch))
-        list(tl.make_loader(TensorDataset(torch.arange(40)), batch_size=16, train=False))
+    data = TensorDataset(torch.arange(40.0)[:, None], torch.arange(40) % 2)
+    for dataset in (data, Rows(*data.tensors)):  # the fast path, and a DataLoader
+        loader = tl.make_loader(dataset, batch_size=16, workers=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a peek, an evaluation: no read of the epoch
+            next(iter(loader))
+            first = [b[0] for b in loader]
+            tl.evaluate(nn.Linear(1, 2), loader, runtime=CPU)
+        with pytest.warns(UserWarning, match="batches read again.*loader = set_epoch"):
+            assert torch.equal(torch.cat([b[0] for b in loader]), torch.cat(first))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # with set_epoch, even to the same epoch: none
+            for epoch in (0, 0, 1):
+                list(tl.set_epoch(loader, epoch))
+            list(tl.make_loader(data, batch_size=16, train=False))
 
 
 def test_make_loader_reads_a_list_of_samples_in_process_unless_told():
@@ -375,7 +381,7 @@ def test_make_loader_reads_a_list_of_samples_in_process_unless_told():
 def test_make_loader_refuses_settings_that_are_no_int_in_one_line(setting):
     settings = {"batch_size": 16, **setting}
     name, value = next(iter(setting.items()))
-    with pytest.raises(tl.UsageError, match=f"^{name}={value!r} must be of type int, e.g. "):
+    with pytest.raises(tl.UsageError, match=f"^{name}={value!r} must be an int, not a "):
         tl.make_loader(TensorDataset(torch.arange(40)), **settings)
 
 
@@ -2952,10 +2958,16 @@ def test_train_step_steps_any_torch_scheduler():
     ]
 
 
-def test_train_step_warns_when_the_users_loop_steps_the_scheduler_too():
+@pytest.mark.parametrize("kind", ["StepLR", "ChainedScheduler", "LambdaLR"])
+def test_train_step_warns_when_the_users_loop_steps_the_scheduler_too(kind):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    state = tl.TrainState(model, optimizer, L.StepLR(optimizer, step_size=2, gamma=0.1))
+    scheduler = {  # (a ChainedScheduler has no step count of its own; a LambdaLR a fast path)
+        "StepLR": lambda: L.StepLR(optimizer, step_size=2, gamma=0.1),
+        "ChainedScheduler": lambda: L.ChainedScheduler([L.StepLR(optimizer, 2)]),
+        "LambdaLR": lambda: L.LambdaLR(optimizer, lambda step: 0.9**step),
+    }[kind]()
+    state = tl.TrainState(model, optimizer, scheduler)
     x, y = blobs(8).tensors
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # train_step alone: no warning

@@ -589,17 +589,16 @@ class _EpochBatches(Sampler):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world, self.sample_seeds = rank, world, sample_seeds
         self.epoch, self.seen = 0, 0  # where the next iteration starts (see set_epoch)
-        self.read = None  # (epoch, seen) of the last iteration since set_epoch
+        self.read = False  # whether an iteration ran to the end since set_epoch
 
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the rest of the epoch, in order."""
-        if self.shuffle and self.read == (self.epoch, self.seen):  # a loop without set_epoch
+        if self.shuffle and self.read:  # a loop without set_epoch (evaluate clears it)
             warnings.warn(
-                f"make_loader's batches of epoch {self.epoch} read again, in the same order; call "
-                "loader = set_epoch(loader, epoch) before each epoch (to evaluate: train=False)",
+                "make_loader's batches read again, in the same order; call loader = "
+                "set_epoch(loader, epoch) before each epoch (a loader to evaluate: train=False)",
                 stacklevel=3,
             )
-        self.read = (self.epoch, self.seen)
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=generator)
@@ -613,6 +612,7 @@ class _EpochBatches(Sampler):
         for idx in mine.split(self.batch_size) if len(mine) else ():  # split() of none gives [[]]
             idx = idx.tolist()
             yield [(i, base + i) for i in idx] if self.sample_seeds else idx
+        self.read = True  # (a peek at the first batch is no read)
 
     def _per_rank(self) -> int:
         rest = self.size - min(self.seen, self.size)
@@ -695,6 +695,7 @@ class _TensorBatches:
                 parts[0] = _crop_flip(parts[0], shifts[idx], flips[idx], pad)
             for batch in zip(*(part.split(size) for part in parts)):
                 yield list(batch)  # a list, as a DataLoader's collate gives
+        sampler.read = True
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -737,7 +738,7 @@ def make_loader(
         )
     for name, value in (("batch_size", batch_size), ("seed", seed), ("workers", workers)):
         if not isinstance(value, numbers.Integral):  # (a float batch size fails only when read)
-            raise UsageError(f"{name}={value!r} must be of type int, e.g. {getattr(Config, name)}")
+            raise UsageError(f"{name}={value!r} must be an int, not a {type(value).__name__}")
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} must be at least 1")
     if workers < 0:  # a list holds ready samples: a worker would only copy them between processes
@@ -799,7 +800,7 @@ def set_epoch(loader, epoch: int, *, seen: int = 0, batches: int = 0):
     sampler = getattr(loader, "batch_sampler", None)
     if isinstance(sampler, _EpochBatches):
         sampler.epoch, sampler.seen = epoch, 0
-        sampler.read = None  # (even the same epoch again: the caller asked for it)
+        sampler.read = False  # (even the same epoch again: the caller asked for it)
         sampler.seen = seen or sampler.seen_after(batches)  # batches: all processes took as many
         return loader
     for shuffler in (getattr(loader, "sampler", None), sampler, getattr(sampler, "sampler", None)):
@@ -1159,7 +1160,7 @@ def _step_scheduler(state: TrainState) -> None:
     scheduler = state.scheduler
     # (scheduler, step, last_epoch) after train_step last stepped it: a scheduler that moved
     # since was stepped by the user's loop too, and its schedule runs ahead.
-    mark = (scheduler, state.step, getattr(scheduler, "last_epoch", None))
+    mark = (scheduler, state.step, _steps_taken(scheduler))
     if state._scheduled[:2] == mark[:2] and state._scheduled[2] != mark[2]:
         warnings.warn(
             "the scheduler was stepped outside train_step, which steps it after every optimizer "
@@ -1185,7 +1186,13 @@ def _step_scheduler(state: TrainState) -> None:
         scheduler.step()
     else:
         return  # nothing to step (a ReduceLROnPlateau steps after evaluation)
-    state._scheduled = (scheduler, state.step + 1, getattr(scheduler, "last_epoch", None))
+    state._scheduled = (scheduler, state.step + 1, _steps_taken(scheduler))
+
+
+def _steps_taken(scheduler) -> list:
+    """The step counts of a scheduler and of those it chains (a ChainedScheduler has none)."""
+    chained = getattr(scheduler, "_schedulers", ())
+    return [getattr(s, "last_epoch", None) for s in (scheduler, *chained)]
 
 
 def _update_ema(pairs: tuple, decay: float, step: int) -> None:
@@ -1382,6 +1389,10 @@ def evaluate(
     sums, weights, batch = {}, {}, None
     metrics, classes_first = _check_metrics(metrics), _is_cross_entropy(loss_fn)
     extra = _extra_forwards(model, data, rt)
+    sampler = getattr(data, "batch_sampler", None)
+    read = getattr(sampler, "read", False)  # evaluating a training loader is no read of it
+    if isinstance(sampler, _EpochBatches):
+        sampler.read = False
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -1394,6 +1405,8 @@ def evaluate(
         for _ in range(extra):  # so that this process takes part in the others' last gathers
             _forward(model, batch, loss_fn, rt)
     finally:  # also when a batch fails
+        if isinstance(sampler, _EpochBatches):
+            sampler.read = read
         for module, training in modes:
             module.training = training
         if _is_sharded(model):  # FSDP keeps a root's weights gathered after no-grad forwards,
