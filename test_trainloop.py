@@ -4642,6 +4642,12 @@ def test_load_data_says_what_this_user_may_not_read(tmp_path, monkeypatch):
         m.setattr(os, "scandir", locked)
         with pytest.raises(tl.UsageError, match="Permission denied: .*more'; make it readable"):
             tl.load_data(config)  # (its image was left out without a word)
+    with monkeypatch.context() as m:  # the data folder itself (a traceback)
+        m.setattr(Path, "iterdir", lambda path: locked(path.parent / "more"))
+        with pytest.raises(tl.UsageError, match="Permission denied: .*'; make it readable for"):
+            tl.load_data(config)
+    for path in root.rglob("0.png"):
+        path.chmod(0o600)  # (another user's file: os.access is asked only then)
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and "0.png" not in path)
     with pytest.raises(tl.UsageError, match="3 image file.s. cannot be read, such as .*0.png: em"):
@@ -4652,7 +4658,11 @@ def test_load_data_splits_files_whose_names_are_not_utf8(tmp_path):  # as from a
     root = make_image_folder(tmp_path / "pets", per_class=3)
     os.rename(root / "cat" / "0.png", os.fsencode(root / "cat") + b"/caf\xe9.png")
     train, val, _ = tl.load_data(tl.Config(data=str(root), mean="0.5", std="0.2"))
-    assert len(train) + len(val) == 6 and train[0][0].shape == (3, 64, 64)
+    files = [(data, i) for data in (train, val) for i, (path, _) in enumerate(data.samples)]
+    renamed = [(data, i) for data, i in files if "caf" in data.samples[i][0]]
+    assert len(files) == 6 and len(renamed) == 1
+    data, i = renamed[0]
+    assert data[i][0].shape == (3, 64, 64)  # read, as named
 
 
 def test_image_files_names_an_image_over_pils_decompression_bomb_limit(tmp_path):

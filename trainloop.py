@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -3417,6 +3418,16 @@ def _image_files(folder: str, skip=()) -> list:
     return [os.path.join(root, name) for root, images in sorted(found) for name in images]
 
 
+def _readable(path: str) -> bool:
+    """Whether `path` is a non-empty file this user may read, in one system call for most."""
+    try:
+        status = os.stat(path)
+    except OSError:  # a broken link
+        return False
+    regular = stat.S_ISREG(status.st_mode) and status.st_size > 0  # not a FIFO, a socket
+    return regular and bool(status.st_mode & stat.S_IROTH or os.access(path, os.R_OK))
+
+
 def _class_folders(folder: Path, data: str, besides=()) -> tuple:
     """(class names, [(path, label)]) of folder/<class>/**/<image>; a hidden folder is no class
     (torchvision's find_classes takes every folder), nor are the folders `besides` (a val/
@@ -3430,9 +3441,7 @@ def _class_folders(folder: Path, data: str, besides=()) -> tuple:
     runs |= {p.name for p in bare if (p / "config.json").is_file() or any(p.glob("*/config.json"))}
     classes = sorted(files.keys() - runs)
     samples = [(f, label) for label, name in enumerate(classes) for f in files[name]]
-    # Before training, a stat or two each: reading a FIFO hangs; the others would fail mid-epoch.
-    odd = [f for f, _ in samples if not (os.path.isfile(f) and os.path.getsize(f))]
-    odd = odd or [f for f, _ in samples if not os.access(f, os.R_OK)]
+    odd = [f for f, _ in samples if not _readable(f)]  # before training: a FIFO hangs a reader
     if odd:
         raise UsageError(
             f"{data}: {len(odd)} image file(s) cannot be read, such as {odd[0]}: empty, "
@@ -3537,21 +3546,21 @@ def _image_folder(config: Config):
             f"{data}: no such directory; give an ImageFolder (DIR/<class>/*.png) or one of "
             + ", ".join(_BUILTIN_DATA)
         )
-    # A split's folder is train/, val/ or valid/; or another split name, in any case, when it
-    # holds folders (Train/ of {Bus, Car, Train}/, holding images, is a class).
-    splits = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in _SPLITS]
-    splits = [p for p in splits if p.name in ("train", "val", "valid") or _subfolders(p)]
-    train_dir = next((p for p in splits if p.name.lower() in _TRAIN_NAMES), root)
-    names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class here
-    val_dir = next((p for p in splits if p.name.lower() in names), None)
     run = [Path(config.out)] if config.out else []  # a run directory inside DIR is no class
     try:
+        # A split's folder is train/, val/ or valid/; or another split name, in any case, when
+        # it holds folders (Train/ of {Bus, Car, Train}/, holding images, is a class).
+        splits = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in _SPLITS]
+        splits = [p for p in splits if p.name in ("train", "val", "valid") or _subfolders(p)]
+        train_dir = next((p for p in splits if p.name.lower() in _TRAIN_NAMES), root)
+        names = _VAL_NAMES if train_dir != root else ("val", "validation")  # valid/: a class
+        val_dir = next((p for p in splits if p.name.lower() in names), None)
         classes, samples = _class_folders(train_dir, data, run + ([val_dir] if val_dir else []))
         val_classes, val_samples = (
             _class_folders(val_dir, data, run) if val_dir else (classes, None)
         )
     except PermissionError as e:  # a folder this user may not list
-        raise UsageError(f"{data}: {e}; make it readable, or move it out of {root}") from None
+        raise UsageError(f"{data}: {e}; make it readable for this user, or remove it") from None
     except OSError as e:
         raise UsageError(f"{data}: {e}; expected DIR/<class>/<image files>") from None
     if len(classes) < 2:
