@@ -2958,7 +2958,7 @@ def test_train_step_steps_any_torch_scheduler():
     ]
 
 
-@pytest.mark.parametrize("kind", ["StepLR", "ChainedScheduler", "LambdaLR"])
+@pytest.mark.parametrize("kind", ["StepLR", "ChainedScheduler", "LambdaLR", "none"])
 def test_train_step_warns_when_the_users_loop_steps_the_scheduler_too(kind):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -2966,6 +2966,7 @@ def test_train_step_warns_when_the_users_loop_steps_the_scheduler_too(kind):
         "StepLR": lambda: L.StepLR(optimizer, step_size=2, gamma=0.1),
         "ChainedScheduler": lambda: L.ChainedScheduler([L.StepLR(optimizer, 2)]),
         "LambdaLR": lambda: L.LambdaLR(optimizer, lambda step: 0.9**step),
+        "none": lambda: None,
     }[kind]()
     state = tl.TrainState(model, optimizer, scheduler)
     x, y = blobs(8).tensors
@@ -2973,6 +2974,8 @@ def test_train_step_warns_when_the_users_loop_steps_the_scheduler_too(kind):
         warnings.simplefilter("error")  # train_step alone: no warning
         tl.train_step(state, [(x, y)])
         tl.train_step(state, [(x, y)])
+    if scheduler is None:  # (it was warned about)
+        return
     state.scheduler.step()  # the mistake: train_step already stepped it
     with pytest.warns(UserWarning, match="stepped outside train_step.*remove your scheduler"):
         tl.train_step(state, [(x, y)])
@@ -4926,7 +4929,7 @@ def disk_full(*args, **kwargs):
 def test_fit_full_disk_while_writing_metrics_is_a_save_error(tmp_path, monkeypatch):
     fit_mlp(32, epochs=1, out=tmp_path)
     monkeypatch.setattr(Path, "write_text", disk_full)
-    monkeypatch.setattr(tl, "_write_config", lambda job: None)
+    monkeypatch.setattr(tl, "_write_config", lambda *args: None)
     kept = f"the last good checkpoint {tmp_path / 'last.pt'} is intact"
     with pytest.raises(tl.SaveError, match=f"metrics.jsonl: no space left on device; {kept}"):
         fit_mlp(32, epochs=2, out=tmp_path)

@@ -1162,7 +1162,7 @@ def _step_scheduler(state: TrainState) -> None:
     # (scheduler, step, last_epoch) after train_step last stepped it: a scheduler that moved
     # since was stepped by the user's loop too, and its schedule runs ahead.
     mark = (scheduler, state.step, _steps_taken(scheduler))
-    if state._scheduled[:2] == mark[:2] and state._scheduled[2] != mark[2]:
+    if scheduler is not None and state._scheduled[:2] == mark[:2] and state._scheduled != mark:
         warnings.warn(
             "the scheduler was stepped outside train_step, which steps it after every optimizer "
             "step, so its schedule runs ahead; remove your scheduler.step()",
