@@ -353,6 +353,11 @@ def test_make_loader_reshuffles_per_epoch_and_covers_every_sample():
 
 def test_make_loader_warns_when_an_epoch_is_read_again_without_set_epoch():
     data = TensorDataset(torch.arange(40.0)[:, None], torch.arange(40) % 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loader workers prefetch the whole epoch: a peek is
+        loader = tl.make_loader(Rows(*data.tensors), batch_size=16, workers=2)  # no read
+        next(iter(loader))
+        list(loader)
     for dataset in (data, Rows(*data.tensors)):  # the fast path, and a DataLoader
         loader = tl.make_loader(dataset, batch_size=16, workers=0)
         with warnings.catch_warnings():
@@ -369,19 +374,19 @@ def test_make_loader_warns_when_an_epoch_is_read_again_without_set_epoch():
             list(tl.make_loader(data, batch_size=16, train=False))
 
 
-def test_make_loader_reads_a_list_of_samples_in_process_unless_told():
+def test_make_loader_reads_a_list_of_samples_in_process_unless_told(monkeypatch):
+    monkeypatch.setattr(tl, "default_workers", lambda world_size=1: 2)  # as on 3 or more cores
     samples = list(blobs(16))
     assert tl.make_loader(samples, batch_size=4).num_workers == 0  # (default_workers() before)
     assert tl.make_loader(samples, batch_size=4, workers=1).num_workers == 1
-    expected = tl.default_workers()
-    assert tl.make_loader(Rows(*blobs(16).tensors), batch_size=4).num_workers == expected
+    assert tl.make_loader(Rows(*blobs(16).tensors), batch_size=4).num_workers == 2
 
 
 @pytest.mark.parametrize("setting", [{"batch_size": 16.0}, {"seed": None}, {"workers": "2"}])
 def test_make_loader_refuses_settings_that_are_no_int_in_one_line(setting):
     settings = {"batch_size": 16, **setting}
     name, value = next(iter(setting.items()))
-    with pytest.raises(tl.UsageError, match=f"^{name}={value!r} must be an int, not a "):
+    with pytest.raises(tl.UsageError, match=f"^{name}={value!r} must be an int, e.g. "):
         tl.make_loader(TensorDataset(torch.arange(40)), **settings)
 
 
@@ -1068,6 +1073,9 @@ def test_fit_config_json_records_the_users_optimizer_and_scheduler_not_unused_de
     record = json.loads((tmp_path / "config.json").read_text())
     assert (record["optimizer"], record["lr"], record["schedule"]) == ("Adam", 3e-3, "StepLR")
     assert record["model"] is record["data"] is record["weight_decay"] is None  # (smallcnn, sgd)
+    tl.fit(mlp(), blobs(32), optimizer="adamw", lr=1e-3, out=tmp_path / "a", **quiet())
+    record = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (record["optimizer"], record["momentum"], record["lr"]) == ("adamw", None, 1e-3)
     config = tl.Config(model="resnet18", data="photos")  # a config= records them, as the CLI's
     tl.fit(mlp(), blobs(32), config=config, out=tmp_path / "b", **quiet())
     record = json.loads((tmp_path / "b" / "config.json").read_text())
@@ -1915,7 +1923,7 @@ def test_damaged_zip_headers_are_reported_as_corrupt_and_resume_falls_back(where
     "key, value",
     [("step", "x"), ("epoch", -1), ("epoch_loss", []), ("rng", []), ("history", None)]
     + [("world_size", 1.5), ("scheduler", {}), ("model", None), ("optimizer", 5)]
-    + [("best", "x"), ("lr", "x"), ("best_epoch", ...)],  # ...: deleted (as 0.1.0 wrote none)
+    + [("best", "x"), ("lr", "x"), ("best_epoch", ...)],  # ...: deleted (the first wrote none)
 )
 def test_a_checkpoint_edited_by_hand_is_one_line_and_resume_falls_back(key, value, tmp_path):
     out = tmp_path / "run"
@@ -1938,6 +1946,17 @@ def test_a_checkpoint_edited_by_hand_is_one_line_and_resume_falls_back(key, valu
     assert f"{said}; falling back to" in lines[0], lines
 
 
+@pytest.mark.parametrize("key, value", [("model", None), ("optimizer", {"param_groups": None})])
+def test_load_checkpoint_of_a_damaged_state_dict_is_one_line(key, value, tmp_path):
+    state = one_step_state(mlp())
+    tl.save_checkpoint(tmp_path / "c.pt", state, runtime=CPU)
+    edited = torch.load(tmp_path / "c.pt", weights_only=True)
+    edited[key] = value
+    torch.save(edited, tmp_path / "c.pt")
+    with pytest.raises(tl.UsageError, match=r"c\.pt does not match this model, optimizer or sch"):
+        tl.load_checkpoint(tmp_path / "c.pt", one_step_state(mlp()), runtime=CPU)
+
+
 def test_fit_resumes_a_users_checkpoint_with_a_tensor_best_and_a_config_of_its_own(tmp_path):
     def parts():
         model = mlp()
@@ -1953,6 +1972,8 @@ def test_fit_resumes_a_users_checkpoint_with_a_tensor_best_and_a_config_of_its_o
     settings = dict(optimizer=optimizer, scheduler=scheduler, resume=tmp_path / "mine.pt")
     history = tl.fit(model, blobs(32), epochs=2, batch_size=16, **settings, **quiet())
     assert [r["epoch"] for r in history] == [1, 2]  # (refused as edited by hand; a traceback)
+    config = tl.Config(resume=str(tmp_path / "mine.pt"))  # the command line's first look
+    assert tl._resumed_settings(config) == (config, None)  # (AttributeError)
 
 
 def test_mid_epoch_checkpoint_records_the_time_spent_in_its_epoch(tmp_path):

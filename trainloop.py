@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 # fmt: off
 __all__ = [
     "Config", "Runtime", "TrainState", "UsageError", "CheckpointError", "NonFiniteLossError",
@@ -613,7 +613,8 @@ class _EpochBatches(Sampler):
         for idx in mine.split(self.batch_size) if len(mine) else ():  # split() of none gives [[]]
             idx = idx.tolist()
             yield [(i, base + i) for i in idx] if self.sample_seeds else idx
-        self.read = True  # (a peek at the first batch is no read)
+        if not self.sample_seeds:  # (loader workers prefetch: a peek would count as a read)
+            self.read = True
 
     def _per_rank(self) -> int:
         rest = self.size - min(self.seen, self.size)
@@ -739,7 +740,8 @@ def make_loader(
         )
     for name, value in (("batch_size", batch_size), ("seed", seed), ("workers", workers)):
         if not isinstance(value, numbers.Integral):  # (a float batch size fails only when read)
-            raise UsageError(f"{name}={value!r} must be an int, not a {type(value).__name__}")
+            example = {"batch_size": 64, "seed": 0, "workers": 2}[name]
+            raise UsageError(f"{name}={value!r} must be an int, e.g. {example}")
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} must be at least 1")
     if workers < 0:  # a list holds ready samples: a worker would only copy them between processes
@@ -1932,7 +1934,7 @@ def _restore(state: TrainState, ckpt: dict, runtime: Runtime, path: Path) -> Non
                 state.ema.load_state_dict(ckpt["ema"] or ckpt["model"])
         if state.scheduler is not None:
             state.scheduler.load_state_dict({k: v for k, v in saved.items() if k != "type"})
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:  # (any content)
         raise UsageError(
             f"{path} does not match this model, optimizer or scheduler ({_mismatch(e)}); "
             "use resume='none' or another out"
@@ -2717,6 +2719,8 @@ def _write_config(job: _Job, state: TrainState) -> None:
     if not all("decay" in group for group in state.optimizer.param_groups):  # not built by fit
         record.update(optimizer=type(state.optimizer).__name__, momentum=None, weight_decay=None)
         record["lr"] = _peak_lr(state)
+    elif job.config.optimizer != "sgd":  # (AdamW's betas are its own)
+        record["momentum"] = None
     if not job.own_schedule:
         record.update(schedule=_scheduler_kind(state.scheduler), warmup=None)
     path = job.out / "config.json"
@@ -2848,8 +2852,8 @@ _ENTRY_CHECKS = {
 
 def _check_entries(ckpt: dict, path: Path) -> None:
     """A CheckpointError on a checkpoint to train on that holds what fit never writes (one edited
-    by hand) or lacks an entry (one of trainloop 0.1), before any is restored; one of weights
-    alone is left to _restore to name."""
+    by hand) or lacks an entry (one of the first trainloop), before any is restored; one of
+    weights alone is left to _restore to name."""
     sharded = ckpt.get("sharded", ())  # (its model and optimizer are in the shards)
     if "optimizer" not in ckpt and "optimizer" not in sharded:
         return
@@ -3425,7 +3429,8 @@ def _readable(path: str) -> bool:
     except OSError:  # a broken link
         return False
     regular = stat.S_ISREG(status.st_mode) and status.st_size > 0  # not a FIFO, a socket
-    return regular and bool(status.st_mode & stat.S_IROTH or os.access(path, os.R_OK))
+    everyone = status.st_mode & 0o444 == 0o444  # (else this user's rights are not in the mode)
+    return regular and (everyone or os.access(path, os.R_OK))
 
 
 def _class_folders(folder: Path, data: str, besides=()) -> tuple:
@@ -3800,7 +3805,8 @@ def _resumed_settings(config: Config) -> tuple:
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
             header = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(header, dict):  # (else fit says what it is)
+            # (fit says what a file that is no dict is; a user's loop may save any config)
+            if isinstance(header, dict) and isinstance(header.get("config"), dict):
                 saved, version = header["config"], header.get("trainloop")
                 break
     else:
