@@ -1923,7 +1923,7 @@ def test_damaged_zip_headers_are_reported_as_corrupt_and_resume_falls_back(where
     "key, value",
     [("step", "x"), ("epoch", -1), ("epoch_loss", []), ("rng", []), ("history", None)]
     + [("world_size", 1.5), ("scheduler", {}), ("model", None), ("optimizer", 5)]
-    + [("best", "x"), ("lr", "x"), ("best_epoch", ...)],  # ...: deleted (the first wrote none)
+    + [("best", "x"), ("lr", "x"), ("best_epoch", ...), ("classes", 7)],  # ...: deleted
 )
 def test_a_checkpoint_edited_by_hand_is_one_line_and_resume_falls_back(key, value, tmp_path):
     out = tmp_path / "run"
@@ -1973,7 +1973,11 @@ def test_fit_resumes_a_users_checkpoint_with_a_tensor_best_and_a_config_of_its_o
     history = tl.fit(model, blobs(32), epochs=2, batch_size=16, **settings, **quiet())
     assert [r["epoch"] for r in history] == [1, 2]  # (refused as edited by hand; a traceback)
     config = tl.Config(resume=str(tmp_path / "mine.pt"))  # the command line's first look
-    assert tl._resumed_settings(config) == (config, None)  # (AttributeError)
+    assert tl._resumed_settings(config)[0] == config  # (AttributeError)
+    edited = torch.load(tmp_path / "mine.pt", weights_only=True)
+    edited["config"] = {"mean": 7, "seed": 3}  # by hand: fit resumes it, as it holds no mean
+    torch.save(edited, tmp_path / "mine.pt")
+    assert tl._resumed_settings(config)[0] == config  # (AttributeError)
 
 
 def test_mid_epoch_checkpoint_records_the_time_spent_in_its_epoch(tmp_path):

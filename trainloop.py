@@ -2847,6 +2847,7 @@ _ENTRY_CHECKS = {
     "rng": lambda v: isinstance(v, list) and all(isinstance(state, dict) for state in v),
     **dict.fromkeys(("scaler", "model", "optimizer"), lambda v: isinstance(v, dict)),
     "scheduler": lambda v: v is None or isinstance(v, dict),
+    "classes": lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v),
 }
 
 
@@ -2858,7 +2859,9 @@ def _check_entries(ckpt: dict, path: Path) -> None:
     if "optimizer" not in ckpt and "optimizer" not in sharded:
         return
     for key, fits in _ENTRY_CHECKS.items():
-        if key not in ckpt and not (sharded and key in ("model", "optimizer")):
+        # A user's loop writes no classes; a sharded checkpoint's model and optimizer are shards.
+        optional = key == "classes" or sharded and key in ("model", "optimizer")
+        if key not in ckpt and not optional:
             version = ckpt.get("trainloop", "?")
             raise CheckpointError(f"{path} holds no {key} (trainloop {version}, or edited by hand)")
         if key in ckpt and not fits(ckpt[key]):
@@ -3805,12 +3808,14 @@ def _resumed_settings(config: Config) -> tuple:
         with contextlib.suppress(Exception):  # a damaged one: fit falls back past it, and says so
             _check_archive(file, checksums=False)  # before torch.load inflates anything
             header = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            # (fit says what a file that is no dict is; a user's loop may save any config)
-            if isinstance(header, dict) and isinstance(header.get("config"), dict):
+            if isinstance(header, dict) and "config" in header:  # (else fit says what it is)
                 saved, version = header["config"], header.get("trainloop")
                 break
     else:
         return config, None
+    # A user's loop may save any config; one edited by hand, any mean (fit refuses neither).
+    saved = saved if isinstance(saved, dict) else {}
+    saved = {k: v for k, v in saved.items() if k not in ("mean", "std") or type(v) is str}
     resumed = _unset_from(config, saved, ("mean", "std"))
     for name in ("mean", "std"):
         ours, theirs = (_per_channel(name, c) for c in (getattr(resumed, name), saved.get(name)))
