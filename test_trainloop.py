@@ -2210,6 +2210,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_fit_nan_validation_loss_stops_before_the_epoch_is_saved(tmp_path):
+    # One step at a huge LR: its training loss (before the update) is finite, the weights too,
+    # but the outputs overflow (the run ended with exit 0, val_loss null and a best.pt).
+    with pytest.raises(tl.NonFiniteLossError, match="validation loss is nan after epoch 1, w"):
+        fit_mlp(16, blobs(16), epochs=1, lr=1e30, out=tmp_path)
+    assert not list(tmp_path.glob("*.pt"))
+
+
 def test_cli_nan_loss_gives_the_fix_in_flags(tmp_path, monkeypatch):
     result = cli(["--epochs", "1", "--lr", "1e6", "--workers", "0"], tmp_path, monkeypatch)
     assert result.exit_code == tl.EXIT_NONFINITE

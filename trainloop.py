@@ -2628,6 +2628,12 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
                 state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
             )
         row.update({f"val_{k}": v for k, v in scores.items()})
+        if not math.isfinite(scores["loss"]):  # (one step can leave weights that overflow)
+            raise NonFiniteLossError(
+                f"the validation loss is {scores['loss']} after epoch {state.epoch + 1}, which "
+                "was not saved; lower the learning rate below "
+                f"lr={_peak_lr(state):g}, use clip_grad=1.0, or check the data"
+            )
     row.update(lr=state.lr, seconds=round(state.epoch_seconds + time.monotonic() - started, 3))
     if isinstance(state.scheduler, ReduceLROnPlateau) and config.monitor in (*row, "auto"):
         _step_plateau(state.scheduler, row, config)
