@@ -2628,7 +2628,7 @@ def _end_epoch(state: TrainState, val, job: _Job, stop: _Stop, tensorboard) -> b
                 state.eval_model, val, runtime=job.runtime, loss_fn=job.loss_fn, metrics=job.metrics
             )
         row.update({f"val_{k}": v for k, v in scores.items()})
-        if not math.isfinite(scores["loss"]):  # (one step can leave weights that overflow)
+        if not math.isfinite(scores.get("loss", 0.0)):  # (one step can leave weights that overflow)
             raise NonFiniteLossError(
                 f"the validation loss is {scores['loss']} after epoch {state.epoch + 1}, which "
                 "was not saved; lower the learning rate below "
